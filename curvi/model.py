@@ -1,0 +1,463 @@
+"""A Pyro model seen as a pure log density over global and unit-level coordinates.
+
+:class:`ModelView` traces a model once and splits its latent sites into
+*global* sites θ (outside the unit plate) and *local* sites y (inside it).
+Every other curvi module works on the flat unconstrained coordinates it
+defines:
+
+* ``theta`` -- shape ``(p,)``: the global sites in execution order, each
+  mapped to unconstrained space and flattened row-major;
+* ``y`` -- shape ``(N, k)``: one row per unit, the concatenation of that
+  unit's unconstrained values of the local sites in execution order.
+
+``view.log_joint(theta, y)`` is a pure function of these coordinates
+(Jacobians of the constraint transforms included) that ``torch.autograd``
+and ``torch.func`` can differentiate.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import torch
+from torch.distributions import biject_to
+
+import pyro
+import pyro.poutine as poutine
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
+
+
+class SiteLayout(NamedTuple):
+    """Where one latent site lives in the flat coordinates.
+
+    ``offset:offset+size`` is the site's slice of ``theta`` (global sites) or
+    of each row of ``y`` (local sites, ``size`` per unit). ``shape`` is the
+    unconstrained value's shape with the unit axis removed for local sites,
+    and ``unit_axis`` (negative) is where that axis sits in the unconstrained
+    value; ``None`` for global sites.
+    """
+
+    name: str
+    transform: torch.distributions.Transform
+    shape: torch.Size
+    offset: int
+    size: int
+    unit_axis: int | None
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
+
+
+class ModelView:
+    r"""A Pyro model as a pure log density over flat unconstrained coordinates.
+
+    The model is traced once (at a point drawn by ``init_loc_fn``). Latent
+    sites inside ``unit_plate`` are *local*: one block of ``k`` coordinates per
+    unit. All other latent sites are *global*. Observed sites, factors and
+    sites in other plates (for example a long-format observation plate that
+    indexes the unit latents, ``u[group]``) all enter :meth:`log_joint`.
+
+    curvi's structured computations assume that no term of the log density
+    couples two units except through the globals (the Hessian is then block
+    arrowhead). The plates cannot prove this when observations index the unit
+    latents, so the view checks it at set-up with a few Hessian-vector
+    products along random directions on random halves of the units.
+
+    Usage::
+
+        import torch, pyro, pyro.distributions as dist
+        from curvi import ModelView
+
+        def model(x, obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            tau = pyro.sample("tau", dist.HalfNormal(1.0))
+            with pyro.plate("groups", x.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, tau))
+                with pyro.plate("obs", x.shape[1], dim=-1):
+                    pyro.sample("y", dist.Normal(u, 1.0), obs=obs)
+
+        x = torch.zeros(5, 3)
+        view = ModelView(model, x, torch.randn(5, 3), unit_plate="groups")
+        view.global_sites, view.local_sites  # ('mu', 'tau'), ('u',)
+        theta, y = view.init_theta, view.init_y  # shapes (2,), (5, 1)
+        view.log_joint(theta, y)  # a scalar tensor
+
+    :param callable model: a Pyro model.
+    :param args: positional arguments of ``model``, bound to the view.
+    :param str unit_plate: name of the :func:`pyro.plate` of the units.
+    :param callable init_loc_fn: a Pyro init strategy that gives the point at
+        which the model is traced (see :mod:`pyro.infer.autoguide.initialization`).
+    :param bool check_structure: verify at set-up that no term couples two
+        units except through the globals.
+    :param kwargs: keyword arguments of ``model``, bound to the view.
+    :raises ValueError: for a discrete latent site, a latent site in a
+        subsampled plate other than the unit plate, a unit plate the model
+        does not have or that holds no latent site, a log density that is not
+        finite at the initial point, or a model whose units are coupled.
+    """
+
+    def __init__(
+        self,
+        model,
+        *args,
+        unit_plate: str,
+        init_loc_fn=init_to_median,
+        check_structure: bool = True,
+        **kwargs,
+    ):
+        if not callable(model):
+            raise ValueError(f"model must be callable, got {type(model).__name__}")
+        if not isinstance(unit_plate, str):
+            raise ValueError(
+                f"unit_plate must be the name of a pyro.plate, got {unit_plate!r}"
+            )
+        self.model = model
+        self.args = args
+        self.kwargs = kwargs
+        self.unit_plate = unit_plate
+
+        trace = _trace_prototype(model, init_loc_fn, args, kwargs)
+        frame = _find_unit_frame(trace, unit_plate)
+        self.num_units = frame.full_size if frame.full_size is not None else frame.size
+        self.unit_dim = frame.dim
+        unit_site = trace.nodes[unit_plate]
+        self.unit_indices = unit_site["value"] if frame.size < self.num_units else None
+
+        latent = [s for s in trace.nodes.values() if _is_latent(s)]
+        for site in latent:
+            _check_site(site, unit_plate)
+        self.global_layout = _layout(
+            [s for s in latent if not _in_plate(s, unit_plate)], unit_dim=None
+        )
+        self.local_layout = _layout(
+            [s for s in latent if _in_plate(s, unit_plate)], unit_dim=frame.dim
+        )
+        if not self.local_layout:
+            plates = sorted(
+                {f.name for s in latent for f in s["cond_indep_stack"]} - {unit_plate}
+            )
+            raise ValueError(
+                f"unit plate '{unit_plate}' holds no latent sample site; the unit "
+                "plate must be the plate of the unit-level latents"
+                + (f" (latent sites sit in plates {plates})" if plates else "")
+            )
+        self.global_dim = sum(s.size for s in self.global_layout)
+        self.local_dim = sum(s.size for s in self.local_layout)
+        self._latent_names = frozenset(s["name"] for s in latent)
+
+        values = {s["name"]: s["value"].detach() for s in latent}
+        self.init_theta, self.init_y = self.pack(values)
+        self.check_finite(self.init_theta, self.init_y)
+        if check_structure:
+            self.check_arrowhead(self.init_theta, self.init_y)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def global_sites(self) -> tuple[str, ...]:
+        """Names of the global latent sites, in execution order."""
+        return tuple(s.name for s in self.global_layout)
+
+    @property
+    def local_sites(self) -> tuple[str, ...]:
+        """Names of the local (per-unit) latent sites, in execution order."""
+        return tuple(s.name for s in self.local_layout)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.init_y.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.init_y.device
+
+    @property
+    def num_present_units(self) -> int:
+        """Units in the traced run: the subsample size when the plate subsamples."""
+        return self.init_y.shape[0]
+
+    def global_coordinate_names(self) -> list[str]:
+        """Readable names of the ``p`` unconstrained global coordinates."""
+        return _coordinate_names(self.global_layout)
+
+    def local_coordinate_names(self) -> list[str]:
+        """Readable names of the ``k`` unconstrained coordinates of one unit."""
+        return _coordinate_names(self.local_layout)
+
+    # -------------------------------------------------------- pack / unpack
+    def pack(self, values: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map constrained site values to flat unconstrained ``(theta, y)``.
+
+        :param dict values: a value for every latent site, by name.
+        :returns: ``theta`` of shape ``(p,)`` and ``y`` of shape ``(n, k)``,
+            ``n`` the number of units present in the local values.
+        """
+        missing = [n for n in self.global_sites + self.local_sites if n not in values]
+        if missing:
+            raise ValueError(f"pack() needs a value for every latent site; missing {missing}")
+        theta = [s.transform.inv(values[s.name]).reshape(-1) for s in self.global_layout]
+        y = [
+            _unit_rows(s.transform.inv(values[s.name]), s.unit_axis)
+            for s in self.local_layout
+        ]
+        sizes = {t.shape[0] for t in y}
+        if len(sizes) != 1:
+            raise ValueError(f"local site values disagree on the number of units: {sizes}")
+        theta = torch.cat(theta) if theta else y[0].new_zeros(0)
+        return theta, torch.cat(y, dim=-1)
+
+    def unpack(self, theta: torch.Tensor, y: torch.Tensor) -> dict:
+        """Map flat unconstrained ``(theta, y)`` to constrained site values."""
+        values, _ = self._constrain(theta, y, jacobian=False)
+        return values
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split a flat vector ``x = [theta, y.flatten()]`` into ``(theta, y)``."""
+        return x[: self.global_dim], x[self.global_dim :].reshape(-1, self.local_dim)
+
+    def flatten(self, theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The flat vector ``[theta, y.flatten()]`` (units-major), as in ``to_dense``."""
+        return torch.cat([theta, y.reshape(-1)])
+
+    # ------------------------------------------------------------ log density
+    def log_joint(self, theta: torch.Tensor, y: torch.Tensor, *, units=None) -> torch.Tensor:
+        """Log joint density of the model at unconstrained ``(theta, y)``.
+
+        Includes every observed site and factor and the log-abs-det-Jacobians
+        of the constraint transforms. A pure function of its inputs, usable
+        under ``torch.func`` transforms.
+
+        :param theta: global coordinates, shape ``(p,)``.
+        :param y: local coordinates, shape ``(n, k)``.
+        :param units: indices of the ``n`` units that ``y`` holds when the
+            unit plate subsamples (default: the units of the traced run).
+            Unit-plate terms are scaled by ``N / n`` as :func:`pyro.plate` does.
+        """
+        return sum(self.log_joint_terms(theta, y, units=units).values())
+
+    def log_joint_terms(self, theta, y, *, units=None) -> dict:
+        """The terms of :meth:`log_joint` by site: each sample site's scaled
+        log probability, and ``"log|J| <site>"`` for each transformed latent."""
+        self._check_coordinates(theta, y)
+        units = self._units(y, units)
+        values, log_jac = self._constrain(theta, y, jacobian=True, num_present=y.shape[0])
+        data = dict(values)
+        if units is not None:
+            data[self.unit_plate] = units
+        with pyro.validation_enabled(False):
+            trace = poutine.block(poutine.trace(poutine.condition(self.model, data)).get_trace)(
+                *self.args, **self.kwargs
+            )
+        terms = {}
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if name not in self._latent_names and not site["is_observed"]:
+                raise ValueError(
+                    f"site '{name}' is latent but did not appear when the view traced "
+                    "the model; curvi needs a model with a static set of latent sites"
+                )
+            log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            terms[name] = scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+        terms.update(log_jac)
+        return terms
+
+    # ---------------------------------------------------------------- checks
+    def check_finite(self, theta, y, *, units=None) -> None:
+        """Raise a ``ValueError`` naming the sites whose log density is NaN or
+        infinite at ``(theta, y)``."""
+        for name, t in (("theta", theta), ("y", y)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} holds non-finite coordinates")
+        with torch.no_grad():
+            terms = self.log_joint_terms(theta, y, units=units)
+        bad = {n: float(v) for n, v in terms.items() if not torch.isfinite(v)}
+        if bad:
+            described = ", ".join(f"'{n}' ({v})" for n, v in bad.items())
+            raise ValueError(
+                f"log density is not finite at the requested point; sites responsible: "
+                f"{described}"
+            )
+
+    def check_arrowhead(self, theta, y, *, num_probes: int = 3, seed: int = 0) -> None:
+        """Check that no term couples two units except through the globals.
+
+        Each probe perturbs the local coordinates of a random half of the
+        units and checks, by one Hessian-vector product, that the gradient of
+        the other half does not move. Raises a ``ValueError`` naming a unit
+        that responds to another unit's coordinates.
+        """
+        n = y.shape[0]
+        if n < 2:
+            return
+        th = theta.detach()
+        yy = y.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g_y,) = torch.autograd.grad(self.log_joint(th, yy), yy, create_graph=True)
+        if not g_y.requires_grad:  # log density linear in y: Hessian zero
+            return
+        generator = torch.Generator().manual_seed(seed)
+        tol = torch.finfo(y.dtype).eps ** 0.5
+        for probe in range(num_probes):
+            half = torch.randperm(n, generator=generator)[: n // 2].to(y.device)
+            inside = torch.zeros(n, dtype=torch.bool, device=y.device)
+            inside[half] = True
+            v = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+            v = v * inside.unsqueeze(-1)
+            (hv,) = torch.autograd.grad(
+                g_y, yy, v, retain_graph=probe < num_probes - 1, allow_unused=True
+            )
+            if hv is None:
+                return
+            leak = hv[~inside].abs().amax(-1)
+            scale = hv.abs().max().clamp_min(1.0)
+            if leak.max() > tol * scale:
+                unit = int(torch.arange(n, device=y.device)[~inside][leak.argmax()])
+                raise ValueError(
+                    f"units are coupled: the gradient of unit {unit} of plate "
+                    f"'{self.unit_plate}' changes when other units' local coordinates "
+                    f"move (|Hv| = {float(leak.max()):.3g}); curvi needs every term "
+                    "that involves two units to go through the global sites only"
+                )
+
+    # --------------------------------------------------------------- helpers
+    def _units(self, y, units):
+        if units is None:
+            units = self.unit_indices
+            if units is not None and y.shape[0] != units.shape[0]:
+                raise ValueError(
+                    f"y has {y.shape[0]} rows but the traced subsample of plate "
+                    f"'{self.unit_plate}' has {units.shape[0]} units; pass units="
+                )
+            if units is None and y.shape[0] != self.num_units:
+                raise ValueError(
+                    f"y has {y.shape[0]} rows but plate '{self.unit_plate}' has "
+                    f"{self.num_units} units; pass units= to evaluate a subsample"
+                )
+            return units
+        units = torch.as_tensor(units, device=y.device)
+        if units.dim() != 1 or units.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"units must be a 1-d index tensor with one entry per row of y "
+                f"({y.shape[0]}), got shape {tuple(units.shape)}"
+            )
+        return units
+
+    def _check_coordinates(self, theta, y):
+        if theta.shape != (self.global_dim,):
+            raise ValueError(
+                f"theta must have shape ({self.global_dim},), got {tuple(theta.shape)}"
+            )
+        if y.dim() != 2 or y.shape[1] != self.local_dim:
+            raise ValueError(f"y must have shape (n, {self.local_dim}), got {tuple(y.shape)}")
+
+    def _constrain(self, theta, y, *, jacobian, num_present=None):
+        values, log_jac = {}, {}
+        for s in self.global_layout:
+            u = theta[s.slice].reshape(s.shape)
+            values[s.name] = x = s.transform(u)
+            if jacobian and not _is_identity(s.transform):
+                log_jac[f"log|J| {s.name}"] = s.transform.log_abs_det_jacobian(u, x).sum()
+        scale = 1.0 if num_present is None else self.num_units / num_present
+        for s in self.local_layout:
+            u = y[:, s.slice].reshape((y.shape[0],) + s.shape).movedim(0, s.unit_axis)
+            values[s.name] = x = s.transform(u)
+            if jacobian and not _is_identity(s.transform):
+                log_jac[f"log|J| {s.name}"] = (
+                    scale * s.transform.log_abs_det_jacobian(u, x).sum()
+                )
+        return values, log_jac
+
+
+# ---------------------------------------------------------------- set-up steps
+def _trace_prototype(model, init_loc_fn, args, kwargs):
+    with pyro.validation_enabled(False), torch.no_grad():
+        return poutine.block(poutine.trace(InitMessenger(init_loc_fn)(model)).get_trace)(
+            *args, **kwargs
+        )
+
+
+def _is_latent(site) -> bool:
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+
+
+def _in_plate(site, plate_name) -> bool:
+    return any(f.name == plate_name for f in site["cond_indep_stack"])
+
+
+def _find_unit_frame(trace, unit_plate):
+    frames = {}
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            for f in site["cond_indep_stack"]:
+                frames.setdefault(f.name, f)
+    if unit_plate not in frames:
+        raise ValueError(
+            f"the model has no plate named '{unit_plate}'; its plates are {sorted(frames)}"
+        )
+    frame = frames[unit_plate]
+    if not frame.vectorized:
+        raise ValueError(
+            f"unit plate '{unit_plate}' is a sequential plate; curvi needs a vectorized "
+            "pyro.plate (use it as a context manager)"
+        )
+    return frame
+
+
+def _check_site(site, unit_plate):
+    name, fn = site["name"], site["fn"]
+    if fn.support.is_discrete:
+        raise ValueError(
+            f"site '{name}' is a discrete latent site; curvi's Gaussian approximations "
+            "need continuous latents (observe it, or sum it out inside the model)"
+        )
+    for f in site["cond_indep_stack"]:
+        if f.name != unit_plate and f.full_size is not None and f.size < f.full_size:
+            raise ValueError(
+                f"latent site '{name}' sits in plate '{f.name}', which subsamples "
+                f"({f.size} of {f.full_size}); only the unit plate '{unit_plate}' may "
+                "subsample, since curvi treats latents outside it as global"
+            )
+
+
+def _layout(sites, unit_dim):
+    layout, offset = [], 0
+    for site in sites:
+        transform = biject_to(site["fn"].support)
+        shape = transform.inverse_shape(site["value"].shape)
+        unit_axis = None
+        if unit_dim is not None:
+            unit_axis = unit_dim - transform.domain.event_dim
+            shape = shape[:unit_axis] + shape[unit_axis:][1:]
+        size = shape.numel()
+        layout.append(SiteLayout(site["name"], transform, shape, offset, size, unit_axis))
+        offset += size
+    return tuple(layout)
+
+
+def _unit_rows(u, unit_axis):
+    u = u.movedim(unit_axis, 0)
+    return u.reshape(u.shape[0], -1)
+
+
+def _is_identity(transform) -> bool:
+    """Whether a transform is the identity (``biject_to(real)``), whose Jacobian term is zero."""
+    if isinstance(transform, torch.distributions.transforms.IndependentTransform):
+        return _is_identity(transform.base_transform)
+    return isinstance(transform, torch.distributions.transforms.ComposeTransform) and not (
+        transform.parts
+    )
+
+
+def _coordinate_names(layout):
+    names = []
+    for s in layout:
+        if s.size == 1:
+            names.append(s.name)
+            continue
+        for idx in itertools.product(*map(range, s.shape)):
+            names.append(f"{s.name}[{','.join(map(str, idx))}]")
+    return names
