@@ -1,0 +1,57 @@
+"""Every ``Usage::`` block in curvi's docstrings runs as written."""
+
+import importlib
+import inspect
+import textwrap
+
+import pytest
+import torch
+
+MODULES = ["curvi.model", "curvi.hessian", "curvi.arrowhead", "curvi.repair"]
+
+
+def usage_blocks(doc):
+    lines = doc.expandtabs().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() != "Usage::":
+            continue
+        indent = len(line) - len(line.lstrip())
+        block = []
+        for follow in lines[i + 1 :]:
+            if follow.strip() and len(follow) - len(follow.lstrip()) <= indent:
+                break
+            block.append(follow)
+        yield textwrap.dedent("\n".join(block))
+
+
+def documented_objects(module):
+    yield module.__name__, module
+    for name, obj in vars(module).items():
+        if getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            yield f"{module.__name__}.{name}", obj
+        if inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                member = getattr(member, "fget", member)
+                if inspect.isfunction(member) and member.__doc__:
+                    yield f"{module.__name__}.{name}.{attr}", member
+
+
+EXAMPLES = [
+    pytest.param(module_name, code, id=f"{qualname}#{i}")
+    for module_name in MODULES
+    for qualname, obj in documented_objects(importlib.import_module(module_name))
+    for i, code in enumerate(usage_blocks(obj.__doc__ or ""))
+]
+
+
+def test_there_are_examples():
+    assert len(EXAMPLES) >= 20
+
+
+@pytest.mark.parametrize("module_name, code", EXAMPLES)
+def test_usage_example_runs(module_name, code):
+    namespace = dict(vars(importlib.import_module(module_name)))
+    namespace["torch"] = torch
+    exec(compile(code, f"<{module_name} usage>", "exec"), namespace)
