@@ -17,6 +17,7 @@ and ``torch.func`` can differentiate.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import NamedTuple
 
@@ -148,6 +149,7 @@ class ModelView:
         self.global_dim = sum(s.size for s in self.global_layout)
         self.local_dim = sum(s.size for s in self.local_layout)
         self._latent_names = frozenset(s["name"] for s in latent)
+        self._separable = None
 
         values = {s["name"]: s["value"].detach() for s in latent}
         self.init_theta, self.init_y = self.pack(values)
@@ -241,6 +243,85 @@ class ModelView:
     def log_joint_terms(self, theta, y, *, units=None) -> dict:
         """The terms of :meth:`log_joint` by site: each sample site's scaled
         log probability, and ``"log|J| <site>"`` for each transformed latent."""
+        return {name: t.sum() for name, (t, _) in self._terms(theta, y, units).items()}
+
+    def unit_log_joint(self, theta, y, *, units=None) -> torch.Tensor:
+        """Each unit's own terms of :meth:`log_joint`, shape ``(n,)``.
+
+        Unit i's entry sums the log probabilities of the sites in the unit
+        plate that belong to unit i, and its local Jacobian terms (scaled as
+        in :meth:`log_joint`). ``log_joint`` minus their sum does not depend
+        on ``y`` when the view is :attr:`separable`; otherwise (observations
+        outside the unit plate that index the unit latents) this raises.
+
+        Usage::
+
+            import pyro, pyro.distributions as dist
+
+            def model():
+                mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+                with pyro.plate("groups", 4):
+                    u = pyro.sample("u", dist.Normal(mu, 1.0))
+                    pyro.sample("z", dist.Normal(u, 1.0), obs=torch.zeros(4))
+
+            view = ModelView(model, unit_plate="groups")
+            view.separable  # True: every term with u sits in the plate
+            view.unit_log_joint(view.init_theta, view.init_y)  # shape (4,)
+        """
+        if not self.separable:
+            raise ValueError(
+                "unit_log_joint needs every term that involves the unit latents to sit "
+                f"in plate '{self.unit_plate}'; this model has such terms outside it"
+            )
+        n = y.shape[0]
+        total = y.new_zeros(n)
+        for t, per_unit in self._terms(theta, y, units).values():
+            if per_unit:
+                total = total + t.movedim(self.unit_dim, 0).reshape(n, -1).sum(-1)
+        return total
+
+    @property
+    def separable(self) -> bool:
+        """Whether all terms that involve ``y`` sit in the unit plate, so
+        that :meth:`unit_log_joint` splits the log density by unit."""
+        if self._separable is None:
+            theta, y = self.init_theta, self.init_y.detach().requires_grad_(True)
+            with torch.enable_grad():
+                terms = self._terms(theta, y, None).values()
+                rest = sum(t.sum() for t, per_unit in terms if not per_unit)
+                if not torch.is_tensor(rest) or not rest.requires_grad:
+                    self._separable = True
+                else:
+                    (g,) = torch.autograd.grad(rest, y, allow_unused=True)
+                    self._separable = g is None or not bool(g.abs().max() > 0)
+        return self._separable
+
+    def with_args(self, *args, **kwargs) -> "ModelView":
+        """The same view (same layout, no re-tracing) of the model called with
+        other arguments, e.g. a new minibatch of data."""
+        view = copy.copy(self)
+        view.args, view.kwargs = args, kwargs
+        return view
+
+    def unpack_unconstrained(self, theta, y) -> dict:
+        """Unconstrained site values from ``theta`` (..., p) and ``y`` (..., n, k).
+
+        Leading batch dimensions are kept in front of each site's own shape;
+        local sites get their unit axis of size n back in place.
+        """
+        batch = theta.shape[:-1]
+        values = {s.name: theta[..., s.slice].reshape(batch + s.shape) for s in self.global_layout}
+        batch = y.shape[:-2]
+        for s in self.local_layout:
+            u = y[..., s.slice].reshape(batch + (y.shape[-2],) + s.shape)
+            values[s.name] = u.movedim(len(batch), s.unit_axis)
+        return values
+
+    def _terms(self, theta, y, units) -> dict:
+        """Every term of the log density as ``name -> (tensor, per_unit)``:
+        the scaled, masked log probability of each sample site (not summed)
+        and the Jacobian terms; ``per_unit`` marks tensors whose axis
+        ``unit_dim`` indexes the units."""
         self._check_coordinates(theta, y)
         units = self._units(y, units)
         values, log_jac = self._constrain(theta, y, jacobian=True, num_present=y.shape[0])
@@ -261,7 +342,9 @@ class ModelView:
                     "the model; curvi needs a model with a static set of latent sites"
                 )
             log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-            terms[name] = scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+            log_p = scale_and_mask(log_p, site["scale"], site["mask"])
+            per_unit = _in_plate(site, self.unit_plate) and log_p.dim() >= -self.unit_dim
+            terms[name] = (log_p, per_unit)
         terms.update(log_jac)
         return terms
 
@@ -356,19 +439,15 @@ class ModelView:
 
     def _constrain(self, theta, y, *, jacobian, num_present=None):
         values, log_jac = {}, {}
-        for s in self.global_layout:
-            u = theta[s.slice].reshape(s.shape)
-            values[s.name] = x = s.transform(u)
-            if jacobian and not _is_identity(s.transform):
-                log_jac[f"log|J| {s.name}"] = s.transform.log_abs_det_jacobian(u, x).sum()
+        unconstrained = self.unpack_unconstrained(theta, y)
         scale = 1.0 if num_present is None else self.num_units / num_present
-        for s in self.local_layout:
-            u = y[:, s.slice].reshape((y.shape[0],) + s.shape).movedim(0, s.unit_axis)
+        for s in self.global_layout + self.local_layout:
+            u = unconstrained[s.name]
             values[s.name] = x = s.transform(u)
             if jacobian and not _is_identity(s.transform):
-                log_jac[f"log|J| {s.name}"] = (
-                    scale * s.transform.log_abs_det_jacobian(u, x).sum()
-                )
+                local = s.unit_axis is not None
+                ladj = s.transform.log_abs_det_jacobian(u, x)
+                log_jac[f"log|J| {s.name}"] = (scale * ladj if local else ladj, local)
         return values, log_jac
 
 

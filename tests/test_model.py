@@ -214,3 +214,53 @@ def test_bad_coordinates_are_rejected():
         view.log_joint(view.init_theta, torch.zeros(6, 2))
     with pytest.raises(ValueError, match="missing \\['u'\\]"):
         view.pack({"mu": torch.tensor(0.0)})
+
+
+# ------------------------------------------------------------ per-unit terms
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "logistic_long"])
+def test_unit_log_joint_splits_the_y_dependence(name):
+    """log_joint - sum(unit_log_joint) must not depend on y."""
+    model, args, plate = MODELS[name]()
+    view = ModelView(model, *args, unit_plate=plate)
+    assert view.separable
+    theta, y = random_point(view)
+    rest = view.log_joint(theta, y) - view.unit_log_joint(theta, y).sum()
+    y2 = y + torch.randn(y.shape)
+    rest2 = view.log_joint(theta, y2) - view.unit_log_joint(theta, y2).sum()
+    torch.testing.assert_close(rest, rest2)
+    # and each entry moves only with its own unit
+    y3 = y.clone()
+    y3[1] += 0.3
+    changed = view.unit_log_joint(theta, y3) != view.unit_log_joint(theta, y)
+    assert changed.tolist() == [i == 1 for i in range(view.num_units)]
+
+
+def test_long_format_is_not_separable():
+    model, args, plate = make_logistic_long()
+    view = ModelView(model, *args, unit_plate=plate)
+    assert not view.separable
+    with pytest.raises(ValueError, match="outside it"):
+        view.unit_log_joint(view.init_theta, view.init_y)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unpack_with_leading_batch_dims(name):
+    model, args, plate = MODELS[name]()
+    view = ModelView(model, *args, unit_plate=plate)
+    thetas = torch.stack([random_point(view, s)[0] for s in range(3)])
+    ys = torch.stack([random_point(view, s)[1] for s in range(3)])
+    batched = view.unpack(thetas, ys)
+    for s in range(3):
+        single = view.unpack(thetas[s], ys[s])
+        for site, value in single.items():
+            torch.testing.assert_close(batched[site][s], value)
+
+
+def test_with_args_rebinds_the_data():
+    model, args, plate = make_gaussian()
+    view = ModelView(model, *args, unit_plate=plate)
+    other = view.with_args(args[0] + 1.0)
+    theta, y = view.init_theta, view.init_y
+    assert other.global_sites == view.global_sites
+    assert not torch.allclose(other.log_joint(theta, y), view.log_joint(theta, y))
+    torch.testing.assert_close(ModelView(model, args[0] + 1.0, unit_plate=plate).log_joint(theta, y), other.log_joint(theta, y))
