@@ -119,6 +119,39 @@ def structured_hessian(view, theta, y, *, units=None, create_graph=False) -> Arr
     return H
 
 
+def local_hessian(view, theta, y, *, units=None):
+    """Value, gradient in ``y`` and unit blocks ``D`` of ``log p`` with θ held fixed.
+
+    One gradient evaluation plus ``k`` backward passes, whatever N: what a
+    Newton step on the units' conditional modes needs. Results are detached.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from curvi import ModelView
+
+        def model():
+            mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+            with pyro.plate("groups", 3):
+                pyro.sample("u", dist.Normal(mu, 1.0))
+
+        view = ModelView(model, unit_plate="groups")
+        log_prob, g_y, D = local_hessian(view, view.init_theta, view.init_y)  # D: (3, 1, 1)
+
+    :returns: ``(log_prob, grad_y (n, k), D (n, k, k))``.
+    """
+    with torch.enable_grad():
+        yy = y.detach().requires_grad_(True)
+        log_prob = view.log_joint(theta.detach(), yy, units=units)
+        (g_y,) = _grad(log_prob, (yy,), create_graph=True)
+        k = view.local_dim
+        columns = [
+            _grad(g_y[:, l].sum(), (yy,), retain_graph=l < k - 1)[0] for l in range(k)
+        ]
+    D = _symmetrize(torch.stack(columns, dim=-1))
+    return log_prob.detach(), g_y.detach(), D.detach()
+
+
 def gradient(view, theta, y, *, units=None, create_graph=False):
     """Gradient ``(∇_θ log p, ∇_y log p)`` of ``view.log_joint`` at ``(theta, y)``.
 
