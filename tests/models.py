@@ -23,7 +23,7 @@ def make_logistic_long(num_groups=7, seed=0):
         sigma = pyro.sample("sigma", dist.HalfNormal(1.0).expand([2]).to_event(1))
         with pyro.plate("groups", num_groups):
             u = pyro.sample("u", dist.Normal(0.0, sigma).to_event(1))
-        eta = beta[0] + u[group, 0] + (beta[1] + u[group, 1]) * x
+        eta = beta[..., 0] + u[..., group, 0] + (beta[..., 1] + u[..., group, 1]) * x
         with pyro.plate("obs", x.shape[0]):
             pyro.sample("y", dist.Bernoulli(logits=eta), obs=obs)
 
@@ -113,3 +113,40 @@ MODELS = {
     "nested_latent": make_nested_latent,
     "gaussian": make_gaussian,
 }
+
+
+def make_linear_gaussian(num_groups=5, num_obs=3, seed=5, subsample_size=None):
+    """Linear-Gaussian hierarchy with fixed scales: the log joint is quadratic,
+    so the Laplace guide at the posterior mean is the exact posterior.
+
+    Returns ``(model, args, plate, exact)`` with ``exact`` holding the
+    posterior mean and precision over (mu, b, u) and the log evidence.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_groups, num_obs, generator=g, dtype=torch.float64)
+    obs = torch.randn(num_groups, num_obs, generator=g, dtype=torch.float64) + 0.5 * x + 1.0
+    prior_mu, prior_b, tau, sigma = 3.0, 2.0, 0.8, 0.6
+
+    def model(x, obs):
+        mu = pyro.sample("mu", dist.Normal(0.0, prior_mu))
+        b = pyro.sample("b", dist.Normal(0.0, prior_b))
+        with pyro.plate("groups", num_groups, subsample_size=subsample_size, dim=-2) as idx:
+            u = pyro.sample("u", dist.Normal(mu, tau))
+            with pyro.plate("obs", num_obs, dim=-1):
+                pyro.sample("z", dist.Normal(u + b * x[idx], sigma), obs=obs[idx])
+
+    # z = A (mu, b, u) + noise, (mu, b, u) ~ N(0, C): exact posterior and evidence
+    n = num_groups
+    C = torch.zeros(2 + n, 2 + n, dtype=torch.float64)
+    C[0, 0], C[1, 1] = prior_mu**2, prior_b**2
+    C[2:, 2:] = tau**2 * torch.eye(n) + prior_mu**2  # u = mu + tau * e
+    C[0, 2:] = C[2:, 0] = prior_mu**2
+    A = torch.zeros(n * num_obs, 2 + n, dtype=torch.float64)
+    A[:, 1] = x.reshape(-1)
+    A[torch.arange(n * num_obs), 2 + torch.arange(n).repeat_interleave(num_obs)] = 1.0
+    noise = sigma**2 * torch.eye(n * num_obs, dtype=torch.float64)
+    precision = torch.linalg.inv(C) + A.T @ A / sigma**2
+    mean = torch.linalg.solve(precision, A.T @ obs.reshape(-1) / sigma**2)
+    evidence = dist.MultivariateNormal(torch.zeros(n * num_obs, dtype=torch.float64), A @ C @ A.T + noise)
+    exact = {"mean": mean, "precision": precision, "log_evidence": evidence.log_prob(obs.reshape(-1))}
+    return model, (x, obs), "groups", exact

@@ -1,0 +1,442 @@
+"""Laplace guides: Gaussian guides whose precision is the curvature of log p.
+
+Both guides are Pyro :class:`~pyro.infer.autoguide.AutoGuide` s over the
+unconstrained coordinates of a :class:`~curvi.model.ModelView`: globals θ
+and per-unit latents yᵢ in one unit plate. The guide is
+
+    q(θ, y) = N((θ̂, ŷ), P⁻¹),   P = repair(−∇² log p(θ̂, ŷ)),
+
+sampled in its arrowhead factorisation (DESIGN §2) as two auxiliary sites,
+``q(θ) = N(θ̂, S⁻¹)`` and, inside the unit plate,
+``q(yᵢ | θ) = N(ŷᵢ − Dᵢ⁻¹Bᵢ(θ − θ̂), Dᵢ⁻¹)``, followed by a ``Delta`` site per
+model site that carries the constraint Jacobian. Pyro then handles the
+particle plate of ``vectorize_particles``, the scaling of subsampled
+plates and ``Predictive``.
+
+* :class:`LaplaceGuide` learns θ̂ and every ŷᵢ.
+* :class:`AmortizedLaplaceGuide` learns θ̂ only; ŷ(θ̂) are the units'
+  conditional modes, and the ELBO gradient is the total derivative through
+  them while P is the partial Hessian at (θ̂, ŷ(θ̂)) (DESIGN §3).
+
+**Subsampling.** Under ``pyro.plate(unit_plate, N, subsample_size=n)`` the
+Hessian is taken on the n units of the batch: each unit's blocks are exact,
+and the Schur complement S of the batch is an unbiased estimate of the full
+one. q(θ) uses a running average of these estimates (its value) with the
+batch estimate's derivative, so each step's ELBO estimate is unbiased for
+the current guide.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+
+import torch
+from torch.distributions import constraints
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn.module import PyroParam
+
+from .arrowhead import ArrowheadPrecision
+from .hessian import structured_hessian
+from .model import ModelView
+from .modes import implicit_modes, solve_modes, warn_unconverged
+from .posterior import LaplacePosterior
+from .repair import as_repair
+
+
+class _LaplaceGuideBase(AutoGuide):
+    """Shared machinery: set-up, the precision at the mean, and sampling.
+
+    Subclasses set their parameters in :meth:`_init_locs` and give the
+    (differentiable) mean in :meth:`_locs`.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        unit_plate: str,
+        repair="softabs",
+        init_loc_fn=init_to_median,
+        create_plates=None,
+        check_structure: bool = True,
+        running_weight: float = 0.1,
+    ):
+        if not isinstance(unit_plate, str):
+            raise ValueError(f"unit_plate must be the name of a pyro.plate, got {unit_plate!r}")
+        if repair is None:
+            raise ValueError(
+                "repair=None would fail on the first indefinite Hessian; pass 'softabs', "
+                "'softplus', 'clip', 'jitter' or a repair object"
+            )
+        if not 0 < running_weight <= 1:
+            raise ValueError(f"running_weight must be in (0, 1], got {running_weight!r}")
+        self.unit_plate = unit_plate
+        self.repair = as_repair(repair)
+        self.init_loc_fn = init_loc_fn
+        self.check_structure = check_structure
+        self.running_weight = running_weight
+        super().__init__(model, create_plates=create_plates)
+
+    # ----------------------------------------------------------------- set-up
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        self.view = ModelView(
+            self.model, *args, unit_plate=self.unit_plate, init_loc_fn=self.init_loc_fn,
+            check_structure=self.check_structure, **kwargs,
+        )
+        view = self.view
+        if view.global_dim == 0:
+            raise ValueError(
+                f"{type(self).__name__} needs at least one global latent site outside plate "
+                f"'{self.unit_plate}'; this model has none"
+            )
+        self._frames = {
+            name: [f for f in self.prototype_trace.nodes[name]["cond_indep_stack"] if f.vectorized]
+            for name in view.global_sites + view.local_sites
+        }
+        self._event_dims = {
+            name: self.prototype_trace.nodes[name]["fn"].event_dim
+            for name in view.global_sites + view.local_sites
+        }
+        # running average of the Schur complement under subsampling (buffers,
+        # so checkpoints of a fit carry them)
+        p = view.global_dim
+        self.register_buffer("running_schur", view.init_theta.new_zeros(p, p))
+        self.register_buffer("running_count", torch.zeros((), dtype=torch.long))
+        self._init_locs(view)
+
+    def _init_locs(self, view):
+        raise NotImplementedError
+
+    def _locs(self, view, units):
+        """The mean (θ̂, ŷ) for the rows ``units`` (None: all units)."""
+        raise NotImplementedError
+
+    def _all_units_modes(self, view, theta):
+        """Conditional modes of every unit at ``theta`` (a set-up step)."""
+        y = view.init_y.new_zeros(view.num_units, view.local_dim)
+        for units, keep in _unit_batches(view):
+            y0 = view.init_y if units is None else y[units]
+            result = solve_modes(view, theta, y0, units=units)
+            warn_unconverged(result, units=units, stacklevel=4)
+            y = _scatter(y, units, keep, result.y)
+        return y
+
+    # ------------------------------------------------------------ precision
+    def _precision(self, view, theta_hat, y_hat, units):
+        """The repaired arrowhead precision at the mean, from the Hessian of the
+        (possibly subsampled) log joint: unit blocks are rescaled to one
+        unit's own curvature, and the Schur complement is the batch estimate.
+        Returns ``(P, M)`` with ``Mᵢ = Dᵢ⁻¹Bᵢ`` of a single unit."""
+        n = y_hat.shape[0]
+        s = view.num_units / n
+        H = structured_hessian(view, theta_hat, y_hat, units=units, create_graph=torch.is_grad_enabled())
+        P = ArrowheadPrecision(-H.A, -H.B / math.sqrt(s), -H.D / s, repair=self.repair)
+        M = torch.cholesky_solve(P.B, P.cholesky.L_D) / math.sqrt(s)
+        return P, M
+
+    def _global_precision(self, P, subsampled):
+        """S for q(θ): the batch's own under full batches; under subsampling a
+        running average of batch estimates carrying the batch's derivative."""
+        S = P.schur
+        if not subsampled:
+            return S
+        estimate = S.detach()
+        if not torch.is_grad_enabled():  # read-outs (Predictive) leave the average alone
+            return self.running_schur if self.running_count > 0 else S
+        w = 1.0 if self.running_count == 0 else self.running_weight
+        self.running_schur = (1 - w) * self.running_schur + w * estimate
+        self.running_count += 1
+        return self.running_schur + (S - estimate)
+
+    # -------------------------------------------------------------- forward
+    def forward(self, *args, **kwargs):
+        """Draw every latent site of the model from the guide.
+
+        :return: a dict from site name to its sampled (constrained) value.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        view = self.view.with_args(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        unit_plate = plates[self.unit_plate]
+        subsampled = unit_plate.subsample_size < view.num_units
+        units = unit_plate.indices if subsampled or view.unit_indices is not None else None
+
+        theta_hat, y_hat = self._locs(view, units)
+        P, M = self._precision(view, theta_hat, y_hat, units)
+        S = self._global_precision(P, subsampled)
+
+        theta = pyro.sample(
+            f"_{self._pyro_name}_global",
+            dist.MultivariateNormal(theta_hat, precision_matrix=S),
+            infer={"is_auxiliary": True},
+        )
+        batch = theta.shape[:-1]  # the particle plates, e.g. (K, 1, 1)
+        delta = (theta - theta_hat).reshape(-1, view.global_dim)
+        loc_y = y_hat - torch.einsum("nkp,bp->bnk", M, delta)
+        # unit axis at the plate's dim, particle plates to its left
+        n, k = y_hat.shape
+        unit_shape = (n,) + (1,) * (-view.unit_dim - 1)
+        outer = batch[: len(batch) + view.unit_dim] if batch else ()
+        with unit_plate:
+            y = pyro.sample(
+                f"_{self._pyro_name}_local",
+                dist.MultivariateNormal(
+                    loc_y.reshape(outer + unit_shape + (k,)),
+                    precision_matrix=P.D.reshape(unit_shape + (k, k)),
+                ),
+                infer={"is_auxiliary": True},
+            )
+        y = y.reshape(-1, n, k)
+        values = view.unpack_unconstrained(theta.reshape(-1, view.global_dim), y)
+        return self._sample_sites(view, values, batch, plates)
+
+    def _sample_sites(self, view, values, batch, plates):
+        """A ``Delta`` site per model site at the constrained value, with the
+        log density of the constraint Jacobian, aligned to the particle plates."""
+        result = {}
+        for layout in view.global_layout + view.local_layout:
+            name, event_dim = layout.name, self._event_dims[layout.name]
+            u = values[name]
+            x = layout.transform(u)
+            if poutine.get_mask() is False:
+                log_density = 0.0
+            else:
+                log_density = layout.transform.inv.log_abs_det_jacobian(x, u)
+                log_density = sum_rightmost(log_density, log_density.dim() - x.dim() + event_dim)
+            site_shape = x.shape[1:]
+            num_batch_dims = len(site_shape) - event_dim
+            prefix = batch[: len(batch) - num_batch_dims] if batch else ()
+            x = x.reshape(prefix + site_shape)
+            if torch.is_tensor(log_density):
+                log_density = log_density.reshape(prefix + site_shape[:num_batch_dims])
+            with ExitStack() as stack:
+                for frame in self._frames[name]:
+                    stack.enter_context(plates[frame.name])
+                result[name] = pyro.sample(
+                    name, dist.Delta(x, log_density=log_density, event_dim=event_dim)
+                )
+        return result
+
+    # ------------------------------------------------------------- read-outs
+    @torch.no_grad()
+    def get_posterior(self, *args, **kwargs) -> LaplacePosterior:
+        """The guide's Gaussian over all units, with the Laplace precision at
+        its mean.
+
+        A model whose unit plate subsamples is evaluated batch by batch over
+        all its units (batches of its subsample size): the unit blocks are
+        exact, and the global block is the average of the batches' unbiased
+        estimates, exact when the subsample size divides the number of units.
+        """
+        view = self._read_out_view(args, kwargs)
+        theta_hat = y = B = D = None
+        A = []
+        for units, keep in _unit_batches(view):
+            theta_hat, y_hat = (t.detach() for t in self._locs(view, units))
+            H = structured_hessian(view, theta_hat, y_hat, units=units)
+            s = view.num_units / y_hat.shape[0]
+            if y is None:
+                y, B, D = (t.new_zeros((view.num_units,) + t.shape[1:]) for t in (y_hat, H.B, H.D))
+            y, B, D = (_scatter(t, units, keep, v) for t, v in ((y, y_hat), (B, H.B / s), (D, H.D / s)))
+            A.append(H.A)
+        P = ArrowheadPrecision(-torch.stack(A).mean(0), -B, -D, repair=self.repair)
+        return LaplacePosterior(view, theta_hat, y, P)
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs) -> dict:
+        """The posterior median of each latent site: the mean mapped to
+        constrained space."""
+        view = self._read_out_view(args, kwargs)
+        y = view.init_y.new_zeros(view.num_units, view.local_dim)
+        for units, keep in _unit_batches(view):
+            theta_hat, y_hat = self._locs(view, units)
+            y = _scatter(y, units, keep, y_hat.detach())
+        return view.unpack(theta_hat.detach(), y)
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, **kwargs) -> dict:
+        """Marginal quantiles of each latent site, with a leading dimension
+        ``len(quantiles)``."""
+        return self.get_posterior(*args, **kwargs).quantiles(quantiles)
+
+    def _read_out_view(self, args, kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return self.view.with_args(*args, **kwargs) if (args or kwargs) else self.view
+
+
+def _unit_batches(view):
+    """``(units, keep)`` pairs that together evaluate every unit once.
+
+    ``[(None, None)]`` when the traced run held all units. Otherwise batches
+    of the traced subsample's size (a model with a fixed ``subsample_size``
+    accepts no other), the last one filled up with units from the start;
+    ``keep`` marks each unit's first appearance.
+    """
+    if view.unit_indices is None:
+        return [(None, None)]
+    n, N = view.num_present_units, view.num_units
+    all_units = torch.arange(N, device=view.device)
+    batches = []
+    for start in range(0, N, n):
+        units = all_units[start : start + n]
+        keep = torch.ones(n, dtype=torch.bool, device=view.device)
+        if units.shape[0] < n:
+            keep[units.shape[0] :] = False
+            units = torch.cat([units, all_units[: n - units.shape[0]]])
+        batches.append((units, keep))
+    return batches
+
+
+def _scatter(full, units, keep, values):
+    """Write a batch's rows into the all-units tensor."""
+    if units is None:
+        return values
+    full = full.clone()
+    full[units[keep]] = values[keep]
+    return full
+
+
+class LaplaceGuide(_LaplaceGuideBase):
+    r"""Gaussian guide with a learned mean and the Laplace precision at it.
+
+    Parameters ``loc_global`` (θ̂, shape ``(p,)``) and ``loc_local`` (ŷ,
+    shape ``(N, k)``), unconstrained. Each draw is ``(θ̂, ŷ) + δ`` with
+    ``δ ~ N(0, P⁻¹)``, ``P`` the repaired negative Hessian of the log joint at
+    the mean from :func:`~curvi.hessian.structured_hessian`; the ELBO
+    gradient flows through the mean and through ``P`` (third derivatives).
+    ``loc_local`` starts at the units' conditional modes at the initial θ̂.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from pyro.infer import SVI, Trace_ELBO
+
+        def model(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            tau = pyro.sample("tau", dist.HalfNormal(2.0))
+            with pyro.plate("groups", obs.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, tau))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Normal(u, 1.0), obs=obs)
+
+        obs = torch.randn(8, 5) + 1.0
+        guide = LaplaceGuide(model, unit_plate="groups")
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+        for step in range(50):
+            svi.step(obs)
+        guide.median(obs)["mu"], guide.quantiles([0.05, 0.95], obs)["tau"]
+
+    :param callable model: a Pyro model with one unit plate.
+    :param str unit_plate: the name of the plate of the unit latents.
+    :param repair: positive-definite repair of the precision (see
+        :func:`curvi.repair.as_repair`); default ``"softabs"``.
+    :param callable init_loc_fn: Pyro init strategy for the initial point.
+    :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
+    :param bool check_structure: check that units couple only through θ.
+    :param float running_weight: under subsampling, the weight of each batch's
+        estimate in the running average of the Schur complement.
+
+    **References**
+
+    [1] L. Tierney, J. B. Kadane (1986), "Accurate approximations for posterior
+        moments and marginal densities", JASA 81.
+    """
+
+    def _init_locs(self, view):
+        theta = view.init_theta
+        self.loc_global = PyroParam(theta.clone(), constraints.real, event_dim=1)
+        self.loc_local = PyroParam(self._all_units_modes(view, theta), constraints.real, event_dim=2)
+
+    def _locs(self, view, units):
+        y = self.loc_local if units is None else self.loc_local[units]
+        return self.loc_global, y
+
+
+class AmortizedLaplaceGuide(_LaplaceGuideBase):
+    r"""Laplace guide whose only parameter is the global mode θ̂.
+
+    ŷ(θ̂) are the units' conditional modes, ``argmax_y log p(θ̂, y, z)``,
+    solved by batched Newton per unit (warm-started from the previous call)
+    without a graph, then one differentiable Newton step so that the ELBO
+    gradient with respect to θ̂ is the total derivative through ŷ(θ̂)
+    (implicit function theorem) and through the precision. The precision is
+    the *partial* Hessian at (θ̂, ŷ(θ̂)) (DESIGN §3). Units whose solve does
+    not converge are named in a :class:`~curvi.modes.ModeConvergenceWarning`.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from pyro.infer import SVI, Trace_ELBO
+
+        def model(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            tau = pyro.sample("tau", dist.HalfNormal(2.0))
+            with pyro.plate("groups", obs.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, tau))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Poisson(u.exp()), obs=obs)
+
+        obs = torch.poisson(torch.full((8, 5), 3.0))
+        guide = AmortizedLaplaceGuide(model, unit_plate="groups")
+        elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), elbo)
+        for step in range(50):
+            svi.step(obs)
+        guide.median(obs)["u"].shape  # (8, 1)
+
+    :param callable model: a Pyro model with one unit plate.
+    :param str unit_plate: the name of the plate of the unit latents.
+    :param callable mode_fn: optional ``mode_fn(theta, *args, **kwargs) -> y``
+        giving the conditional modes (unconstrained, ``(N, k)``) in closed
+        form; they are checked (and refined) by Newton.
+    :param repair: positive-definite repair of the precision.
+    :param callable init_loc_fn: Pyro init strategy for the initial θ̂.
+    :param float xtol: Newton step tolerance (default ``sqrt(eps)``).
+    :param int max_iter: Newton iteration cap per call.
+    :param create_plates, check_structure, running_weight: as in :class:`LaplaceGuide`.
+    """
+
+    def __init__(self, model, *, unit_plate: str, mode_fn=None, xtol=None, max_iter=50, **kwargs):
+        if mode_fn is not None and not callable(mode_fn):
+            raise ValueError(f"mode_fn must be callable, got {type(mode_fn).__name__}")
+        self.mode_fn, self.xtol, self.max_iter = mode_fn, xtol, max_iter
+        super().__init__(model, unit_plate=unit_plate, **kwargs)
+
+    def _init_locs(self, view):
+        theta = view.init_theta
+        self.loc_global = PyroParam(theta.clone(), constraints.real, event_dim=1)
+        self.register_buffer("mode_cache", self._all_units_modes(view, theta))
+
+    def _locs(self, view, units):
+        theta = self.loc_global
+        y_start = self.mode_cache if units is None else self.mode_cache[units]
+        if self.mode_fn is not None:
+            y_start = self._user_modes(view, theta.detach(), units)
+        result = solve_modes(
+            view, theta, y_start, units=units, xtol=self.xtol, max_iter=self.max_iter
+        )
+        warn_unconverged(result, units=units, stacklevel=4)
+        if units is None:
+            self.mode_cache = result.y
+        else:
+            self.mode_cache[units] = result.y
+        return theta, implicit_modes(view, theta, result, units=units)
+
+    def _user_modes(self, view, theta, units):
+        y = self.mode_fn(theta, *view.args, **view.kwargs)
+        expected = (view.num_units, view.local_dim)
+        if not torch.is_tensor(y) or tuple(y.shape) != expected:
+            shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"mode_fn must return a tensor of shape {expected}, got {shape}")
+        y = y.detach().to(dtype=view.dtype, device=view.device)
+        return y if units is None else y[units]

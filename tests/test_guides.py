@@ -1,0 +1,282 @@
+import pytest
+import torch
+
+import pyro
+import pyro.distributions as dist
+from pyro.infer import SVI, Predictive, Trace_ELBO
+
+import curvi.guides
+from curvi.guides import AmortizedLaplaceGuide, LaplaceGuide
+from curvi.modes import ModeConvergenceWarning
+from models import make_linear_gaussian, make_logistic_long, make_poisson_vector
+
+GUIDES = [LaplaceGuide, AmortizedLaplaceGuide]
+
+
+def unconstrained_params(guide):
+    return {name: p for name, p in guide.named_parameters()}
+
+
+def elbo(model, guide, args, seed, **elbo_kwargs):
+    pyro.set_rng_seed(seed)
+    return -Trace_ELBO(**elbo_kwargs).differentiable_loss(model, guide, *args)
+
+
+def fd_gradient(model, guide, args, seed, param, eps=1e-5):
+    grad = torch.zeros_like(param)
+    flat, out = param.data.view(-1), grad.view(-1)
+    for i in range(flat.numel()):
+        old = flat[i].item()
+        flat[i] = old + eps
+        up = elbo(model, guide, args, seed).item()
+        flat[i] = old - eps
+        down = elbo(model, guide, args, seed).item()
+        flat[i] = old
+        out[i] = (up - down) / (2 * eps)
+    return grad
+
+
+def perturbed_guide(Guide, model, args, seed=0):
+    """A guide a little away from its initial point, so gradients are not tiny."""
+    guide = Guide(model, unit_plate="groups")
+    guide(*args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return guide
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+@pytest.mark.parametrize("make", [make_logistic_long, make_poisson_vector], ids=["logistic", "poisson_vector"])
+def test_elbo_gradient_matches_finite_differences(Guide, make):
+    model, args, _ = make()
+    guide = perturbed_guide(Guide, model, args)
+    for seed in (1, 2):
+        params = unconstrained_params(guide)
+        grads = torch.autograd.grad(elbo(model, guide, args, seed), list(params.values()))
+        for (name, p), g in zip(params.items(), grads):
+            fd = fd_gradient(model, guide, args, seed, p)
+            scale = fd.abs().max()
+            assert scale > 1e-3, name
+            torch.testing.assert_close(g, fd, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+class DetachedModes(AmortizedLaplaceGuide):
+    """The trap: ŷ(θ̂) used as a constant."""
+
+    def _locs(self, view, units):
+        theta, y = super()._locs(view, units)
+        return theta, y.detach()
+
+
+def test_detaching_the_modes_gives_the_wrong_gradient():
+    model, args, _ = make_logistic_long()
+    right, wrong = perturbed_guide(AmortizedLaplaceGuide, model, args), perturbed_guide(DetachedModes, model, args)
+    with torch.no_grad():
+        wrong.loc_global_unconstrained.copy_(right.loc_global_unconstrained)
+    fd = fd_gradient(model, right, args, 3, right.loc_global_unconstrained)
+    (g_right,) = torch.autograd.grad(elbo(model, right, args, 3), right.loc_global_unconstrained)
+    (g_wrong,) = torch.autograd.grad(elbo(model, wrong, args, 3), wrong.loc_global_unconstrained)
+    torch.testing.assert_close(elbo(model, wrong, args, 3), elbo(model, right, args, 3))  # same value
+    torch.testing.assert_close(g_right, fd, rtol=1e-5, atol=1e-6)
+    assert (g_wrong - fd).abs().max() > 1e-2 * fd.abs().max()
+
+
+# ------------------------------------------------------ exact on a Gaussian
+def set_to_exact_mean(guide, exact, args):
+    guide(*args)
+    with torch.no_grad():
+        guide.loc_global_unconstrained.copy_(exact["mean"][:2])
+        if isinstance(guide, LaplaceGuide):
+            guide.loc_local_unconstrained.copy_(exact["mean"][2:].unsqueeze(-1))
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_linear_gaussian_guide_is_the_exact_posterior(Guide):
+    model, args, plate, exact = make_linear_gaussian()
+    guide = Guide(model, unit_plate=plate)
+    set_to_exact_mean(guide, exact, args)
+    post = guide.get_posterior(*args)
+    mean = torch.cat([post.loc_theta, post.loc_y.reshape(-1)])
+    torch.testing.assert_close(mean, exact["mean"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(post.precision.to_dense(), exact["precision"], rtol=1e-10, atol=1e-10)
+    cov = torch.linalg.inv(exact["precision"])
+    torch.testing.assert_close(post.global_covariance(), cov[:2, :2], rtol=1e-10, atol=1e-12)
+    # every draw's ELBO estimate is the log evidence ...
+    for seed in range(3):
+        torch.testing.assert_close(elbo(model, guide, args, seed), exact["log_evidence"], rtol=1e-10, atol=1e-9)
+    # ... and the gradient vanishes in expectation (a single draw's is -P delta)
+    grads = []
+    for seed in range(40):
+        value = elbo(model, guide, args, seed, num_particles=25, vectorize_particles=True)
+        torch.testing.assert_close(value, exact["log_evidence"], rtol=1e-10, atol=1e-9)
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(guide.parameters()))]))
+    grads = torch.stack(grads)
+    assert (grads.mean(0).abs() < 4 * grads.std(0) / len(grads) ** 0.5 + 1e-12).all()
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_training_reaches_the_exact_posterior(Guide):
+    model, args, plate, exact = make_linear_gaussian()
+    guide = Guide(model, unit_plate=plate)
+    optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.99})
+    svi = SVI(model, guide, optim, Trace_ELBO(num_particles=32, vectorize_particles=True))
+    for _ in range(300):
+        svi.step(*args)
+    median = guide.median(*args)
+    found = torch.cat([median["mu"].reshape(1), median["b"].reshape(1), median["u"].reshape(-1)])
+    sd = torch.linalg.inv(exact["precision"]).diagonal().sqrt()
+    assert ((found - exact["mean"]).abs() < 0.1 * sd).all()
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_quantiles_are_the_exact_marginals(Guide):
+    model, args, plate, exact = make_linear_gaussian()
+    guide = Guide(model, unit_plate=plate)
+    set_to_exact_mean(guide, exact, args)
+    q = guide.quantiles([0.1, 0.5, 0.9], *args)
+    sd = torch.linalg.inv(exact["precision"]).diagonal().sqrt()
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor([0.1, 0.5, 0.9]))
+    torch.testing.assert_close(q["mu"], exact["mean"][0] + z * sd[0])
+    torch.testing.assert_close(q["u"].reshape(3, -1), exact["mean"][2:] + z[:, None] * sd[2:])
+    torch.testing.assert_close(q["mu"][1], guide.median(*args)["mu"])
+
+
+# -------------------------------------------------------- Pyro integration
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_vectorized_particles_compute_the_hessian_once_per_step(Guide, monkeypatch):
+    model, args, _ = make_poisson_vector()
+    guide = Guide(model, unit_plate="groups")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}),
+              Trace_ELBO(num_particles=8, vectorize_particles=True))
+    svi.step(*args)  # set-up (and Pyro's guess of max_plate_nesting)
+    calls = []
+    real = curvi.guides.structured_hessian
+    monkeypatch.setattr(curvi.guides, "structured_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss = svi.step(*args)
+    assert len(calls) == 1 and torch.isfinite(torch.tensor(loss))
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_vectorized_particles_estimate_the_same_elbo(Guide):
+    model, args, _, _ = make_linear_gaussian()
+    guide = perturbed_guide(Guide, model, args)
+    one = torch.stack([elbo(model, guide, args, s).detach() for s in range(200)])
+    many = elbo(model, guide, args, 0, num_particles=2000, vectorize_particles=True).detach()
+    assert abs(one.mean() - many) < 4 * one.std() / 200**0.5 + 1e-3
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_predictive_draws_every_site(Guide):
+    model, args, _ = make_poisson_vector()
+    guide = Guide(model, unit_plate="groups")
+    guide(*args)
+    for parallel in (False, True):
+        samples = Predictive(model, guide=guide, num_samples=11, parallel=parallel)(*args)
+        assert samples["w"].shape == (11, 5, 1, 3) and samples["c"].shape == (11, 5, 4)
+        assert samples["tau"].shape == (11, 1, 1, 3) and (samples["tau"] > 0).all()
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_subsampled_unit_plate(Guide):
+    model, args, plate, exact = make_linear_gaussian(num_groups=12, subsample_size=4)
+    guide = Guide(model, unit_plate=plate)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(5):
+        svi.step(*args)
+    if isinstance(guide, LaplaceGuide):
+        assert guide.loc_local.shape == (12, 1)  # sized by the full plate
+    else:
+        assert guide.mode_cache.shape == (12, 1)
+    assert guide.median(*args)["u"].shape == (12, 1)
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_subsampled_elbo_is_unbiased(Guide):
+    """At the exact posterior the full-batch ELBO estimate is log Z for every
+    draw; with 4 of 12 units per step its average must be log Z too."""
+    model, args, plate, exact = make_linear_gaussian(num_groups=12, subsample_size=4)
+    guide = Guide(model, unit_plate=plate)
+    set_to_exact_mean(guide, exact, args)
+    guide.running_schur = guide.get_posterior(*args).precision.schur  # the exact S
+    guide.running_count.fill_(1)
+    # each call: one subsample of units, the mean of 50 draws for it
+    values = torch.stack([
+        elbo(model, guide, args, s, num_particles=50, vectorize_particles=True).detach()
+        for s in range(400)
+    ])
+    se = values.std() / len(values) ** 0.5
+    assert values.std() > 0.1  # subsampling noise is there ...
+    assert abs(values.mean() - exact["log_evidence"]) < 4 * se  # ... and averages out
+
+
+def test_mode_fn_closed_form():
+    model, args, plate, exact = make_linear_gaussian()
+    x, obs = args
+
+    def modes(theta, x, obs):  # E[u | mu, b, z] for the Gaussian model
+        mu, b = theta
+        prec = 1 / 0.8**2 + obs.shape[1] / 0.6**2
+        return ((mu / 0.8**2 + (obs - b * x).sum(1) / 0.6**2) / prec).unsqueeze(-1)
+
+    guide = AmortizedLaplaceGuide(model, unit_plate=plate, mode_fn=modes)
+    set_to_exact_mean(guide, exact, args)
+    torch.testing.assert_close(elbo(model, guide, args, 0), exact["log_evidence"])
+    bad = AmortizedLaplaceGuide(model, unit_plate=plate, mode_fn=lambda theta, *a: torch.zeros(3))
+    with pytest.raises(ValueError, match=r"mode_fn must return a tensor of shape \(5, 1\)"):
+        bad(*args)
+
+
+def test_unconverged_modes_are_reported():
+    model, args, _ = make_poisson_vector()
+    guide = AmortizedLaplaceGuide(model, unit_plate="groups", max_iter=1)
+    with pytest.warns(ModeConvergenceWarning, match="units did not reach"):
+        guide(*args)
+        with torch.no_grad():
+            guide.loc_global_unconstrained.add_(2.0)
+        guide(*args)
+
+
+def test_bad_arguments():
+    model, args, _ = make_poisson_vector()
+    with pytest.raises(ValueError, match="unit_plate"):
+        LaplaceGuide(model, unit_plate=3)
+    with pytest.raises(ValueError, match="repair=None"):
+        LaplaceGuide(model, unit_plate="groups", repair=None)
+    with pytest.raises(ValueError, match="unknown repair"):
+        LaplaceGuide(model, unit_plate="groups", repair="abs")
+    with pytest.raises(ValueError, match="no plate named"):
+        LaplaceGuide(model, unit_plate="herds")(*args)
+
+    def no_globals():
+        with pyro.plate("groups", 3):
+            pyro.sample("u", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="at least one global"):
+        AmortizedLaplaceGuide(no_globals, unit_plate="groups")()
+
+
+@pytest.mark.parametrize("subsample_size", [None, 3])
+def test_fit_resumes_the_amortized_guide_exactly(tmp_path, subsample_size):
+    """The mode cache and the running Schur average are buffers: a resumed
+    fit continues bitwise."""
+    from curvi import fit
+
+    model, args, plate, _ = make_linear_gaussian(subsample_size=subsample_size)
+
+    def run(steps, checkpoint):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AmortizedLaplaceGuide(model, unit_plate=plate)
+        result = fit(model, guide, *args, steps=steps, checkpoint=checkpoint, tol=None,
+                     progress=False, optim=pyro.optim.Adam({"lr": 0.05}))
+        return result, guide
+
+    straight, guide_a = run(12, None)
+    run(5, tmp_path / "fit.pt")
+    resumed, guide_b = run(12, tmp_path / "fit.pt")
+    assert resumed.elbo == straight.elbo
+    assert torch.equal(guide_a.loc_global, guide_b.loc_global)
+    assert torch.equal(guide_a.mode_cache, guide_b.mode_cache)
+    assert torch.equal(guide_a.running_schur, guide_b.running_schur)
