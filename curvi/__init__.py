@@ -1,23 +1,38 @@
 """curvi: curvature-aware variational inference for Pyro."""
 
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, RepairReport
-from .hessian import ArrowheadHessian, dense_hessian, gradient, structured_hessian
+from .fit import FitResult, elbo_converged, fit
+from .guides import AmortizedLaplaceGuide, LaplaceGuide
+from .hessian import ArrowheadHessian, dense_hessian, gradient, local_hessian, structured_hessian
 from .model import ModelView
+from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
+from .posterior import LaplacePosterior
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmortizedLaplaceGuide",
     "ArrowheadCholesky",
     "ArrowheadHessian",
     "ArrowheadPrecision",
     "Clip",
+    "FitResult",
     "Jitter",
+    "LaplaceGuide",
+    "LaplacePosterior",
+    "ModeConvergenceWarning",
+    "ModeResult",
     "ModelView",
     "RepairReport",
     "SoftAbs",
     "SoftplusFloor",
     "dense_hessian",
+    "elbo_converged",
+    "fit",
     "gradient",
+    "implicit_modes",
+    "local_hessian",
+    "solve_modes",
     "structured_hessian",
 ]

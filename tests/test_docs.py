@@ -7,7 +7,16 @@ import textwrap
 import pytest
 import torch
 
-MODULES = ["curvi.model", "curvi.hessian", "curvi.arrowhead", "curvi.repair"]
+MODULES = [
+    "curvi.model",
+    "curvi.hessian",
+    "curvi.arrowhead",
+    "curvi.repair",
+    "curvi.modes",
+    "curvi.guides",
+    "curvi.posterior",
+    "curvi.fit",
+]
 
 
 def usage_blocks(doc):
