@@ -119,6 +119,7 @@ def solve_modes(
     if xtol is None:
         xtol = torch.finfo(y.dtype).eps ** 0.5
     search = _unit_line_search if view.separable else _total_line_search
+    value = None  # the log density at y, known after the first line search
     for iteration in range(max_iter + 1):
         _, g, D = local_hessian(view, theta, y, units=units)
         step = (newton_inverse(-D) @ g.unsqueeze(-1)).squeeze(-1)
@@ -126,7 +127,7 @@ def solve_modes(
         if converged.all() or iteration == max_iter:
             break
         step = _capped(step.masked_fill(converged.unsqueeze(-1), 0.0), max_step)
-        y = search(view, theta, y, step, g, units)
+        y, value = search(view, theta, y, step, g, units, value)
     return ModeResult(y, -D, converged, step, iteration)
 
 
@@ -183,11 +184,13 @@ def _capped(step, max_step):
     return step * (max_step / size).clamp(max=1.0)
 
 
-def _unit_line_search(view, theta, y, step, g, units):
-    """Backtracking per unit on its own log density (separable models)."""
-    f0 = view.unit_log_joint(theta, y, units=units)
+def _unit_line_search(view, theta, y, step, g, units, f0=None):
+    """Backtracking per unit on its own log density (separable models).
+    Returns the new point and its per-unit log densities."""
+    if f0 is None:
+        f0 = view.unit_log_joint(theta, y, units=units)
     slope = (g * step).sum(-1)
-    alpha = torch.ones_like(f0)
+    alpha = torch.ones_like(y[:, 0])  # the coordinates' dtype, whatever the density's
     tolerance = 10 * torch.finfo(y.dtype).eps * f0.abs()
     for _ in range(_MAX_HALVINGS):
         f1 = view.unit_log_joint(theta, y + alpha.unsqueeze(-1) * step, units=units)
@@ -195,20 +198,23 @@ def _unit_line_search(view, theta, y, step, g, units):
         if ok.all():
             break
         alpha = torch.where(ok, alpha, alpha / 2)
-    else:
+    else:  # units that never improved stay where they were
         alpha = torch.where(ok, alpha, torch.zeros_like(alpha))
-    return y + alpha.unsqueeze(-1) * step
+        f1 = torch.where(ok, f1, f0)
+    return y + alpha.unsqueeze(-1) * step, f1
 
 
-def _total_line_search(view, theta, y, step, g, units):
-    """Backtracking on the total log density (terms not split by unit)."""
-    f0 = view.log_joint(theta, y, units=units)
+def _total_line_search(view, theta, y, step, g, units, f0=None):
+    """Backtracking on the total log density (terms not split by unit).
+    Returns the new point and its log density."""
+    if f0 is None:
+        f0 = view.log_joint(theta, y, units=units)
     slope = (g * step).sum()
     tolerance = 10 * torch.finfo(y.dtype).eps * f0.abs()
     alpha = 1.0
     for _ in range(_MAX_HALVINGS):
         f1 = view.log_joint(theta, y + alpha * step, units=units)
         if torch.isfinite(f1) and f1 >= f0 + _ARMIJO * alpha * slope - tolerance:
-            return y + alpha * step
+            return y + alpha * step, f1
         alpha /= 2
-    return y
+    return y, f0

@@ -126,3 +126,20 @@ def test_unconverged_units_are_named():
         warn_unconverged(result)
     with pytest.raises(ValueError, match="max_iter"):
         solve_modes(view, theta, result.y, max_iter=0)
+
+
+def test_modes_keep_the_coordinates_dtype():
+    """float32 latents with float64 data: the density is float64, y stays float32."""
+    obs = torch.randn(6, 3, dtype=torch.float64)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float32), 1.0))
+        with pyro.plate("groups", 6, dim=-2):
+            u = pyro.sample("u", dist.Normal(mu, 1.0))
+            with pyro.plate("obs", 3, dim=-1):
+                pyro.sample("z", dist.Normal(u, 1.0), obs=obs)
+
+    view = ModelView(model, unit_plate="groups")
+    assert view.init_y.dtype == torch.float32
+    result = solve_modes(view, view.init_theta, view.init_y + 1.0)
+    assert result.y.dtype == torch.float32 and result.precision.dtype == torch.float32
