@@ -107,9 +107,12 @@ def elbo_converged(elbo, window: int = 50, tol: float = 0.01) -> bool:
 
     Compares the mean of the last ``window`` values with the mean of the
     ``window`` values before them. The change ``d`` counts as no change when
-    ``|d| < max(tol, 2 * se)``, where ``se = sqrt((s1² + s2²) / window)`` is
-    the standard error of ``d`` computed from the two windows' sample
-    variances. A significant *decrease* is not convergence (the fit is
+    ``|d| < max(tol, 2 * se)``, where ``se = sqrt(2 σ² / window)`` is the
+    standard error of ``d`` for steps with noise variance ``σ²``. ``σ²`` is
+    estimated from successive differences over both windows (von Neumann:
+    ``mean((e_t − e_{t−1})²) / 2``), which a trend barely inflates -- the
+    windows' own variances would count a still-rising ELBO as noise and stop
+    it early. A significant *decrease* is not convergence (the fit is
     diverging or oscillating), so it does not stop the fit either.
 
     :param elbo: sequence of ELBO values, one per step.
@@ -128,13 +131,17 @@ def elbo_converged(elbo, window: int = 50, tol: float = 0.01) -> bool:
         rising = [0.2 * i + v for i, v in enumerate(flat)]
         assert elbo_converged(flat, window=50)
         assert not elbo_converged(rising, window=50)
+        # a fast rise early in the first window is progress, not noise
+        climb = [-60.0 * 0.9**i + v for i, v in enumerate(flat)]
+        assert not elbo_converged(climb, window=50)
     """
     if len(elbo) < 2 * window:
         return False
-    last = elbo[-window:]
-    previous = elbo[-2 * window : -window]
-    change = statistics.fmean(last) - statistics.fmean(previous)
-    se = math.sqrt((statistics.variance(last) + statistics.variance(previous)) / window)
+    recent = elbo[-2 * window :]
+    change = statistics.fmean(recent[window:]) - statistics.fmean(recent[:window])
+    steps = [b - a for a, b in zip(recent, recent[1:])]
+    noise_var = statistics.fmean(d * d for d in steps) / 2
+    se = math.sqrt(2 * noise_var / window)
     return abs(change) < max(tol, 2.0 * se)
 
 

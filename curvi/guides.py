@@ -29,6 +29,7 @@ the current guide.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import ExitStack
 
 import torch
@@ -44,6 +45,7 @@ from pyro.nn.module import PyroParam
 
 from .arrowhead import ArrowheadPrecision
 from .hessian import structured_hessian
+from .marginal import laplace_mode
 from .model import ModelView
 from .modes import implicit_modes, solve_modes, warn_unconverged
 from .posterior import LaplacePosterior
@@ -67,6 +69,7 @@ class _LaplaceGuideBase(AutoGuide):
         create_plates=None,
         check_structure: bool = True,
         running_weight: float = 0.1,
+        init_to_mode: bool = True,
     ):
         if not isinstance(unit_plate, str):
             raise ValueError(f"unit_plate must be the name of a pyro.plate, got {unit_plate!r}")
@@ -82,6 +85,7 @@ class _LaplaceGuideBase(AutoGuide):
         self.init_loc_fn = init_loc_fn
         self.check_structure = check_structure
         self.running_weight = running_weight
+        self.init_to_mode = init_to_mode
         super().__init__(model, create_plates=create_plates)
 
     # ----------------------------------------------------------------- set-up
@@ -110,9 +114,23 @@ class _LaplaceGuideBase(AutoGuide):
         p = view.global_dim
         self.register_buffer("running_schur", view.init_theta.new_zeros(p, p))
         self.register_buffer("running_count", torch.zeros((), dtype=torch.long))
-        self._init_locs(view)
+        self._init_locs(view, self._initial_theta(view))
 
-    def _init_locs(self, view):
+    def _initial_theta(self, view):
+        """The mode of the Laplace marginal of θ when ``init_to_mode`` (and the
+        unit plate does not subsample), else the init strategy's point."""
+        if not self.init_to_mode or view.unit_indices is not None:
+            return view.init_theta
+        mode = laplace_mode(view, view.init_theta)
+        if not torch.isfinite(mode.log_marginal):
+            warnings.warn(
+                "no mode of the Laplace marginal was found from the initial point; "
+                "starting from init_loc_fn's point instead", RuntimeWarning, stacklevel=4,
+            )
+            return view.init_theta
+        return mode.theta
+
+    def _init_locs(self, view, theta):
         raise NotImplementedError
 
     def _locs(self, view, units):
@@ -345,6 +363,11 @@ class LaplaceGuide(_LaplaceGuideBase):
     :param bool check_structure: check that units couple only through θ.
     :param float running_weight: under subsampling, the weight of each batch's
         estimate in the running average of the Schur complement.
+    :param bool init_to_mode: start θ̂ at the mode of the Laplace marginal of
+        θ (:func:`~curvi.marginal.laplace_mode`), where the Hessian is negative
+        definite and the Laplace guide is what it is meant to be; else at
+        ``init_loc_fn``'s point. Not available (ignored) when the unit plate
+        subsamples.
 
     **References**
 
@@ -352,8 +375,7 @@ class LaplaceGuide(_LaplaceGuideBase):
         moments and marginal densities", JASA 81.
     """
 
-    def _init_locs(self, view):
-        theta = view.init_theta
+    def _init_locs(self, view, theta):
         self.loc_global = PyroParam(theta.clone(), constraints.real, event_dim=1)
         self.loc_local = PyroParam(self._all_units_modes(view, theta), constraints.real, event_dim=2)
 
@@ -404,7 +426,8 @@ class AmortizedLaplaceGuide(_LaplaceGuideBase):
     :param float xtol: Newton step tolerance (default ``sqrt(eps)``; the
         final implicit step makes the modes accurate to about ``xtol²``).
     :param int max_iter: Newton iteration cap per call.
-    :param create_plates, check_structure, running_weight: as in :class:`LaplaceGuide`.
+    :param create_plates, check_structure, running_weight, init_to_mode: as in
+        :class:`LaplaceGuide`.
     """
 
     def __init__(self, model, *, unit_plate: str, mode_fn=None, xtol=None, max_iter=50, **kwargs):
@@ -413,8 +436,7 @@ class AmortizedLaplaceGuide(_LaplaceGuideBase):
         self.mode_fn, self.xtol, self.max_iter = mode_fn, xtol, max_iter
         super().__init__(model, unit_plate=unit_plate, **kwargs)
 
-    def _init_locs(self, view):
-        theta = view.init_theta
+    def _init_locs(self, view, theta):
         self.loc_global = PyroParam(theta.clone(), constraints.real, event_dim=1)
         # warm start: each unit's last mode, the θ̂ it was solved at, and its
         # slope dŷ/dθ = -D⁻¹B there (a first-order predictor for the next θ̂)

@@ -119,11 +119,14 @@ def structured_hessian(view, theta, y, *, units=None, create_graph=False) -> Arr
     return H
 
 
-def local_hessian(view, theta, y, *, units=None):
-    """Value, gradient in ``y`` and unit blocks ``D`` of ``log p`` with θ held fixed.
+def local_hessian(view, theta, y, *, units=None, create_graph=False):
+    """Value, gradient in ``y`` and unit blocks ``D`` of ``log p`` at ``(theta, y)``.
 
     One gradient evaluation plus ``k`` backward passes, whatever N: what a
-    Newton step on the units' conditional modes needs. Results are detached.
+    Newton step on the units' conditional modes needs. Results are detached
+    unless ``create_graph``, which keeps them differentiable with respect to
+    the history of ``theta`` and ``y`` (partial derivatives at the point, as
+    in :func:`structured_hessian`).
 
     Usage::
 
@@ -141,14 +144,19 @@ def local_hessian(view, theta, y, *, units=None):
     :returns: ``(log_prob, grad_y (n, k), D (n, k, k))``.
     """
     with torch.enable_grad():
-        yy = y.detach().requires_grad_(True)
-        log_prob = view.log_joint(theta.detach(), yy, units=units)
+        th = theta.view_as(theta) if create_graph and theta.requires_grad else theta.detach()
+        yy = _as_inputs(y, create_graph)
+        log_prob = view.log_joint(th, yy, units=units)
         (g_y,) = _grad(log_prob, (yy,), create_graph=True)
         k = view.local_dim
         columns = [
-            _grad(g_y[:, l].sum(), (yy,), retain_graph=l < k - 1)[0] for l in range(k)
+            _grad(g_y[:, l].sum(), (yy,), create_graph=create_graph,
+                  retain_graph=create_graph or l < k - 1)[0]
+            for l in range(k)
         ]
     D = _symmetrize(torch.stack(columns, dim=-1))
+    if create_graph:
+        return log_prob, g_y, D
     return log_prob.detach(), g_y.detach(), D.detach()
 
 

@@ -16,6 +16,9 @@ MODULES = [
     "curvi.guides",
     "curvi.posterior",
     "curvi.fit",
+    "curvi.marginal",
+    "curvi.datasets",
+    "curvi.demo",
 ]
 
 

@@ -440,3 +440,17 @@ def test_every_public_object_has_an_example():
 @pytest.mark.parametrize("code", usage_examples())
 def test_usage_example_runs(code):
     exec(compile(code, "<curvi.fit usage>", "exec"), {})
+
+
+def test_a_rise_inside_the_first_window_is_not_mistaken_for_noise():
+    """The windows' own variances would count this climb as noise; the
+    successive-difference estimate of the noise does not."""
+    import random
+
+    from curvi.fit import elbo_converged
+
+    rng = random.Random(1)
+    trace = [-200 + 60 * (1 - 0.95**i) + rng.gauss(0, 2.0) for i in range(100)]
+    assert not elbo_converged(trace, window=50)
+    settled = [-140 + rng.gauss(0, 2.0) for _ in range(100)]
+    assert elbo_converged(settled, window=50)

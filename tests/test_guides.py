@@ -38,7 +38,7 @@ def fd_gradient(model, guide, args, seed, param, eps=1e-5):
 
 def perturbed_guide(Guide, model, args, seed=0):
     """A guide a little away from its initial point, so gradients are not tiny."""
-    guide = Guide(model, unit_plate="groups")
+    guide = Guide(model, unit_plate="groups", init_to_mode=False)
     guide(*args)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_linear_gaussian_guide_is_the_exact_posterior(Guide):
 @pytest.mark.parametrize("Guide", GUIDES)
 def test_training_reaches_the_exact_posterior(Guide):
     model, args, plate, exact = make_linear_gaussian()
-    guide = Guide(model, unit_plate=plate)
+    guide = Guide(model, unit_plate=plate, init_to_mode=False)  # really train
     optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.99})
     svi = SVI(model, guide, optim, Trace_ELBO(num_particles=32, vectorize_particles=True))
     for _ in range(300):
@@ -280,3 +280,12 @@ def test_fit_resumes_the_amortized_guide_exactly(tmp_path, subsample_size):
     assert torch.equal(guide_a.loc_global, guide_b.loc_global)
     assert torch.equal(guide_a.mode_cache, guide_b.mode_cache)
     assert torch.equal(guide_a.running_schur, guide_b.running_schur)
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_guides_start_at_the_laplace_mode(Guide):
+    """For a Gaussian model the Laplace mode is the exact posterior mean."""
+    model, args, plate, exact = make_linear_gaussian()
+    guide = Guide(model, unit_plate=plate)
+    guide(*args)
+    torch.testing.assert_close(guide.loc_global, exact["mean"][:2], rtol=1e-8, atol=1e-8)

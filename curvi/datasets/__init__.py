@@ -1,0 +1,57 @@
+"""Small real data sets bundled with curvi (see README.md in this folder for
+sources and licences). Loaders return tensors in the default dtype."""
+
+from __future__ import annotations
+
+import csv
+from importlib import resources
+from typing import NamedTuple
+
+import torch
+
+#: glmmTMB 1.1.5's Laplace fit of ``incidence/size ~ period + (1 | herd)``
+#: (binomial): fixed effects in R's treatment coding, herd sd, logLik with
+#: the log binomial coefficients included.
+CBPP_GLMMTMB = {
+    "fixed_effects": (-1.398532, -0.992332, -1.128671, -1.580314),
+    "herd_sd": 0.642262,
+    "log_likelihood": -92.026282,
+    "log_binomial_coefficients": 185.475660,
+}
+
+
+class CBPP(NamedTuple):
+    """The cbpp data: ``herd`` (0-based, 15 herds), ``period`` (0-based, 4
+    periods), ``size`` and ``incidence`` per row; ``design`` is the fixed
+    effects design matrix of ``~ period`` in R's treatment coding
+    (intercept, period2, period3, period4)."""
+
+    herd: torch.Tensor
+    period: torch.Tensor
+    size: torch.Tensor
+    incidence: torch.Tensor
+    design: torch.Tensor
+
+    @property
+    def num_herds(self) -> int:
+        return int(self.herd.max()) + 1
+
+
+def load_cbpp(dtype=None) -> CBPP:
+    """Load lme4's cbpp data (56 rows).
+
+    Usage::
+
+        data = load_cbpp()
+        data.design.shape, data.num_herds  # (56, 4), 15
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    with resources.files(__package__).joinpath("cbpp.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    herd = torch.tensor([int(r["herd"]) - 1 for r in rows])
+    period = torch.tensor([int(r["period"]) - 1 for r in rows])
+    size = torch.tensor([float(r["size"]) for r in rows], dtype=dtype)
+    incidence = torch.tensor([float(r["incidence"]) for r in rows], dtype=dtype)
+    design = torch.nn.functional.one_hot(period, 4).to(dtype)
+    design[:, 0] = 1.0  # intercept; columns 1-3 are period2..period4
+    return CBPP(herd, period, size, incidence, design)
