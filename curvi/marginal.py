@@ -18,7 +18,13 @@ from typing import NamedTuple
 
 import torch
 
+import pyro
+import pyro.poutine as poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide.initialization import init_to_median
+
 from .hessian import local_hessian
+from .model import ModelView
 from .modes import ModeResult, implicit_modes, solve_modes, warn_unconverged
 
 
@@ -148,3 +154,142 @@ def laplace_mode(view, theta0, *, y_start=None, gtol=None, max_eval=200) -> Lapl
     return LaplaceMode(
         theta.detach(), value.detach(), result, grad_norm, state["n"] + 1, grad_norm <= gtol
     )
+
+
+class LaplaceMarginal:
+    """A Pyro model over the global sites of ``model``, the unit latents
+    integrated out by Laplace's method.
+
+    Calling it runs ``model`` with every site but the global latents hidden
+    (so those keep their priors, visible to NUTS, guides and init
+    strategies) and adds one factor, the Laplace log likelihood
+    ``log p̃(θ, z) − log p(θ)`` with its exact gradient. ``pyro.infer.NUTS``,
+    ``SVI`` with any autoguide, or MAP run on it unchanged;
+    :meth:`sample_locals` then draws the units from ``N(ŷ(θ), Dᵢ(θ)⁻¹)``
+    for each draw of θ, giving joint posterior draws.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from pyro.infer import MCMC, NUTS
+
+        def model(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            tau = pyro.sample("tau", dist.HalfNormal(1.0))
+            with pyro.plate("groups", obs.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, tau))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Poisson(u.exp()), obs=obs)
+
+        obs = torch.poisson(torch.full((6, 4), 3.0))
+        marginal = LaplaceMarginal(model, unit_plate="groups")
+        mcmc = MCMC(NUTS(marginal), warmup_steps=50, num_samples=50, disable_progbar=True)
+        mcmc.run(obs)
+        draws = mcmc.get_samples()                    # mu, tau
+        units = marginal.sample_locals(draws, obs)    # u, one draw per draw of θ
+        units["u"].shape  # (50, 6, 1)
+
+    :param callable model: a Pyro model with one unit plate (not subsampled).
+    :param str unit_plate: the name of the plate of the unit latents.
+    :param callable init_loc_fn: init strategy for the view's initial point.
+    :param bool check_structure: check that units couple only through θ.
+    :param float xtol: Newton step tolerance for the modes.
+    :param int max_iter: Newton iteration cap per evaluation.
+    """
+
+    def __init__(self, model, *, unit_plate, init_loc_fn=init_to_median, check_structure=True,
+                 xtol=None, max_iter=50):
+        if not callable(model):
+            raise ValueError(f"model must be callable, got {type(model).__name__}")
+        self.model, self.unit_plate = model, unit_plate
+        self.init_loc_fn, self.check_structure = init_loc_fn, check_structure
+        self.xtol, self.max_iter = xtol, max_iter
+        self.view = None
+        self._modes = None
+
+    def _view(self, args, kwargs):
+        if self.view is None:
+            view = ModelView(self.model, *args, unit_plate=self.unit_plate,
+                             init_loc_fn=self.init_loc_fn, check_structure=self.check_structure,
+                             **kwargs)
+            if view.unit_indices is not None:
+                raise ValueError(
+                    f"LaplaceMarginal integrates out every unit of plate '{self.unit_plate}'; "
+                    "it cannot be subsampled (remove subsample_size)"
+                )
+            self.view, self._modes = view, view.init_y
+        return self.view.with_args(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        view = self._view(args, kwargs)
+        global_sites = set(view.global_sites)
+
+        def hidden(msg):
+            return msg["type"] == "sample" and msg["name"] not in global_sites
+
+        trace = poutine.trace(poutine.block(self.model, hide_fn=hidden)).get_trace(*args, **kwargs)
+        values = {name: trace.nodes[name]["value"] for name in view.global_sites}
+        for layout in view.global_layout:
+            if values[layout.name].shape != layout.transform(torch.zeros(layout.shape)).shape:
+                raise ValueError(
+                    f"LaplaceMarginal does not support batched draws of the globals (site "
+                    f"'{layout.name}' has shape {tuple(values[layout.name].shape)}): run it "
+                    "without vectorized particles or parallel predictive plates"
+                )
+        theta = view.pack_globals(values)
+        try:
+            value, result = laplace_log_marginal(
+                view, theta, self._modes, xtol=self.xtol, max_iter=self.max_iter
+            )
+        except ValueError:  # no Laplace approximation at this θ: reject it
+            pyro.factor("laplace_log_likelihood", theta.new_tensor(-math.inf))
+            return values
+        warn_unconverged(result)
+        self._modes = result.y
+        pyro.factor("laplace_log_likelihood", value - _global_log_density(view, trace, theta))
+        return values
+
+    @torch.no_grad()
+    def sample_locals(self, theta_samples: dict, *args, generator=None, **kwargs) -> dict:
+        """Draws of the local sites given draws of the globals.
+
+        For each draw of θ (``theta_samples``: constrained global values by
+        site, leading dimension S, e.g. ``mcmc.get_samples()``) the units are
+        drawn from their Laplace conditional ``N(ŷᵢ(θ), Dᵢ(θ)⁻¹)``.
+
+        :returns: constrained values of every local site, leading dimension S.
+        """
+        view = self._view(args, kwargs)
+        num = {v.shape[0] for v in theta_samples.values()}
+        if len(num) != 1:
+            raise ValueError(f"theta_samples disagree on the number of draws: {num}")
+        draws = {name: [] for name in view.local_sites}
+        y = self._modes
+        for s in range(num.pop()):
+            theta = view.pack_globals({n: v[s] for n, v in theta_samples.items()})
+            result = solve_modes(view, theta, y, xtol=self.xtol, max_iter=self.max_iter)
+            warn_unconverged(result)
+            y = result.y
+            L = torch.linalg.cholesky(result.precision)
+            eps = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+            sample = y + torch.linalg.solve_triangular(L.mT, eps.unsqueeze(-1), upper=True).squeeze(-1)
+            values = view.unpack(theta, sample)
+            for name in view.local_sites:
+                draws[name].append(values[name])
+        return {name: torch.stack(v) for name, v in draws.items()}
+
+
+def _global_log_density(view, trace, theta):
+    """log p(θ) of the global sites as Pyro will count it (their priors, with
+    scale and mask) plus their Jacobians (which inference in unconstrained
+    space adds itself): what the factor must not count twice."""
+    total = theta.new_zeros(())
+    unconstrained = view.unpack_unconstrained(theta, view.init_y)
+    for layout in view.global_layout:
+        site = trace.nodes[layout.name]
+        x = site["value"]
+        log_p = site["fn"].log_prob(x, *site["args"], **site["kwargs"])
+        total = total + scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+        u = unconstrained[layout.name]
+        total = total + layout.transform.log_abs_det_jacobian(u, layout.transform(u)).sum()
+    return total

@@ -150,6 +150,14 @@ class ModelView:
         self.local_dim = sum(s.size for s in self.local_layout)
         self._latent_names = frozenset(s["name"] for s in latent)
         self._separable = None
+        #: names of the model's ``pyro.param`` sites, in execution order
+        self.param_sites = tuple(n for n, s in trace.nodes.items() if s["type"] == "param")
+        #: number of observed elements (for information criteria)
+        self.num_observations = sum(
+            s["value"].numel() for s in trace.nodes.values()
+            if s["type"] == "sample" and s["is_observed"] and not site_is_subsample(s)
+            and not s["infer"].get("_deterministic") and not _is_factor(s)
+        )
 
         values = {s["name"]: s["value"].detach() for s in latent}
         self.init_theta, self.init_y = self.pack(values)
@@ -200,7 +208,6 @@ class ModelView:
         missing = [n for n in self.global_sites + self.local_sites if n not in values]
         if missing:
             raise ValueError(f"pack() needs a value for every latent site; missing {missing}")
-        theta = [s.transform.inv(values[s.name]).reshape(-1) for s in self.global_layout]
         y = [
             _unit_rows(s.transform.inv(values[s.name]), s.unit_axis)
             for s in self.local_layout
@@ -208,8 +215,19 @@ class ModelView:
         sizes = {t.shape[0] for t in y}
         if len(sizes) != 1:
             raise ValueError(f"local site values disagree on the number of units: {sizes}")
-        theta = torch.cat(theta) if theta else y[0].new_zeros(0)
-        return theta, torch.cat(y, dim=-1)
+        return self.pack_globals(values, like=y[0]), torch.cat(y, dim=-1)
+
+    def pack_globals(self, values: dict, *, like=None) -> torch.Tensor:
+        """Map constrained values of the global sites to ``theta`` ``(p,)``
+        (differentiable; ``like`` gives dtype and device when p = 0)."""
+        missing = [n for n in self.global_sites if n not in values]
+        if missing:
+            raise ValueError(f"pack_globals() needs a value for every global site; missing {missing}")
+        theta = [s.transform.inv(values[s.name]).reshape(-1) for s in self.global_layout]
+        if theta:
+            return torch.cat(theta)
+        like = self.init_y if like is None else like
+        return like.new_zeros(0)
 
     def unpack(self, theta: torch.Tensor, y: torch.Tensor) -> dict:
         """Map flat unconstrained ``(theta, y)`` to constrained site values."""
@@ -461,6 +479,10 @@ def _trace_prototype(model, init_loc_fn, args, kwargs):
 
 def _is_latent(site) -> bool:
     return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+
+
+def _is_factor(site) -> bool:
+    return type(site["fn"]).__name__ == "Unit"
 
 
 def _in_plate(site, plate_name) -> bool:

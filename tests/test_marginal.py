@@ -68,3 +68,77 @@ def test_no_laplace_approximation_at_a_non_concave_unit():
     view = ModelView(model, unit_plate="groups")
     with pytest.raises(ValueError, match="2 units is not negative definite"):
         laplace_log_marginal(view, torch.tensor([0.0]), torch.zeros(2, 1))
+
+
+# ----------------------------------------------------------- LaplaceMarginal
+from pyro.infer import SVI, Trace_ELBO  # noqa: E402
+from pyro.infer.autoguide import AutoDelta, AutoNormal  # noqa: E402
+from pyro.infer.mcmc.util import initialize_model  # noqa: E402
+
+from curvi.marginal import LaplaceMarginal  # noqa: E402
+
+
+def poisson_model(obs):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))  # a constrained global
+    with pyro.plate("groups", obs.shape[0], dim=-2):
+        u = pyro.sample("u", dist.Normal(mu, tau))
+        with pyro.plate("obs", obs.shape[1], dim=-1):
+            pyro.sample("z", dist.Poisson(u.exp()), obs=obs)
+
+
+OBS = torch.poisson(torch.full((6, 4), 3.0), torch.Generator().manual_seed(0)).double()
+
+
+def test_pyro_potential_of_the_marginal_is_the_laplace_log_marginal():
+    marginal = LaplaceMarginal(poisson_model, unit_plate="groups")
+    _, potential_fn, transforms, _ = initialize_model(marginal, (OBS,))
+    view = marginal.view
+    for theta in (torch.tensor([1.0, -0.5]), torch.tensor([0.7, 0.3])):
+        expected, _ = laplace_log_marginal(view, theta, view.init_y)
+        params = {"mu": theta[:1].reshape(()), "tau": theta[1:].reshape(())}
+        torch.testing.assert_close(-potential_fn(params), expected, rtol=1e-10, atol=1e-9)
+
+
+def test_map_on_the_marginal_finds_the_laplace_mode():
+    """AutoDelta maximises in constrained space (no Jacobian), laplace_mode in
+    unconstrained space: they agree when the globals are unconstrained."""
+    model, args, plate = make_gaussian()
+    marginal = LaplaceMarginal(model, unit_plate=plate)
+    guide = AutoDelta(marginal)
+    svi = SVI(marginal, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(300):
+        svi.step(*args)
+    mode = laplace_mode(marginal.view, marginal.view.init_theta)
+    found = marginal.view.pack_globals(guide.median(*args))
+    torch.testing.assert_close(found, mode.theta, atol=1e-4, rtol=0)
+
+
+def test_svi_with_an_autoguide_runs_on_the_marginal():
+    marginal = LaplaceMarginal(poisson_model, unit_plate="groups")
+    svi = SVI(marginal, AutoNormal(marginal), pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
+    losses = [svi.step(OBS) for _ in range(50)]
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_sample_locals_draws_the_laplace_conditional():
+    marginal = LaplaceMarginal(make_gaussian()[0], unit_plate="groups")
+    obs = make_gaussian()[1][0]
+    pyro.poutine.trace(marginal).get_trace(obs)  # set up
+    draws = marginal.sample_locals({"mu": torch.full((4000,), 0.4)}, obs,
+                                   generator=torch.Generator().manual_seed(0))
+    u = draws["u"].squeeze(-1)  # (4000, 6, 1) -> (4000, 6)
+    prec = 1 / 0.49 + obs.shape[1] / 0.25  # exact conditional of u given mu
+    mean = (0.4 / 0.49 + obs.sum(1) / 0.25) / prec
+    assert ((u.mean(0) - mean).abs() < 4 * prec**-0.5 / 4000**0.5).all()
+    assert ((u.var(0) * prec - 1).abs() < 0.1).all()
+
+
+def test_marginal_rejects_a_subsampled_unit_plate():
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("groups", 10, subsample_size=3):
+            pyro.sample("u", dist.Normal(mu, 1.0))
+
+    with pytest.raises(ValueError, match="cannot be subsampled"):
+        LaplaceMarginal(model, unit_plate="groups")()
