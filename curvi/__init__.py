@@ -4,6 +4,8 @@ from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, RepairReport
 from .fit import FitResult, elbo_converged, fit
 from .guides import AmortizedLaplaceGuide, LaplaceGuide
 from .hessian import ArrowheadHessian, dense_hessian, gradient, local_hessian, structured_hessian
+from .marginal import LaplaceMarginal, LaplaceMode, laplace_log_marginal, laplace_mode
+from .mle import LaplaceFit, laplace_mle
 from .model import ModelView
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
 from .posterior import LaplacePosterior
@@ -19,7 +21,10 @@ __all__ = [
     "Clip",
     "FitResult",
     "Jitter",
+    "LaplaceFit",
     "LaplaceGuide",
+    "LaplaceMarginal",
+    "LaplaceMode",
     "LaplacePosterior",
     "ModeConvergenceWarning",
     "ModeResult",
@@ -32,6 +37,9 @@ __all__ = [
     "fit",
     "gradient",
     "implicit_modes",
+    "laplace_log_marginal",
+    "laplace_mle",
+    "laplace_mode",
     "local_hessian",
     "solve_modes",
     "structured_hessian",

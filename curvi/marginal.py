@@ -28,7 +28,8 @@ from .model import ModelView
 from .modes import ModeResult, implicit_modes, solve_modes, warn_unconverged
 
 
-def laplace_log_marginal(view, theta, y_start, *, units=None, xtol=None, max_iter=50):
+def laplace_log_marginal(view, theta, y_start, *, units=None, xtol=None, max_iter=50,
+                         create_graph=None):
     """The Laplace approximation of ``log p(θ, z)`` with the units integrated out.
 
     Differentiable with respect to ``theta`` when it requires grad.
@@ -54,14 +55,18 @@ def laplace_log_marginal(view, theta, y_start, *, units=None, xtol=None, max_ite
     :param y_start: where the Newton solve for the modes starts, ``(n, k)``.
     :param units: unit indices of the rows (under a subsampled plate the unit
         terms are scaled by ``N / n``, an unbiased estimate).
+    :param bool create_graph: build the graph for the gradient; default
+        ``theta.requires_grad``. Pass True to differentiate with respect to
+        ``pyro.param`` leaves the model reads.
     :returns: ``(value, modes)``, the scalar log marginal and the
         :class:`~curvi.modes.ModeResult`.
     :raises ValueError: when a unit's Hessian block is not negative definite
         at its mode (the Laplace approximation does not exist there).
     """
+    create_graph = theta.requires_grad if create_graph is None else create_graph
     result = solve_modes(view, theta, y_start, units=units, xtol=xtol, max_iter=max_iter)
-    y = implicit_modes(view, theta, result, units=units)
-    log_prob, _, D = local_hessian(view, theta, y, units=units, create_graph=theta.requires_grad)
+    y = implicit_modes(view, theta, result, units=units, create_graph=create_graph)
+    log_prob, _, D = local_hessian(view, theta, y, units=units, create_graph=create_graph)
     scale = view.num_units / y.shape[0]
     L, info = torch.linalg.cholesky_ex(-D / scale)  # one unit's own precision block
     if (info > 0).any():

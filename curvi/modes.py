@@ -131,13 +131,16 @@ def solve_modes(
     return ModeResult(y, -D, converged, step, iteration)
 
 
-def implicit_modes(view, theta: torch.Tensor, result: ModeResult, *, units=None) -> torch.Tensor:
+def implicit_modes(view, theta: torch.Tensor, result: ModeResult, *, units=None,
+                   create_graph: bool | None = None) -> torch.Tensor:
     """One differentiable Newton step at the solved modes.
 
     ``ŷ = ŷ* + Dᵢ⁻¹ ∇_y log p(θ, ŷ*)`` with ``Dᵢ`` detached: the value is the
     solution refined by one more step, and backward through it gives the
     implicit-function derivative ``∂ŷ/∂θ = −Dᵢ⁻¹ Bᵢ`` when ``theta`` carries
-    autograd history.
+    autograd history (``create_graph``, default ``theta.requires_grad``; pass
+    True to differentiate with respect to ``pyro.param`` leaves the model
+    reads).
 
     Usage::
 
@@ -155,7 +158,8 @@ def implicit_modes(view, theta: torch.Tensor, result: ModeResult, *, units=None)
         y_hat = implicit_modes(view, theta, solve_modes(view, theta, view.init_y))
         y_hat.sum().backward()  # theta.grad = d(sum of modes)/d mu = 3 * 0.2
     """
-    _, g_y = gradient(view, theta, result.y, units=units, create_graph=theta.requires_grad)
+    create_graph = theta.requires_grad if create_graph is None else create_graph
+    _, g_y = gradient(view, theta, result.y, units=units, create_graph=create_graph)
     inverse = newton_inverse(result.precision)
     return result.y + (inverse @ g_y.unsqueeze(-1)).squeeze(-1)
 

@@ -17,6 +17,7 @@ MODULES = [
     "curvi.posterior",
     "curvi.fit",
     "curvi.marginal",
+    "curvi.mle",
     "curvi.datasets",
     "curvi.demo",
 ]
