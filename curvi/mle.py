@@ -12,6 +12,7 @@ the log likelihood with every constant, AIC and BIC.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -20,7 +21,7 @@ from torch.distributions import biject_to
 import pyro
 from pyro.infer.autoguide.initialization import init_to_median
 
-from .marginal import laplace_log_marginal
+from .marginal import laplace_log_marginal, maximise_laplace
 from .model import ModelView
 from .modes import warn_unconverged
 
@@ -45,6 +46,7 @@ class LaplaceFit:
 
     def __init__(self, params, log_likelihood, std_errors, covariance, modes, converged,
                  message, nit, nfev, num_observations, constraints):
+        #: free (unconstrained) dimensions: a 2×2 correlation Cholesky factor counts 1
         self.params, self.log_likelihood, self.std_errors = params, log_likelihood, std_errors
         self.covariance, self.modes = covariance, modes
         self.converged, self.message, self.nit, self.nfev = converged, message, nit, nfev
@@ -52,7 +54,8 @@ class LaplaceFit:
 
     @property
     def num_params(self) -> int:
-        return sum(v.numel() for v in self.params.values())
+        """Free parameters: the dimension of the unconstrained space."""
+        return self.covariance.shape[0]
 
     @property
     def aic(self) -> float:
@@ -78,8 +81,11 @@ class LaplaceFit:
         for name, value in self.params.items():
             se = self.std_errors[name]
             real = self._constraints[name] is torch.distributions.constraints.real
-            for index, (v, s) in enumerate(zip(value.reshape(-1).tolist(), se.reshape(-1).tolist())):
-                label = name if value.numel() == 1 else f"{name}[{index}]"
+            for index in itertools.product(*map(range, value.shape)):
+                v, s = value[index].item(), se[index].item()
+                if s == 0 and value.numel() > 1:
+                    continue  # fixed by the constraint (e.g. a Cholesky factor's diagonal)
+                label = f"{name}[{','.join(map(str, index))}]" if index else name
                 row = f"{label:<16} {v:11.6f} {s:11.6f}"
                 if real and s > 0:
                     z = v / s
@@ -154,27 +160,10 @@ def laplace_mle(model, *args, unit_plate: str, gtol: float | None = None, max_ev
     names = list(view.param_sites)
     params = [leaves[name] for name in names]
     theta = view.init_theta
-    state = {"y": view.init_y, "nfev": 0}
+    y, nfev, nit = maximise_laplace(view, params, lambda: theta, max_eval=max_eval,
+                                    create_graph=True)
 
-    def objective():
-        optimizer.zero_grad()
-        state["nfev"] += 1
-        try:
-            value, result = laplace_log_marginal(view, theta, state["y"], create_graph=True)
-        except ValueError:  # no Laplace approximation at this trial point
-            return torch.tensor(math.inf, dtype=view.dtype)
-        state["y"] = result.y
-        (-value).backward()
-        return -value.detach()
-
-    optimizer = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=max_eval, max_eval=max_eval, tolerance_grad=0.0,
-        tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe",
-    )
-    optimizer.step(objective)
-    nit = optimizer.state[optimizer._params[0]].get("n_iter", 0)
-
-    value, gradient, result = _value_and_gradient(view, theta, state["y"], params)
+    value, gradient, result = _value_and_gradient(view, theta, y, params)
     warn_unconverged(result)
     if gtol is None:
         gtol = 1e-6 * max(1.0, abs(value))
@@ -190,7 +179,7 @@ def laplace_mle(model, *args, unit_plate: str, gtol: float | None = None, max_ev
     estimates, std_errors = _delta_method(names, params, constraints, covariance)
     modes = {k: v.detach() for k, v in view.unpack(theta, result.y).items()}
     return LaplaceFit(estimates, value, std_errors, covariance, modes, converged, message, nit,
-                      state["nfev"], view.num_observations, constraints)
+                      nfev, view.num_observations, constraints)
 
 
 def _value_and_gradient(view, theta, y, params):
