@@ -45,7 +45,7 @@ from pyro.nn.module import PyroParam
 
 from .arrowhead import ArrowheadPrecision
 from .hessian import structured_hessian
-from .marginal import laplace_mode
+from .marginal import laplace_hessian, laplace_mode
 from .model import ModelView
 from .modes import implicit_modes, solve_modes, warn_unconverged
 from .posterior import LaplacePosterior
@@ -267,7 +267,11 @@ class _LaplaceGuideBase(AutoGuide):
             y, B, D = (_scatter(t, units, keep, v) for t, v in ((y, y_hat), (B, H.B / s), (D, H.D / s)))
             A.append(H.A)
         P = ArrowheadPrecision(-torch.stack(A).mean(0), -B, -D, repair=self.repair)
-        return LaplacePosterior(view, theta_hat, y, P)
+        return LaplacePosterior(view, theta_hat, y, self._read_out_precision(view, theta_hat, y, P))
+
+    def _read_out_precision(self, view, theta_hat, y, P):
+        """The precision the read-outs report (hook for a different q(θ))."""
+        return P
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict:
@@ -426,17 +430,47 @@ class AmortizedLaplaceGuide(_LaplaceGuideBase):
     :param float xtol: Newton step tolerance (default ``sqrt(eps)``; the
         final implicit step makes the modes accurate to about ``xtol²``).
     :param int max_iter: Newton iteration cap per call.
+    :param str global_precision: the precision of q(θ). ``"joint"`` (default,
+        DESIGN §3): the Schur complement of the partial Hessian of log p at
+        (θ̂, ŷ(θ̂)). ``"marginal"``: the negative Hessian of the Laplace log
+        marginal of θ at θ̂ (:func:`~curvi.marginal.laplace_hessian`), as TMB
+        and INLA use for θ. In centred hierarchies (funnels) the joint
+        curvature of a variance parameter can be far from its posterior
+        width -- even indefinite at the optimum, then repaired -- while the
+        marginal curvature tracks it; the ELBO, whose guide family cannot
+        follow the funnel, may still prefer ``"joint"``. The marginal
+        curvature costs ``2p`` extra gradients and is recomputed (treated as
+        a constant in the gradient) when θ̂ has moved more than half a
+        posterior sd since it was last computed. Not available under
+        subsampling.
     :param create_plates, check_structure, running_weight, init_to_mode: as in
         :class:`LaplaceGuide`.
     """
 
-    def __init__(self, model, *, unit_plate: str, mode_fn=None, xtol=None, max_iter=50, **kwargs):
+    def __init__(self, model, *, unit_plate: str, mode_fn=None, xtol=None, max_iter=50,
+                 global_precision: str = "joint", **kwargs):
         if mode_fn is not None and not callable(mode_fn):
             raise ValueError(f"mode_fn must be callable, got {type(mode_fn).__name__}")
+        if global_precision not in ("joint", "marginal"):
+            raise ValueError(
+                f"global_precision must be 'joint' or 'marginal', got {global_precision!r}"
+            )
         self.mode_fn, self.xtol, self.max_iter = mode_fn, xtol, max_iter
+        self.global_precision = global_precision
         super().__init__(model, unit_plate=unit_plate, **kwargs)
 
     def _init_locs(self, view, theta):
+        if self.global_precision == "marginal" and view.unit_indices is not None:
+            raise ValueError(
+                "global_precision='marginal' needs every unit at each step; it is not "
+                f"available when plate '{self.unit_plate}' subsamples"
+            )
+        p = view.global_dim
+        # the marginal curvature's correction to the joint Schur complement,
+        # and the θ̂ it was computed at (count 0: not yet computed)
+        self.register_buffer("marginal_correction", theta.new_zeros(p, p))
+        self.register_buffer("marginal_theta", theta.clone())
+        self.register_buffer("marginal_count", torch.zeros((), dtype=torch.long))
         self.loc_global = PyroParam(theta.clone(), constraints.real, event_dim=1)
         # warm start: each unit's last mode, the θ̂ it was solved at, and its
         # slope dŷ/dθ = -D⁻¹B there (a first-order predictor for the next θ̂)
@@ -464,7 +498,34 @@ class AmortizedLaplaceGuide(_LaplaceGuideBase):
     def _precision(self, view, theta_hat, y_hat, units):
         P, M = super()._precision(view, theta_hat, y_hat, units)
         self.mode_slope[slice(None) if units is None else units] = -M.detach()
+        if self.global_precision == "marginal":
+            self._refresh_marginal(view, theta_hat.detach(), y_hat.detach(), P.schur.detach())
         return P, M
+
+    def _refresh_marginal(self, view, theta, y, schur):
+        """Recompute the marginal curvature when θ̂ has moved more than half a
+        posterior sd (in its own metric) since it was last computed."""
+        if self.marginal_count > 0:
+            shift = theta - self.marginal_theta
+            metric = schur + self.marginal_correction
+            if shift @ metric @ shift <= 0.25:
+                return
+        marginal = -laplace_hessian(view, theta, y)
+        self.marginal_correction = marginal - schur
+        self.marginal_theta = theta.clone()
+        self.marginal_count += 1
+
+    def _global_precision(self, P, subsampled):
+        S = super()._global_precision(P, subsampled)
+        if self.global_precision == "joint":
+            return S
+        return self.repair(S + self.marginal_correction).matrix
+
+    def _read_out_precision(self, view, theta_hat, y, P):
+        if self.global_precision == "joint":
+            return P
+        marginal = -laplace_hessian(view, theta_hat, y)
+        return ArrowheadPrecision(P.A - P.schur + marginal, P.B, P.D)
 
     def _user_modes(self, view, theta, units):
         y = self.mode_fn(theta, *view.args, **view.kwargs)

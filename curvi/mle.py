@@ -21,7 +21,7 @@ from torch.distributions import biject_to
 import pyro
 from pyro.infer.autoguide.initialization import init_to_median
 
-from .marginal import laplace_log_marginal, maximise_laplace
+from .marginal import central_hessian, laplace_log_marginal, maximise_laplace
 from .model import ModelView
 from .modes import warn_unconverged
 
@@ -189,25 +189,22 @@ def _value_and_gradient(view, theta, y, params):
     return value.item(), torch.cat([g.reshape(-1) for g in grads]), result
 
 
-def _covariance(view, theta, y, params, step=1e-5):
-    """Inverse Hessian of −log L by central differences of the exact gradient
-    (the gradient is exact at every point; glmmTMB's optimHess does the same)."""
-    flat = [p.data.view(-1) for p in params]
-    columns = []
-    with torch.no_grad():
-        coordinates = [(i, j) for i, f in enumerate(flat) for j in range(f.numel())]
-    for i, j in coordinates:
-        old = flat[i][j].item()
-        h = step * max(1.0, abs(old))
-        flat[i][j] = old + h
-        up = _value_and_gradient(view, theta, y, params)[1]
-        flat[i][j] = old - h
-        down = _value_and_gradient(view, theta, y, params)[1]
-        flat[i][j] = old
-        columns.append(-(up - down) / (2 * h))
-    hessian = torch.stack(columns, dim=-1)
-    hessian = 0.5 * (hessian + hessian.T)
-    return torch.linalg.inv(hessian)
+def _covariance(view, theta, y, params):
+    """Inverse Hessian of −log L in the unconstrained params, by central
+    differences of the exact gradient (glmmTMB's optimHess does the same)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def gradient(x):
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(x[offset : offset + p.numel()].reshape(p.shape))
+                offset += p.numel()
+        return _value_and_gradient(view, theta, y, params)[1]
+
+    hessian = central_hessian(gradient, flat)
+    gradient(flat)  # leave the params at the estimate
+    return torch.linalg.inv(-hessian)
 
 
 def _delta_method(names, params, constraints, covariance):
