@@ -1,6 +1,6 @@
 """Benchmark: Hessian + factorisation of a hierarchical logistic model.
 
-Model: 4 globals (intercept and slope; the two random-effect sds), a random
+Model (``benchmarks/common.py``): 4 globals (intercept and slope; the two random-effect sds), a random
 intercept and slope per group (k = 2), 10 Bernoulli observations per group.
 The Hessian of the unconstrained log joint is evaluated at the simulation's
 true values, side by side with the dense peers:
@@ -36,54 +36,14 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OBS_PER_GROUP, numpyro_model, simulate, torch_model  # noqa: E402  (shared model and data)
+
 SIZES = [200, 800, 3200, 100_000, 1_000_000]
 QUICK_SIZES = [200, 800]
 METHODS = ["curvi", "pyro dense", "torch.func", "numpyro"]
 DENSE = {"pyro dense", "torch.func", "numpyro"}
-OBS_PER_GROUP = 10
 RESULTS = Path(__file__).parent / "results" / "hessian.md"
-
-
-# --------------------------------------------------------------------- data
-def simulate(num_groups, seed=0):
-    """Design, responses and true values (numpy, so both torch and jax read them)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    beta, sigma = np.array([-0.5, 0.8]), np.array([1.0, 0.5])
-    u = rng.normal(size=(num_groups, 1, 2)) * sigma
-    x = rng.normal(size=(num_groups, OBS_PER_GROUP))
-    eta = beta[0] + u[..., 0] + (beta[1] + u[..., 1]) * x
-    y = (rng.uniform(size=eta.shape) < 1 / (1 + np.exp(-eta))).astype(np.float64)
-    theta = np.concatenate([beta, np.log(sigma)])  # unconstrained globals
-    probe = rng.normal(size=4 + 2 * num_groups)  # the v of H·v
-    return x, y, theta, u.reshape(num_groups, 2), probe
-
-
-def torch_model(x, y):
-    import pyro
-    import pyro.distributions as dist
-
-    beta = pyro.sample("beta", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
-    sigma = pyro.sample("sigma", dist.HalfNormal(1.0).expand([2]).to_event(1))
-    with pyro.plate("groups", x.shape[0], dim=-2):
-        u = pyro.sample("u", dist.Normal(0.0, sigma).to_event(1))  # (N, 1, 2)
-        eta = beta[0] + u[..., 0] + (beta[1] + u[..., 1]) * x
-        with pyro.plate("obs", x.shape[1], dim=-1):
-            pyro.sample("y", dist.Bernoulli(logits=eta), obs=y)
-
-
-def numpyro_model(x, y):
-    import numpyro
-    import numpyro.distributions as dist
-
-    beta = numpyro.sample("beta", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
-    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0).expand([2]).to_event(1))
-    with numpyro.plate("groups", x.shape[0], dim=-2):
-        u = numpyro.sample("u", dist.Normal(0.0, sigma).to_event(1))
-        eta = beta[0] + u[..., 0] + (beta[1] + u[..., 1]) * x
-        with numpyro.plate("obs", x.shape[1], dim=-1):
-            numpyro.sample("y", dist.Bernoulli(logits=eta), obs=y)
 
 
 # ------------------------------------------------------------------ workers
