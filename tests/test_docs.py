@@ -1,6 +1,8 @@
 """Every ``Usage::`` block in curvi's docstrings runs as written."""
 
 import importlib
+import re
+from pathlib import Path
 import inspect
 import textwrap
 
@@ -68,3 +70,15 @@ def test_usage_example_runs(module_name, code):
     namespace = dict(vars(importlib.import_module(module_name)))
     namespace["torch"] = torch
     exec(compile(code, f"<{module_name} usage>", "exec"), namespace)
+
+
+def readme_blocks():
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_python_blocks_run():
+    blocks = readme_blocks()
+    assert len(blocks) >= 2
+    for code in blocks:
+        exec(compile(code, "<README.md>", "exec"), {})
