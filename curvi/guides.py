@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import ExitStack
+from typing import NamedTuple
 
 import torch
 from torch.distributions import constraints
@@ -52,7 +53,23 @@ from .posterior import LaplacePosterior
 from .repair import as_repair
 
 
+class GaussianParts(NamedTuple):
+    """What one call of a Laplace guide drew from: q(θ) = N(θ̂, S⁻¹) and
+    q(yᵢ | θ) = N(ŷᵢ − Mᵢ(θ − θ̂), Dᵢ⁻¹), differentiable in the guide's parameters."""
+
+    theta_hat: torch.Tensor
+    y_hat: torch.Tensor
+    S: torch.Tensor
+    M: torch.Tensor
+    D: torch.Tensor
+    subsampled: bool
+
+
 class _LaplaceGuideBase(AutoGuide):
+    #: set by estimators that read :attr:`last_gaussian` after each call
+    record_gaussian = False
+    last_gaussian = None
+
     """Shared machinery: set-up, the precision at the mean, and sampling.
 
     Subclasses set their parameters in :meth:`_init_locs` and give the
@@ -191,6 +208,9 @@ class _LaplaceGuideBase(AutoGuide):
         theta_hat, y_hat = self._locs(view, units)
         P, M = self._precision(view, theta_hat, y_hat, units)
         S = self._global_precision(P, subsampled)
+        if self.record_gaussian:
+            # for estimators that need the guide's moments (curvi.TaylorCV_ELBO)
+            self.last_gaussian = GaussianParts(theta_hat, y_hat, S, M, P.D, subsampled)
 
         theta = pyro.sample(
             f"_{self._pyro_name}_global",

@@ -1,0 +1,402 @@
+"""Gaussian guides seen in one flat coordinate system, and the curvature of
+log p in the same coordinates.
+
+The curvature estimators (:mod:`curvi.taylor_cv`) need three things of a
+Gaussian guide q = N(μ(φ), Σ(φ)) over the model's unconstrained latents: the
+particles x it drew (differentiable in φ), its mean μ(φ), and enough of
+Σ(φ) to form tr(H Σ(φ)) differentiably. Pyro's autoguides and curvi's
+Laplace guides each store these differently; :func:`gaussian_view` reads
+them into the flat layout of :class:`FlatLayout`:
+
+* with a unit plate, the layout of :class:`curvi.ModelView` —
+  ``x = [θ, y.flatten()]``, units-major — so the Hessian of log p is the
+  block arrowhead of :func:`curvi.structured_hessian` (p + k backward
+  passes whatever the number of units);
+* without one, every latent site flattened in execution order, and a
+  dense Hessian (one backward pass per coordinate).
+
+Supported guides: :class:`~pyro.infer.autoguide.AutoNormal`,
+:class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
+:class:`~pyro.infer.autoguide.AutoMultivariateNormal`,
+:class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`,
+:class:`curvi.LaplaceGuide` and :class:`curvi.AmortizedLaplaceGuide`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.distributions import biject_to
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+from pyro.poutine.util import site_is_subsample
+
+from .arrowhead import arrowhead_matvec
+from .hessian import structured_hessian
+from .model import ModelView
+
+SUPPORTED = (
+    "AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
+    "AutoLowRankMultivariateNormal, LaplaceGuide, AmortizedLaplaceGuide"
+)
+
+
+# --------------------------------------------------------------------- layout
+class _Site(NamedTuple):
+    name: str
+    transform: torch.distributions.Transform
+    shape: torch.Size  # unconstrained shape, unit axis included
+    unit_axis: int | None
+
+
+class FlatLayout:
+    """Where each latent site's unconstrained value sits in a flat vector.
+
+    ``FlatLayout.from_view(view)`` follows :meth:`curvi.ModelView.flatten`
+    (globals, then the units' rows); ``FlatLayout.from_trace(trace)`` puts
+    the latent sites of a model trace one after another, each flattened.
+    """
+
+    def __init__(self, sites, *, view=None):
+        self.sites = tuple(sites)
+        self.view = view
+        self.dim = sum(s.shape.numel() for s in self.sites)
+
+    @classmethod
+    def from_view(cls, view: ModelView) -> "FlatLayout":
+        sites = [_Site(s.name, s.transform, s.shape, None) for s in view.global_layout]
+        for s in view.local_layout:
+            shape = list(s.shape)
+            axis = len(shape) + 1 + s.unit_axis
+            shape.insert(axis, view.num_units)
+            sites.append(_Site(s.name, s.transform, torch.Size(shape), s.unit_axis))
+        return cls(sites, view=view)
+
+    @classmethod
+    def from_trace(cls, trace) -> "FlatLayout":
+        sites = []
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                continue
+            if site["infer"].get("is_auxiliary") or site["infer"].get("_deterministic"):
+                continue
+            transform = biject_to(site["fn"].support)
+            sites.append(_Site(site["name"], transform, transform.inverse_shape(site["value"].shape), None))
+        return cls(sites)
+
+    def pack(self, values: dict) -> torch.Tensor:
+        """Flat ``(K, d)`` from unconstrained values ``name -> (K, *shape)``."""
+        if self.view is None:
+            return torch.cat([values[s.name].reshape(-1, s.shape.numel()) for s in self.sites], -1)
+        theta, rows = [], []
+        for s in self.sites:
+            v = values[s.name]
+            v = v.reshape((-1,) + s.shape)
+            if s.unit_axis is None:
+                theta.append(v.reshape(v.shape[0], -1))
+            else:
+                v = v.movedim(s.unit_axis, 1)
+                rows.append(v.reshape(v.shape[0], v.shape[1], -1))
+        y = torch.cat(rows, -1)
+        parts = theta + [y.reshape(y.shape[0], -1)]
+        return torch.cat(parts, -1)
+
+    def unpack(self, x: torch.Tensor) -> dict:
+        """Unconstrained site values from a flat ``(d,)`` vector."""
+        if self.view is not None:
+            return self.view.unpack_unconstrained(*self.view.split(x))
+        values, offset = {}, 0
+        for s in self.sites:
+            n = s.shape.numel()
+            values[s.name] = x[offset : offset + n].reshape(s.shape)
+            offset += n
+        return values
+
+    def permutation(self, unpack_latent) -> torch.Tensor:
+        """Indices ``perm`` with ``flat = latent[..., perm]``, for a guide whose
+        latent vector is unpacked by ``unpack_latent`` (an AutoContinuous)."""
+        index = torch.arange(self.dim, dtype=torch.float64)
+        values = {site["name"]: v for site, v in unpack_latent(index)}
+        return self.pack({s.name: values[s.name] for s in self.sites})[0].round().long()
+
+
+# ------------------------------------------------------------------ curvature
+class Curvature:
+    """log p, its gradient ``g`` and Hessian ``H`` at a point of the flat layout.
+
+    ``H`` is kept as arrowhead blocks ``(A, B, D)`` with a unit plate and as a
+    dense matrix without one; :meth:`matvec` and :meth:`diag` hide which.
+    """
+
+    def __init__(self, log_prob, grad, *, blocks=None, dense=None, layout=None):
+        self.log_prob, self.grad = log_prob, grad
+        self.blocks, self.dense, self.layout = blocks, dense, layout
+
+    @classmethod
+    def at(cls, layout: FlatLayout, x: torch.Tensor, log_density=None) -> "Curvature":
+        """The curvature at ``x`` (detached), through ``layout.view`` or, without
+        one, by dense autograd of ``log_density(x)``."""
+        x = x.detach()
+        if layout.view is not None:
+            theta, y = layout.view.split(x)
+            H = structured_hessian(layout.view, theta, y)
+            grad = torch.cat([H.grad_theta, H.grad_y.reshape(-1)])
+            return cls(H.log_prob.detach(), grad.detach(), blocks=(H.A, H.B, H.D), layout=layout)
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(True)
+            value = log_density(x)
+            (grad,) = torch.autograd.grad(value, x, create_graph=True)
+            eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
+            (H,) = torch.autograd.grad(grad, x, eye, is_grads_batched=True)
+        H = 0.5 * (H + H.T)
+        return cls(value.detach(), grad.detach(), dense=H.detach(), layout=layout)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for ``v`` of shape ``(..., d)``."""
+        if self.dense is not None:
+            return v @ self.dense
+        view = self.layout.view
+        A, B, D = self.blocks
+        p = view.global_dim
+        theta, y = v[..., :p], v[..., p:].reshape(v.shape[:-1] + (-1, view.local_dim))
+        out_theta, out_y = arrowhead_matvec(A, B, D, (theta, y))
+        return torch.cat([out_theta, out_y.reshape(v.shape[:-1] + (-1,))], -1)
+
+    def diag(self) -> torch.Tensor:
+        """The diagonal of ``H``, ``(d,)``."""
+        if self.dense is not None:
+            return self.dense.diagonal()
+        A, _, D = self.blocks
+        return torch.cat([A.diagonal(), D.diagonal(dim1=-2, dim2=-1).reshape(-1)])
+
+
+# ---------------------------------------------------------- covariance forms
+class DiagonalCov(NamedTuple):
+    """Σ = diag(var)."""
+
+    var: torch.Tensor
+
+    def trace_with(self, H: Curvature) -> torch.Tensor:
+        return (H.diag() * self.var).sum()
+
+
+class FactorCov(NamedTuple):
+    """Σ = L Lᵀ for a ``(d, r)`` factor L (a Cholesky factor when r = d)."""
+
+    factor: torch.Tensor
+
+    def trace_with(self, H: Curvature) -> torch.Tensor:
+        columns = self.factor.T
+        return (columns * H.matvec(columns)).sum()
+
+
+class LowRankCov(NamedTuple):
+    """Σ = W Wᵀ + diag(cov_diag)."""
+
+    cov_factor: torch.Tensor
+    cov_diag: torch.Tensor
+
+    def trace_with(self, H: Curvature) -> torch.Tensor:
+        return FactorCov(self.cov_factor).trace_with(H) + DiagonalCov(self.cov_diag).trace_with(H)
+
+
+class ArrowheadCov(NamedTuple):
+    """The covariance of curvi's guides, q(θ) = N(θ̂, S⁻¹) and
+    q(yᵢ | θ) = N(ŷᵢ − Mᵢ(θ − θ̂), Dᵢ⁻¹):
+    Σ_θθ = S⁻¹, Σ_yᵢθ = −Mᵢ S⁻¹, Σ_yᵢyᵢ = Dᵢ⁻¹ + Mᵢ S⁻¹ Mᵢᵀ."""
+
+    S: torch.Tensor  # (p, p)
+    M: torch.Tensor  # (N, k, p)
+    D: torch.Tensor  # (N, k, k)
+
+    def trace_with(self, H: Curvature) -> torch.Tensor:
+        if H.blocks is None:
+            raise ValueError("an arrowhead covariance needs the arrowhead Hessian of a unit plate")
+        A, B, D = H.blocks
+        S_inv = torch.cholesky_inverse(torch.linalg.cholesky(self.S))
+        cross = -self.M @ S_inv  # (N, k, p)
+        D_inv = torch.cholesky_inverse(torch.linalg.cholesky(self.D))
+        local = D_inv + cross @ (-self.M).transpose(-1, -2)
+        return (A * S_inv).sum() + 2 * (B * cross).sum() + (D * local).sum()
+
+
+# ------------------------------------------------------------- guide adapters
+class GaussianView:
+    """One guide's particles, mean and covariance in a :class:`FlatLayout`.
+
+    :meth:`particles` reads the particles of a guide trace; :meth:`moments`
+    gives ``(mean, cov)`` as differentiable functions of the guide's
+    current parameters; :meth:`log_q_detached` is the log density of the
+    trace's Gaussian sites with the guide's parameters held fixed (for
+    sticking the landing).
+    """
+
+    def __init__(self, guide, layout: FlatLayout):
+        self.guide, self.layout = guide, layout
+
+    def particles(self, guide_trace) -> torch.Tensor:
+        raise NotImplementedError
+
+    def moments(self):
+        raise NotImplementedError
+
+    def gaussian_sites(self, guide_trace):
+        """Names of the guide trace's Gaussian (auxiliary) sites."""
+        raise NotImplementedError
+
+    def log_q_detached(self, guide_trace) -> torch.Tensor:
+        total = 0.0
+        for name in self.gaussian_sites(guide_trace):
+            site = guide_trace.nodes[name]
+            log_q = _detached(site["fn"], name).log_prob(site["value"])
+            total = total + _scaled_sum(log_q, site)
+        return total
+
+
+class _AutoNormalView(GaussianView):
+    def gaussian_sites(self, guide_trace):
+        return [s.name + "_unconstrained" for s in self.layout.sites]
+
+    def particles(self, guide_trace):
+        return self.layout.pack({
+            s.name: guide_trace.nodes[s.name + "_unconstrained"]["value"] for s in self.layout.sites
+        })
+
+    def moments(self):
+        locs, scales = {}, {}
+        for s in self.layout.sites:
+            locs[s.name], scales[s.name] = self.guide._get_loc_and_scale(s.name)
+        return self.layout.pack(locs)[0], DiagonalCov(self.layout.pack(scales)[0] ** 2)
+
+
+class _AutoContinuousView(GaussianView):
+    def __init__(self, guide, layout):
+        super().__init__(guide, layout)
+        self.perm = layout.permutation(guide._unpack_latent).to(guide.loc.device)
+        self.site = f"_{guide._pyro_name}_latent"
+
+    def gaussian_sites(self, guide_trace):
+        return [self.site]
+
+    def particles(self, guide_trace):
+        latent = guide_trace.nodes[self.site]["value"]
+        return latent.reshape(-1, self.layout.dim)[:, self.perm]
+
+    def moments(self):
+        q = self.guide.get_posterior()
+        perm = self.perm
+        if isinstance(q, dist.LowRankMultivariateNormal):
+            return q.loc[perm], LowRankCov(q.cov_factor[perm], q.cov_diag[perm])
+        if isinstance(q, dist.MultivariateNormal):
+            return q.loc[perm], FactorCov(q.scale_tril[perm])
+        base = q.base_dist if isinstance(q, dist.Independent) else q
+        return base.loc[perm], DiagonalCov(base.scale[perm] ** 2)
+
+
+class _LaplaceView(GaussianView):
+    def gaussian_sites(self, guide_trace):
+        name = self.guide._pyro_name
+        return [f"_{name}_global", f"_{name}_local"]
+
+    def particles(self, guide_trace):
+        view = self.layout.view
+        theta_site, y_site = self.gaussian_sites(guide_trace)
+        theta = guide_trace.nodes[theta_site]["value"].reshape(-1, view.global_dim)
+        y = guide_trace.nodes[y_site]["value"].reshape(theta.shape[0], -1)
+        return torch.cat([theta, y], -1)
+
+    def _parts(self):
+        parts = getattr(self.guide, "last_gaussian", None)
+        if parts is None:
+            raise RuntimeError("the Laplace guide has not been run yet")
+        return parts
+
+    def moments(self):
+        g = self._parts()
+        mean = torch.cat([g.theta_hat, g.y_hat.reshape(-1)])
+        return mean, ArrowheadCov(g.S, g.M, g.D)
+
+    def log_q_detached(self, guide_trace):
+        g = self._parts()
+        theta_site, y_site = self.gaussian_sites(guide_trace)
+        theta = guide_trace.nodes[theta_site]["value"]
+        y = guide_trace.nodes[y_site]["value"]
+        p, (n, k) = g.theta_hat.shape[0], g.y_hat.shape
+        theta = theta.reshape(-1, p)
+        y = y.reshape(theta.shape[0], n, k)
+        S, M, D = g.S.detach(), g.M.detach(), g.D.detach()
+        theta_hat, y_hat = g.theta_hat.detach(), g.y_hat.detach()
+        log_q = dist.MultivariateNormal(theta_hat, precision_matrix=S).log_prob(theta).sum()
+        loc_y = y_hat - torch.einsum("nkp,bp->bnk", M, theta - theta_hat)
+        log_q = log_q + dist.MultivariateNormal(loc_y, precision_matrix=D).log_prob(y).sum()
+        return log_q
+
+
+def gaussian_view(guide, layout: FlatLayout) -> GaussianView:
+    """The :class:`GaussianView` of ``guide`` in ``layout`` (see the module
+    docstring for the supported guides)."""
+    from .guides import _LaplaceGuideBase
+
+    if isinstance(guide, _LaplaceGuideBase):
+        if layout.view is None:
+            raise ValueError("curvi's Laplace guides need the layout of their unit plate")
+        return _LaplaceView(guide, layout)
+    if isinstance(guide, AutoNormal):
+        return _AutoNormalView(guide, layout)
+    if isinstance(guide, (AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal)):
+        return _AutoContinuousView(guide, layout)
+    raise ValueError(
+        f"the curvature control variate and sticking the landing need a Gaussian guide "
+        f"({SUPPORTED}); got {type(guide).__name__}"
+    )
+
+
+def flat_log_density(model, layout: FlatLayout, args, kwargs):
+    """``x -> log p`` of ``model`` at flat unconstrained ``x`` ``(d,)``, the
+    constraint Jacobians included (the dense route; with a unit plate use
+    :meth:`curvi.ModelView.log_joint`)."""
+
+    def log_density(x):
+        values, log_jac = {}, 0.0
+        for name, u in layout.unpack(x).items():
+            site = next(s for s in layout.sites if s.name == name)
+            value = site.transform(u)
+            values[name] = value
+            log_jac = log_jac + site.transform.log_abs_det_jacobian(u, value).sum()
+        with pyro.validation_enabled(False):
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        return trace.log_prob_sum() + log_jac
+
+    return log_density
+
+
+# -------------------------------------------------------------------- helpers
+def _detached(fn, name):
+    """The same Gaussian with its parameters detached from the graph."""
+    if isinstance(fn, dist.Independent):
+        return dist.Independent(_detached(fn.base_dist, name), fn.reinterpreted_batch_ndims)
+    if isinstance(fn, dist.Normal):
+        return dist.Normal(fn.loc.detach(), fn.scale.detach())
+    if isinstance(fn, dist.LowRankMultivariateNormal):
+        return dist.LowRankMultivariateNormal(fn.loc.detach(), fn.cov_factor.detach(), fn.cov_diag.detach())
+    if isinstance(fn, dist.MultivariateNormal):
+        return dist.MultivariateNormal(fn.loc.detach(), scale_tril=fn._unbroadcasted_scale_tril.detach())
+    raise ValueError(
+        f"sticking the landing needs a Gaussian at guide site '{name}', got {type(fn).__name__}"
+    )
+
+
+def _scaled_sum(log_q, site):
+    scale = site["scale"]
+    if site["mask"] is not None:
+        log_q = log_q * site["mask"]
+    return (scale * log_q).sum()
