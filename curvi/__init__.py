@@ -1,8 +1,10 @@
 """curvi: curvature-aware variational inference for Pyro."""
 
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, RepairReport
+from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
 from .fit import FitResult, elbo_converged, fit
 from .guides import AmortizedLaplaceGuide, LaplaceGuide
+from .loo import LeaveOneOut_ELBO
 from .hessian import ArrowheadHessian, dense_hessian, gradient, local_hessian, structured_hessian
 from .marginal import LaplaceMarginal, LaplaceMode, laplace_log_marginal, laplace_mode
 from .mle import LaplaceFit, laplace_mle
@@ -10,6 +12,7 @@ from .model import ModelView
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
 from .posterior import LaplacePosterior
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor
+from .taylor_cv import TaylorCV_ELBO
 
 __version__ = "0.1.0"
 
@@ -20,22 +23,27 @@ __all__ = [
     "ArrowheadPrecision",
     "Clip",
     "FitResult",
+    "GradientVariance",
     "Jitter",
     "LaplaceFit",
     "LaplaceGuide",
     "LaplaceMarginal",
     "LaplaceMode",
     "LaplacePosterior",
+    "LeaveOneOut_ELBO",
     "ModeConvergenceWarning",
     "ModeResult",
     "ModelView",
     "RepairReport",
     "SoftAbs",
     "SoftplusFloor",
+    "TaylorCV_ELBO",
+    "compare_gradient_variance",
     "dense_hessian",
     "elbo_converged",
     "fit",
     "gradient",
+    "gradient_variance",
     "implicit_modes",
     "laplace_log_marginal",
     "laplace_mle",
@@ -43,4 +51,5 @@ __all__ = [
     "local_hessian",
     "solve_modes",
     "structured_hessian",
+    "surrogate_terms",
 ]

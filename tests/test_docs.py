@@ -22,6 +22,10 @@ MODULES = [
     "curvi.mle",
     "curvi.datasets",
     "curvi.demo",
+    "curvi.gaussian",
+    "curvi.taylor_cv",
+    "curvi.loo",
+    "curvi.diagnostics",
 ]
 
 
