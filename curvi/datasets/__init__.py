@@ -67,3 +67,48 @@ def load_cbpp(dtype=None) -> CBPP:
     design = torch.nn.functional.one_hot(period, 4).to(dtype)
     design[:, 0] = 1.0  # intercept; columns 1-3 are period2..period4
     return CBPP(herd, period, size, incidence, design)
+
+
+#: R's ``glm(type ~ ., family = binomial)`` on :func:`load_pima` (R 4.2.2),
+#: with the seven covariates standardised (``scale()``: mean 0, sd 1, the
+#: sample sd with n − 1) as :func:`load_pima` returns them: coefficients
+#: (intercept first, then the columns of ``PIMA_COVARIATES``), standard
+#: errors, and the log likelihood.
+PIMA_GLM = {
+    "coefficients": (-0.99003276398, 0.40577930207, 1.09492617364, -0.09472786190,
+                     0.07129316047, 0.56891761120, 0.45091053832, 0.28383415067),
+    "std_errors": (0.1227632578, 0.1448774678, 0.1315706870, 0.1269627356,
+                   0.1553266619, 0.1605670167, 0.1254287083, 0.1506644677),
+    "log_likelihood": -233.1611339,
+}
+
+PIMA_COVARIATES = ("npreg", "glu", "bp", "skin", "bmi", "ped", "age")
+
+
+class Pima(NamedTuple):
+    """The Pima diabetes data: ``X`` the seven covariates of
+    ``PIMA_COVARIATES`` standardised (mean 0, sd 1), ``raw`` the same
+    unstandardised, ``y`` 1 for a diabetes diagnosis."""
+
+    X: torch.Tensor
+    raw: torch.Tensor
+    y: torch.Tensor
+
+
+def load_pima(dtype=None) -> Pima:
+    """Load the Pima Indians diabetes data of R's MASS (``Pima.tr`` and
+    ``Pima.te``: 532 women, 7 covariates, a binary outcome), a standard
+    logistic-regression benchmark.
+
+    Usage::
+
+        data = load_pima()
+        data.X.shape, float(data.y.mean())  # (532, 7), 0.33
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    with resources.files(__package__).joinpath("pima.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    raw = torch.tensor([[float(r[c]) for c in PIMA_COVARIATES] for r in rows], dtype=dtype)
+    y = torch.tensor([float(r["type"]) for r in rows], dtype=dtype)
+    X = (raw - raw.mean(0)) / raw.std(0)
+    return Pima(X, raw, y)
