@@ -25,6 +25,13 @@ whatever the number of units; :mod:`curvi.gaussian`).
 ∇_φ log q(x; φ)|ₓ of the entropy: zero in expectation, and the estimate is
 exactly zero at the optimum when the guide family holds the posterior.
 
+The two reach low variance by the same cancellation — the pathwise
+derivative of log q(x; φ̄), −Σ⁻¹(x − μ), against the quadratic part of log p —
+so they do not stack: with the control variate on, the entropy's score term
+is what keeps the entropy's gradient exact, and dropping it brings back
+noise of the size the control variate removed
+(``benchmarks/results/estimators.md``). Use one or the other.
+
 **References**
 
 1. A. C. Miller, N. J. Foti, A. D'Amour, R. P. Adams, *Reducing
@@ -66,7 +73,7 @@ class TaylorCV_ELBO(Trace_ELBO):
         def model(x, obs):
             w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
             with pyro.plate("data", len(obs)):
-                pyro.sample("obs", dist.Bernoulli(logits=w @ x.T), obs=obs)
+                pyro.sample("obs", dist.Bernoulli(logits=(w * x).sum(-1)), obs=obs)
 
         x, obs = torch.randn(50, 2), torch.randint(0, 2, (50,)).float()
         guide = AutoNormal(model)
