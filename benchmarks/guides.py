@@ -42,6 +42,8 @@ Usage::
 
     python benchmarks/guides.py                   # full table -> benchmarks/results/guides.md
     python benchmarks/guides.py --quick           # 1 000 groups, short budgets, printed only
+    python benchmarks/guides.py --budgets 60 150 --lrs-curvi 0.01 --threads 1 --final-seconds 120
+                                                  # the committed table (its command is in its header)
     python benchmarks/guides.py --regenerate-nuts # recompute the NUTS reference first
 """
 
@@ -991,7 +993,7 @@ def main():
     ref = reference if REFERENCE_N in sizes else None
     text += "### Targets\n\n" + summary(sizes, results, chosen, ref) + "\n"
     print("\n" + text)
-    if not args.quick and not args.sizes and not args.budgets and not args.guides:
+    if not args.quick and not args.guides:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(text)
         print(f"written to {RESULTS}")

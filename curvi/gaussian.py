@@ -156,7 +156,10 @@ class Curvature:
             value = log_density(x)
             (grad,) = torch.autograd.grad(value, x, create_graph=True)
             eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
-            (H,) = torch.autograd.grad(grad, x, eye, is_grads_batched=True)
+            try:
+                (H,) = torch.autograd.grad(grad, x, eye, is_grads_batched=True, retain_graph=True)
+            except RuntimeError:  # an op without a batching rule: one row at a time
+                H = torch.stack([torch.autograd.grad(grad, x, e, retain_graph=True)[0] for e in eye])
         H = 0.5 * (H + H.T)
         return cls(value.detach(), grad.detach(), dense=H.detach(), layout=layout)
 
