@@ -338,10 +338,20 @@ class _LaplaceView(GaussianView):
         y = y.reshape(theta.shape[0], n, k)
         S, M, D = g.S.detach(), g.M.detach(), g.D.detach()
         theta_hat, y_hat = g.theta_hat.detach(), g.y_hat.detach()
-        log_q = dist.MultivariateNormal(theta_hat, precision_matrix=S).log_prob(theta).sum()
+        global_site, local_site = guide_trace.nodes[theta_site], guide_trace.nodes[y_site]
+        log_q = dist.MultivariateNormal(theta_hat, precision_matrix=S).log_prob(theta)
+        log_q = _scaled_sum(log_q.reshape(global_site["value"].shape[:-1]), global_site)
         loc_y = y_hat - torch.einsum("nkp,bp->bnk", M, theta - theta_hat)
-        log_q = log_q + dist.MultivariateNormal(loc_y, precision_matrix=D).log_prob(y).sum()
-        return log_q
+        log_q_y = dist.MultivariateNormal(loc_y, precision_matrix=D).log_prob(y)
+        return log_q + _scaled_sum(log_q_y.reshape(local_site["value"].shape[:-1]), local_site)
+
+
+def is_supported(guide) -> bool:
+    """Whether :func:`gaussian_view` can read ``guide``."""
+    from .guides import _LaplaceGuideBase
+
+    return isinstance(guide, (_LaplaceGuideBase, AutoNormal, AutoDiagonalNormal,
+                              AutoMultivariateNormal, AutoLowRankMultivariateNormal))
 
 
 def gaussian_view(guide, layout: FlatLayout) -> GaussianView:
@@ -390,7 +400,9 @@ def _detached(fn, name):
     if isinstance(fn, dist.Normal):
         return dist.Normal(fn.loc.detach(), fn.scale.detach())
     if isinstance(fn, dist.LowRankMultivariateNormal):
-        return dist.LowRankMultivariateNormal(fn.loc.detach(), fn.cov_factor.detach(), fn.cov_diag.detach())
+        return dist.LowRankMultivariateNormal(
+            fn.loc.detach(), fn._unbroadcasted_cov_factor.detach(), fn._unbroadcasted_cov_diag.detach()
+        )
     if isinstance(fn, dist.MultivariateNormal):
         return dist.MultivariateNormal(fn.loc.detach(), scale_tril=fn._unbroadcasted_scale_tril.detach())
     raise ValueError(

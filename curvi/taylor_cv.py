@@ -15,7 +15,9 @@ so
 
 has the same expectation as the plain estimate (any fixed ḡ, H̄ keep it
 unbiased) and, where log p is close to quadratic over the bulk of q, far
-less variance: it is exact, with zero variance, for a Gaussian model
+less variance: it is exact, with zero variance, for a Gaussian model and a
+guide whose reparameterised entropy gradient is itself exact (all supported
+guides but the low-rank one, whose d + r noise variables leave it noisy)
 (Miller et al., 2017, with the full Hessian in place of their diagonal).
 H̄ enters only through products H̄(x − μ̄) and the trace, which curvi
 computes from the plate-aware Hessian (p + k backward passes per step
@@ -41,6 +43,9 @@ noise of the size the control variate removed
 """
 
 from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
 
 import torch
 
@@ -116,7 +121,7 @@ class TaylorCV_ELBO(Trace_ELBO):
         self.unit_plate = unit_plate
         self.control_variate = control_variate
         self.stick_the_landing = stick_the_landing
-        self._views = {}
+        self._views = weakref.WeakKeyDictionary()  # guide -> (model, layout)
 
     # ----------------------------------------------------------- Pyro's API
     def differentiable_loss(self, model, guide, *args, **kwargs):
@@ -134,20 +139,22 @@ class TaylorCV_ELBO(Trace_ELBO):
         particles (``backward()`` runs on minus their sum); see
         :func:`curvi.surrogate_terms`."""
         terms = {}
-        _record_moments(guide)
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            for name, term in self._particle_terms(model, guide, model_trace, guide_trace, args, kwargs).items():
-                terms[name] = terms.get(name, 0.0) + term / self.num_particles
+        _check_guide(guide)
+        with _recording_moments(guide):
+            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                for name, term in self._particle_terms(model, guide, model_trace, guide_trace, args, kwargs).items():
+                    terms[name] = terms.get(name, 0.0) + term / self.num_particles
         return terms
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         loss, surrogate = 0.0, 0.0
-        _record_moments(guide)
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            loss_particle, _ = self._differentiable_loss_particle(model_trace, guide_trace)
-            terms = self._particle_terms(model, guide, model_trace, guide_trace, args, kwargs)
-            loss = loss + loss_particle / self.num_particles
-            surrogate = surrogate - sum(terms.values()) / self.num_particles
+        _check_guide(guide)
+        with _recording_moments(guide):
+            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+                terms = self._particle_terms(model, guide, model_trace, guide_trace, args, kwargs)
+                loss = loss - torch_item(elbo) / self.num_particles
+                surrogate = surrogate - sum(terms.values()) / self.num_particles
         warn_if_nan(surrogate, "loss")
         return loss, surrogate
 
@@ -187,23 +194,44 @@ class TaylorCV_ELBO(Trace_ELBO):
                 )
             view = guide.view.with_args(*args, **kwargs)
             return FlatLayout.from_view(view), None
-        key = (id(model), id(guide))
-        if key not in self._views:
+        cached = self._views.get(guide)
+        if cached is None or cached[0] is not model:
             if self.unit_plate is not None:
                 view = ModelView(model, *args, unit_plate=self.unit_plate, **kwargs)
-                self._views[key] = FlatLayout.from_view(view)
+                cached = (model, FlatLayout.from_view(view))
             else:
-                self._views[key] = FlatLayout.from_trace(guide.prototype_trace)
-        layout = self._views[key]
+                cached = (model, FlatLayout.from_trace(guide.prototype_trace))
+            self._views[guide] = cached
+        layout = cached[1]
         if layout.view is not None:
             return FlatLayout(layout.sites, view=layout.view.with_args(*args, **kwargs)), None
         return layout, flat_log_density(model, layout, args, kwargs)
 
 
-def _record_moments(guide):
-    """Ask a Laplace guide to keep its moments from the next call on."""
-    if hasattr(guide, "record_gaussian"):
-        guide.record_gaussian = True
+def _check_guide(guide):
+    """A clear error for guides the estimators cannot read, before anything runs."""
+    from .gaussian import SUPPORTED, is_supported
+
+    if not is_supported(guide):
+        raise ValueError(
+            "the curvature control variate and sticking the landing need a Gaussian guide "
+            f"({SUPPORTED}); got {getattr(type(guide), '__name__', guide)}"
+        )
+
+
+@contextmanager
+def _recording_moments(guide):
+    """Have a Laplace guide keep its moments (with their graph) for the
+    duration of one loss evaluation only."""
+    if not hasattr(guide, "record_gaussian"):
+        yield
+        return
+    guide.record_gaussian = True
+    try:
+        yield
+    finally:
+        guide.record_gaussian = False
+        guide.last_gaussian = None
 
 
 def _zero_valued(term):
@@ -213,11 +241,11 @@ def _zero_valued(term):
 
 def _check_no_subsampling(trace):
     for site in trace.nodes.values():
-        if site["type"] == "sample" and not site["is_observed"]:
+        if site["type"] == "sample":
             for frame in site["cond_indep_stack"]:
                 if frame.full_size is not None and frame.size < frame.full_size:
                     raise ValueError(
-                        f"TaylorCV_ELBO needs every unit: plate '{frame.name}' of site "
+                        f"TaylorCV_ELBO needs the full data: plate '{frame.name}' of site "
                         f"'{site['name']}' subsamples ({frame.size} of {frame.full_size})"
                     )
 

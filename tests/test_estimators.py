@@ -435,3 +435,138 @@ def test_svi_and_fit_train_with_taylor(loss):
     result = fit(model, guide, *args, steps=60, loss=loss(plate), optim=pyro.optim.Adam({"lr": 0.02}),
                  progress=False)
     assert len(result.elbo) > 0 and all(math.isfinite(v) for v in result.elbo)
+
+
+# --------------------------------------------------------------------------
+# state, scale and guard rails
+
+
+def test_gradient_variance_leaves_grads_rng_and_buffers_alone():
+    import random
+
+    import numpy as np
+
+    model, args, plate = make_logistic_long(num_groups=4)
+    guide = make_guide(AmortizedLaplaceGuide, model, args)
+    for p in params_of(guide):
+        p.grad = torch.full_like(p, 100.0)
+    buffers = {n: b.clone() for n, b in guide.named_buffers()}
+    with torch.no_grad():
+        guide.loc_global.add_(0.2)  # the modes must move for the caches to change
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    result = gradient_variance(model, guide, Trace_ELBO(), *args, num_draws=4)
+    assert (random.random(), np.random.rand(), float(torch.rand(()))) == (
+        random.seed(5) or random.random(), np.random.seed(5) or np.random.rand(),
+        float(torch.manual_seed(5) and torch.rand(())))
+    assert all(torch.equal(p.grad, torch.full_like(p, 100.0)) for p in params_of(guide))
+    assert all(torch.equal(b, buffers[n]) for n, b in guide.named_buffers())
+    for p in params_of(guide):
+        p.grad = None
+    again = gradient_variance(model, guide, Trace_ELBO(), *args, num_draws=4)
+    assert result.total_variance == again.total_variance  # the stored grads did not leak in
+
+
+class ScaledAmortized(AmortizedLaplaceGuide):
+    def forward(self, *args, **kwargs):
+        with poutine.scale(scale=0.25):
+            return super().forward(*args, **kwargs)
+
+
+def test_laplace_sticking_the_landing_under_scale():
+    """Model and guide under ``poutine.scale(0.25)``: the STL term is still
+    zero-valued and every draw of the gradient is 0.25 × the unscaled one."""
+    model, args, plate = make_logistic_long(num_groups=4)
+    scaled_model = poutine.scale(model, scale=0.25)
+    guide = make_guide(AmortizedLaplaceGuide, model, args)
+    pyro.set_rng_seed(0)
+    scaled_guide = ScaledAmortized(model, unit_plate=plate)  # the same q, its sites scaled
+    scaled_guide(*args)
+    loss = TaylorCV_ELBO(num_particles=2, unit_plate=plate, control_variate=False, stick_the_landing=True)
+    loss.surrogate_terms(scaled_model, scaled_guide, *args)  # guesses max_plate_nesting
+    pyro.set_rng_seed(0)
+    terms = loss.surrogate_terms(scaled_model, scaled_guide, *args)
+    stl = next(t for n, t in terms.items() if n.startswith("sticking"))
+    assert abs(float(stl.detach())) < 1e-10
+    pyro.set_rng_seed(1)
+    g_scaled = torch.autograd.grad(loss.differentiable_loss(scaled_model, scaled_guide, *args), params_of(scaled_guide))
+    pyro.set_rng_seed(1)
+    g = torch.autograd.grad(loss.differentiable_loss(model, guide, *args), params_of(guide))
+    assert all(torch.allclose(a, 0.25 * b, atol=1e-10) for a, b in zip(g_scaled, g))
+
+
+def test_guide_keeps_no_graph_after_a_step():
+    import copy
+
+    model, args, plate = make_logistic_long(num_groups=4)
+    guide = make_guide(AmortizedLaplaceGuide, model, args)
+    TaylorCV_ELBO(unit_plate=plate).loss_and_grads(model, guide, *args)
+    assert guide.last_gaussian is None and not guide.record_gaussian
+    copy.deepcopy(guide)
+
+
+def test_function_guide_and_other_elbos_refused():
+    from pyro.infer import TraceMeanField_ELBO
+
+    model, args, plate = make_logistic_long(num_groups=4)
+
+    def guide(*args):
+        pass
+
+    with pytest.raises(ValueError, match="Gaussian guide.*got function"):
+        TaylorCV_ELBO().differentiable_loss(model, guide, *args)
+    with pytest.raises(TypeError, match="surrogate_terms knows"):
+        surrogate_terms(TraceMeanField_ELBO(), model, make_guide(AutoNormal, model, args), *args)
+
+
+def test_data_subsampling_refused():
+    obs = torch.randn(40)
+
+    def model(obs):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(obs), subsample_size=10) as idx:
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=obs[idx])
+
+    guide = AutoNormal(model)
+    with pytest.raises(ValueError, match="full data: plate 'data' of site 'obs' subsamples"):
+        TaylorCV_ELBO().differentiable_loss(model, guide, obs)
+
+
+@pytest.mark.parametrize("cls", [AutoNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal])
+@pytest.mark.parametrize("unit_plate", [None, "groups"])
+def test_moments_match_particles_local_site_first(cls, unit_plate):
+    """A model whose unit latents come before the globals: the guide's latent
+    order differs from the flat layout, and the moments read from the guide
+    agree with the empirical moments of its particles."""
+    from curvi.gaussian import FlatLayout, gaussian_view
+    from curvi import ModelView
+
+    obs = torch.randn(3, 2)
+
+    def model(obs):
+        with pyro.plate("groups", 3, dim=-2):
+            u = pyro.sample("u", dist.Normal(0.0, 1.0).expand([1, 2]).to_event(1))
+        tau = pyro.sample("tau", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("groups2", 3, dim=-2), pyro.plate("obs", 2, dim=-1):
+            pyro.sample("z", dist.Normal(u[..., 0] + u[..., 1], tau), obs=obs)
+
+    guide = cls(model)
+    pyro.set_rng_seed(0)
+    guide(obs)
+    with torch.no_grad():
+        for p in params_of(guide):
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    if unit_plate is None:
+        layout = FlatLayout.from_trace(guide.prototype_trace)
+    else:
+        layout = FlatLayout.from_view(ModelView(model, obs, unit_plate="groups", check_structure=False))
+    q = gaussian_view(guide, layout)
+    elbo = Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=2)
+    _, guide_trace = next(elbo._get_traces(model, guide, (obs,), {}))
+    x = q.particles(guide_trace).detach()
+    mean, cov = q.moments()
+    empirical = torch.cov(x.T)
+    dense = {"DiagonalCov": lambda c: torch.diag(c.var),
+             "FactorCov": lambda c: c.factor @ c.factor.T,
+             "LowRankCov": lambda c: c.cov_factor @ c.cov_factor.T + torch.diag(c.cov_diag)}[type(cov).__name__](cov)
+    assert torch.allclose(x.mean(0), mean.detach(), atol=0.05)
+    assert torch.allclose(empirical, dense.detach(), atol=0.08)
