@@ -1,8 +1,10 @@
 """curvi: curvature-aware variational inference for Pyro."""
 
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, RepairReport
+from .eigen import EigenResult, coordinate_names, eigen
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
 from .fit import FitResult, elbo_converged, fit
+from .flows import FlowHessian, log_density_hessian
 from .guides import AmortizedLaplaceGuide, LaplaceGuide
 from .loo import LeaveOneOut_ELBO
 from .hessian import ArrowheadHessian, dense_hessian, gradient, local_hessian, structured_hessian
@@ -22,7 +24,9 @@ __all__ = [
     "ArrowheadHessian",
     "ArrowheadPrecision",
     "Clip",
+    "EigenResult",
     "FitResult",
+    "FlowHessian",
     "GradientVariance",
     "Jitter",
     "LaplaceFit",
@@ -39,7 +43,9 @@ __all__ = [
     "SoftplusFloor",
     "TaylorCV_ELBO",
     "compare_gradient_variance",
+    "coordinate_names",
     "dense_hessian",
+    "eigen",
     "elbo_converged",
     "fit",
     "gradient",
@@ -49,6 +55,7 @@ __all__ = [
     "laplace_mle",
     "laplace_mode",
     "local_hessian",
+    "log_density_hessian",
     "solve_modes",
     "structured_hessian",
     "surrogate_terms",

@@ -26,6 +26,8 @@ MODULES = [
     "curvi.taylor_cv",
     "curvi.loo",
     "curvi.diagnostics",
+    "curvi.flows",
+    "curvi.eigen",
 ]
 
 
