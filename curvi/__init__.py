@@ -1,5 +1,6 @@
 """curvi: curvature-aware variational inference for Pyro."""
 
+from .blr import NaturalGradient
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, RepairReport
 from .eigen import EigenResult, coordinate_names, eigen
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
@@ -36,6 +37,7 @@ __all__ = [
     "LaplacePosterior",
     "LeaveOneOut_ELBO",
     "ModeConvergenceWarning",
+    "NaturalGradient",
     "ModeResult",
     "ModelView",
     "RepairReport",

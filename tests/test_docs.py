@@ -26,6 +26,7 @@ MODULES = [
     "curvi.taylor_cv",
     "curvi.loo",
     "curvi.diagnostics",
+    "curvi.blr",
     "curvi.flows",
     "curvi.eigen",
 ]
