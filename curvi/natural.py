@@ -419,7 +419,7 @@ class NewtonFit(NamedTuple):
 
 
 def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
-               quasi_newton=True, max_iter=10, tol=1e-3, max_step=1.0, fallback_lr=0.01, eval_particles=None,
+               quasi_newton=True, max_iter=10, tol=0.01, max_step=2.0, fallback_lr=0.01, eval_particles=None,
                seed=0, callback=None, **kwargs) -> NewtonFit:
     """Sample-average Newton: fix the noise, solve, refresh, average.
 
@@ -510,7 +510,8 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
         with poutine.block():  # not under no_grad: the set-up's laplace_mode differentiates
             guide(*args, **kwargs)
     param = _guide_param(guide)
-    loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
+    loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
+                      max_plate_nesting=_plate_nesting(guide))
 
     def evaluate(block_seed):
         """ELBO (sample average) and its gradient at the current θ̂."""
@@ -600,6 +601,17 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
                f"{status}")
     return NewtonFit(elbo, se, theta.clone(), theta_se, block_elbos, evaluations, fallbacks,
                      all_converged, message)
+
+
+def _plate_nesting(guide):
+    """The model's plate nesting from the guide's prototype trace (saves
+    Trace_ELBO a guessing run of model and guide); ``inf`` (guess) without one."""
+    trace = getattr(guide, "prototype_trace", None)
+    if trace is None:
+        return math.inf
+    dims = [-f.dim for site in trace.nodes.values() if site["type"] == "sample"
+            for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+    return max(dims, default=0)
 
 
 def _bfgs_update(H, s, y):
