@@ -173,7 +173,6 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         pyro.clear_param_store()
         obs = torch.poisson(torch.full((20, 5), 3.0))
         guide = AmortizedLaplaceGuide(model, unit_plate="groups")
-        guide(obs)  # creates loc_global
         optim = LaplaceNewton(guide, decay=0.5)
         svi = SVI(model, guide, optim, Trace_ELBO(num_particles=8, vectorize_particles=True))
         for step in range(20):
@@ -182,7 +181,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
 
     :param guide: an :class:`~curvi.guides.AmortizedLaplaceGuide` (or a
         :class:`~curvi.guides.LaplaceGuide`, whose ``loc_local`` then goes to
-        ``others``) that has been called once.
+        ``others``).
     :param float lr: the Newton step size (1: a full step).
     :param float decay: step-size decay, ``lr / (1 + decay · t)`` (≥ 0).
     :param float max_step: trust radius, in posterior sds of q(θ).
@@ -200,7 +199,12 @@ class LaplaceNewton(pyro.optim.PyroOptim):
             raise ValueError(f"decay must be a finite number >= 0, got {decay!r}")
         if others is not None and not isinstance(others, pyro.optim.PyroOptim):
             raise ValueError(f"others must be a pyro.optim.PyroOptim or None, got {others!r}")
-        self.param = _guide_param(guide)
+        from .guides import _LaplaceGuideBase
+
+        if not isinstance(guide, _LaplaceGuideBase):
+            raise ValueError(
+                f"LaplaceNewton needs an AmortizedLaplaceGuide or LaplaceGuide, got {type(guide).__name__}"
+            )
         self.guide = guide
         self.lr, self.decay, self.max_step, self.fallback_lr = lr, decay, max_step, fallback_lr
         self.others = others
@@ -210,7 +214,8 @@ class LaplaceNewton(pyro.optim.PyroOptim):
 
     def __call__(self, params, *args, **kwargs) -> None:
         """Step θ̂ (and pass the other parameters to ``others``)."""
-        rest = [p for p in params if p is not self.param and p.grad is not None]
+        param = _guide_param(self.guide)
+        rest = [p for p in params if p is not param and p.grad is not None]
         if rest:
             if self.others is None:
                 store = pyro.get_param_store()
@@ -220,14 +225,14 @@ class LaplaceNewton(pyro.optim.PyroOptim):
                     f"gradients for {names}: pass an optimiser for them as others="
                 )
             self.others(rest, *args, **kwargs)
-        if self.param.grad is None:
+        if param.grad is None:
             return
         precision = self.guide.last_global_precision
         lr = self.lr / (1.0 + self.decay * self.num_steps)
-        step = newton_step(self.param.grad, precision, lr=lr, max_step=self.max_step,
+        step = newton_step(param.grad, precision, lr=lr, max_step=self.max_step,
                            fallback_lr=self.fallback_lr)
         with torch.no_grad():
-            self.param.add_(step.step.to(self.param.dtype))
+            param.add_(step.step.to(param.dtype))
         self.num_steps += 1
         self.num_fallbacks += int(step.fallback)
         self.last = step

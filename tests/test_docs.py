@@ -28,6 +28,7 @@ MODULES = [
     "curvi.diagnostics",
     "curvi.flows",
     "curvi.eigen",
+    "curvi.natural",
 ]
 
 
