@@ -436,7 +436,8 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
     posterior sds, gradient fallback when S is not positive definite), then
     backtracking until ``L_b`` rises by at least a quarter of the predicted
     gain. A block ends when the predicted gain ``½ gᵀ S⁻¹ g`` is below
-    ``tol`` nats. With ``quasi_newton`` (default) the metric starts at the
+    ``tol`` nats (the blocks after the first take at least one step, so
+    that each solution carries its own noise). With ``quasi_newton`` (default) the metric starts at the
     guide's S and is refined by BFGS updates from the gradients of the
     iterations, carried across blocks: S alone can be far from the ELBO's
     curvature (e.g. for variance parameters in a centred hierarchy, where
@@ -539,7 +540,10 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
         for it in range(max_iter):
             step = newton_step(-grad, curvature, max_step=max_step, fallback_lr=fallback_lr)
             fallbacks += int(step.fallback)
-            if not step.fallback and not step.clipped and 0.5 * step.decrement**2 < tol:
+            # a refreshed block takes at least one step: its solution must
+            # reflect its own noise, or averaging and theta_se mean nothing
+            small = 0.5 * step.decrement**2 < tol and (b == 0 or it > 0)
+            if not step.fallback and not step.clipped and small:
                 converged = True
                 break
             start = param.detach().clone()
