@@ -12,6 +12,7 @@ from .hessian import ArrowheadHessian, dense_hessian, gradient, local_hessian, s
 from .marginal import LaplaceMarginal, LaplaceMode, laplace_log_marginal, laplace_mode
 from .mle import LaplaceFit, laplace_mle
 from .model import ModelView
+from .natural import FixedNoise, LaplaceNewton, NewtonFit, NewtonStep, fit_newton, newton_step, particle_elbos
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
 from .posterior import LaplacePosterior
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor
@@ -27,6 +28,7 @@ __all__ = [
     "Clip",
     "EigenResult",
     "FitResult",
+    "FixedNoise",
     "FlowHessian",
     "GradientVariance",
     "Jitter",
@@ -34,12 +36,15 @@ __all__ = [
     "LaplaceGuide",
     "LaplaceMarginal",
     "LaplaceMode",
+    "LaplaceNewton",
     "LaplacePosterior",
     "LeaveOneOut_ELBO",
     "ModeConvergenceWarning",
     "NaturalGradient",
     "ModeResult",
     "ModelView",
+    "NewtonFit",
+    "NewtonStep",
     "RepairReport",
     "SoftAbs",
     "SoftplusFloor",
@@ -50,6 +55,7 @@ __all__ = [
     "eigen",
     "elbo_converged",
     "fit",
+    "fit_newton",
     "gradient",
     "gradient_variance",
     "implicit_modes",
@@ -58,6 +64,8 @@ __all__ = [
     "laplace_mode",
     "local_hessian",
     "log_density_hessian",
+    "newton_step",
+    "particle_elbos",
     "solve_modes",
     "structured_hessian",
     "surrogate_terms",

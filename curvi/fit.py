@@ -222,10 +222,15 @@ def fit(
     :param int steps: the most SVI steps to take, counting steps taken before
         a resume (at least 1).
     :param ~pyro.optim.PyroOptim optim: the optimiser; defaults to
-        ``pyro.optim.Adam({"lr": 0.01})``.
+        ``pyro.optim.Adam({"lr": 0.01})``, and for an
+        :class:`~curvi.guides.AmortizedLaplaceGuide` to damped Newton steps
+        on θ̂, :class:`curvi.natural.LaplaceNewton` ``(guide, decay=0.5)``
+        (for the fastest fit of that guide see :func:`curvi.natural.fit_newton`).
     :param loss: an :class:`~pyro.infer.elbo.ELBO` or a loss callable as
         accepted by :class:`~pyro.infer.SVI`; defaults to
-        :class:`~pyro.infer.Trace_ELBO`. A loss that returns a tuple is
+        :class:`~pyro.infer.Trace_ELBO`, with 8 vectorized particles when
+        the default optimiser is ``LaplaceNewton`` (the model must then
+        broadcast over a particle plate, e.g. index ``beta[..., 0]``). A loss that returns a tuple is
         recorded by its first element.
     :param int window: the steps per convergence window and the smoothing
         span of the progress bar (at least 2).
@@ -249,8 +254,7 @@ def fit(
     :raises ValueError: for invalid options, a non-finite loss, or a
         checkpoint that cannot be read or does not match the model and guide.
     """
-    optim = pyro.optim.Adam({"lr": 0.01}) if optim is None else optim
-    loss = Trace_ELBO() if loss is None else loss
+    optim, loss = _defaults(guide, optim, loss)
     _check_options(model, guide, steps, optim, window, tol, checkpoint, checkpoint_every, callback)
     svi = SVI(model, guide, optim, loss)
     modules = _modules(model, guide)
@@ -295,6 +299,21 @@ def fit(
 
 # ---------------------------------------------------------------------------
 # options and result
+
+
+def _defaults(guide, optim, loss):
+    """Adam and Trace_ELBO; for an AmortizedLaplaceGuide, damped Newton steps
+    (LaplaceNewton, step decay 0.5) on 8 vectorized particles."""
+    from .guides import AmortizedLaplaceGuide
+    from .natural import LaplaceNewton
+
+    if isinstance(guide, AmortizedLaplaceGuide) and optim is None:
+        optim = LaplaceNewton(guide, decay=0.5)
+        if loss is None:
+            loss = Trace_ELBO(num_particles=8, vectorize_particles=True)
+    optim = pyro.optim.Adam({"lr": 0.01}) if optim is None else optim
+    loss = Trace_ELBO() if loss is None else loss
+    return optim, loss
 
 
 def _check_options(model, guide, steps, optim, window, tol, checkpoint, every, callback):

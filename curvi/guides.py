@@ -69,6 +69,10 @@ class _LaplaceGuideBase(AutoGuide):
     #: set by estimators that read :attr:`last_gaussian` after each call
     record_gaussian = False
     last_gaussian = None
+    #: the precision S of q(θ) at the last call, detached (read by
+    #: :class:`curvi.natural.LaplaceNewton`); a plain attribute, not a buffer,
+    #: so that checkpoints keep their keys
+    last_global_precision = None
 
     """Shared machinery: set-up, the precision at the mean, and sampling.
 
@@ -208,6 +212,7 @@ class _LaplaceGuideBase(AutoGuide):
         theta_hat, y_hat = self._locs(view, units)
         P, M = self._precision(view, theta_hat, y_hat, units)
         S = self._global_precision(P, subsampled)
+        self.last_global_precision = S.detach()
         if self.record_gaussian:
             # for estimators that need the guide's moments (curvi.TaylorCV_ELBO)
             self.last_gaussian = GaussianParts(theta_hat, y_hat, S, M, P.D, subsampled)

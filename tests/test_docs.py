@@ -29,6 +29,7 @@ MODULES = [
     "curvi.blr",
     "curvi.flows",
     "curvi.eigen",
+    "curvi.natural",
 ]
 
 
