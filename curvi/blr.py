@@ -44,7 +44,7 @@ import torch
 import pyro
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
-from .gaussian import FlatLayout, flat_log_density, gaussian_view
+from .gaussian import FlatLayout, batched_log_density, flat_log_density, gaussian_view
 
 
 class NaturalGradient(pyro.infer.Trace_ELBO):
@@ -77,25 +77,40 @@ class NaturalGradient(pyro.infer.Trace_ELBO):
 
     :param float lr: the step size ρ in (0, 1].
     :param int num_samples: draws of q per expectation (0: at the mean).
+    :param str curvature: ``"hessian"`` -- the exact Hessian at each draw
+        (``d`` Hessian-vector products, batched over the draws), or
+        ``"gradient"`` -- its Bonnet–Price estimate ``S (x − m) ∇ log p(x)ᵀ``
+        (symmetrised), unbiased for ``E_q[∇² log p]`` from the gradients
+        alone, so a step costs what a gradient step costs; noisier, so it
+        wants a smaller ``lr`` (the correction keeps S positive definite).
+    :param bool antithetic: draw an even ``num_samples`` in mirrored pairs
+        ``m ± δ``, which cancels the gradient's noise exactly where log p is
+        quadratic (ignored for odd ``num_samples``).
     :param float damping: added to the diagonal of the expected curvature.
     :param str correction: ``"auto"``, ``"always"`` or ``"never"`` — when to
         apply the improved rule's positive-definite correction.
     :param int elbo_particles: particles of the returned ELBO estimate.
     """
 
-    def __init__(self, lr: float = 0.5, num_samples: int = 1, *, damping: float = 0.0,
-                 correction: str = "auto", elbo_particles: int = 1):
+    def __init__(self, lr: float = 0.5, num_samples: int = 1, *, curvature: str = "hessian",
+                 antithetic: bool = True, damping: float = 0.0, correction: str = "auto",
+                 elbo_particles: int = 1):
         if not (isinstance(lr, (int, float)) and 0 < lr <= 1):
             raise ValueError(f"lr must be in (0, 1], got {lr!r}")
         if not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"num_samples must be an integer >= 0, got {num_samples!r}")
         if not (isinstance(damping, (int, float)) and damping >= 0):
             raise ValueError(f"damping must be >= 0, got {damping!r}")
+        if curvature not in ("hessian", "gradient"):
+            raise ValueError(f"curvature must be 'hessian' or 'gradient', got {curvature!r}")
+        if not isinstance(antithetic, bool):
+            raise ValueError(f"antithetic must be True or False, got {antithetic!r}")
         if correction not in ("auto", "always", "never"):
             raise ValueError(f"correction must be 'auto', 'always' or 'never', got {correction!r}")
         super().__init__(num_particles=elbo_particles, vectorize_particles=True)
         self.lr, self.num_samples, self.damping = float(lr), num_samples, float(damping)
-        self.correction = correction
+        self.correction, self.curvature = correction, curvature
+        self.antithetic = antithetic and num_samples >= 2 and num_samples % 2 == 0
         self._layouts = weakref.WeakKeyDictionary()
         #: how many steps used the positive-definite correction
         self.num_corrected = 0
@@ -111,10 +126,10 @@ class NaturalGradient(pyro.infer.Trace_ELBO):
         loss = self.loss(model, guide, *args, **kwargs)
         adapter = _adapter(guide)
         layout = self._layout(model, guide)
-        log_density = flat_log_density(model, layout, args, kwargs)
         with torch.no_grad():
             mean, precision = adapter.natural(layout)
-        grad, hess = self._expectations(log_density, mean, precision, adapter.diagonal)
+        densities = self._densities(model, guide, layout, args, kwargs, mean)
+        grad, hess = self._expectations(densities, mean, precision, adapter.diagonal)
         new_mean, new_precision = self.update(mean, precision, grad, hess, diagonal=adapter.diagonal)
         adapter.write_step(layout, new_mean, new_precision)
         return loss
@@ -136,49 +151,110 @@ class NaturalGradient(pyro.infer.Trace_ELBO):
             )
         use_correction = self.correction == "always" or (self.correction == "auto" and not plain_ok)
         if use_correction:
-            G = target - precision
+            # S + ρG + ρ²/2 G S⁻¹ G = ½ S + ½ (S + ρG) S⁻¹ (S + ρG): written as
+            # ½ S + ½ BᵀB with B = L⁻¹ (S + ρG), S = L Lᵀ, it is positive
+            # definite in floating point too, however large G is
+            step = precision + rho * (target - precision)
             if diagonal:
-                new = precision + rho * G + 0.5 * rho**2 * G * G / precision
+                new = 0.5 * precision + 0.5 * step * step / precision
             else:
-                new = precision + rho * G + 0.5 * rho**2 * G @ torch.linalg.solve(precision, G)
+                B = torch.linalg.solve_triangular(torch.linalg.cholesky(precision), step, upper=False)
+                new = 0.5 * precision + 0.5 * B.T @ B
                 new = 0.5 * (new + new.T)
             self.num_corrected += 1
         else:
             new = plain
+        if not (torch.isfinite(new).all() and _is_pd(new, diagonal)):
+            raise ValueError(
+                f"NaturalGradient: the updated precision is not numerically positive definite "
+                f"(curvature estimates too large or noisy for lr={self.lr:g}); lower lr, raise "
+                "num_samples or use curvature='hessian'"
+            )
         step = grad / new if diagonal else torch.linalg.solve(new, grad)
         return mean + rho * step, new
 
-    def _expectations(self, log_density, mean, precision, diagonal):
+    def _draws(self, mean, precision, diagonal):
+        """``(K, d)`` draws of q (the mean when ``num_samples == 0``), the
+        second half mirroring the first when ``antithetic``."""
         if self.num_samples == 0:
-            points = mean.unsqueeze(0)
+            return mean.unsqueeze(0)
+        K = self.num_samples
+        half = K // 2 if self.antithetic else K
+        eps = torch.randn((half,) + mean.shape, dtype=mean.dtype, device=mean.device)
+        if self.antithetic:
+            eps = torch.cat([eps, -eps])
+        if diagonal:
+            return mean + eps / precision.sqrt()
+        L = torch.linalg.cholesky(precision)
+        return mean + torch.linalg.solve_triangular(L.T, eps.T, upper=True).T
+
+    def _expectations(self, densities, mean, precision, diagonal):
+        """Monte Carlo averages of ∇ log p and of its curvature (the Hessian,
+        or its Bonnet–Price estimate ``S (x − m) ∇ log p(x)ᵀ``) over draws."""
+        points = self._draws(mean, precision, diagonal)
+        log_density, batched = densities
+        with torch.enable_grad():
+            x = points.detach().clone().requires_grad_(True)
+            values = batched(x) if batched is not None else torch.stack([log_density(p) for p in x.unbind()])
+            (grads,) = torch.autograd.grad(values.sum(), x, create_graph=self.curvature == "hessian")
+            if self.curvature == "hessian":
+                # the Hessian of the sum is block diagonal in the points: the
+                # j-th unit direction at every point gives row j of each
+                d = mean.shape[-1]
+                directions = torch.eye(d, dtype=mean.dtype, device=mean.device)
+                directions = directions.unsqueeze(1).expand(d, len(points), d)
+                (rows,) = torch.autograd.grad(grads, x, directions, is_grads_batched=True)
+                hessians = rows.transpose(0, 1)  # (K, d, d)
+        grads = grads.detach()
+        if self.curvature == "hessian":
+            hess = hessians.diagonal(dim1=-2, dim2=-1) if diagonal else 0.5 * (hessians + hessians.mT)
         else:
+            delta = points - mean
             if diagonal:
-                eps = torch.randn((self.num_samples,) + mean.shape, dtype=mean.dtype, device=mean.device)
-                points = mean + eps / precision.sqrt()
+                hess = precision * delta * grads
             else:
-                L = torch.linalg.cholesky(precision)
-                eps = torch.randn((self.num_samples,) + mean.shape, dtype=mean.dtype, device=mean.device)
-                points = mean + torch.linalg.solve_triangular(L.T, eps.T, upper=True).T
-        grads, hessians = [], []
-        eye = torch.eye(len(mean), dtype=mean.dtype, device=mean.device)
-        for x in points:
-            with torch.enable_grad():
-                x = x.detach().clone().requires_grad_(True)
-                (g,) = torch.autograd.grad(log_density(x), x, create_graph=True)
-                (H,) = torch.autograd.grad(g, x, eye, is_grads_batched=True)
-            grads.append(g.detach())
-            hessians.append(H.diagonal() if diagonal else 0.5 * (H + H.T))
-        grad, hess = torch.stack(grads).mean(0), torch.stack(hessians).mean(0)
+                outer = (delta @ precision).unsqueeze(-1) * grads.unsqueeze(-2)  # S δ ∇ᵀ
+                hess = 0.5 * (outer + outer.mT)
+        grad, hess = grads.mean(0), hess.mean(0)
         if not (torch.isfinite(grad).all() and torch.isfinite(hess).all()):
             raise ValueError("NaturalGradient: the gradient or Hessian of log p is not finite at the draws of q")
         return grad, hess
 
+    def _densities(self, model, guide, layout, args, kwargs, mean):
+        """``(log_density, batched)``: the per-point log density, and the
+        vectorised one over many points when the model broadcasts under a
+        plate of points (checked once per guide against the per-point one;
+        ``None`` when it does not, so that draws are evaluated one by one)."""
+        log_density = flat_log_density(model, layout, args, kwargs)
+        if self.num_samples <= 1:
+            return log_density, None
+        state = self._layouts[guide]
+        if state.get("batched_ok") is False:
+            return log_density, None
+        if math.isinf(self.max_plate_nesting):  # guessed by Trace_ELBO's first loss call
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        batched = batched_log_density(model, layout, args, kwargs, self.max_plate_nesting)
+        if "batched_ok" not in state:
+            generator = torch.Generator(device=mean.device).manual_seed(0)
+            probe = mean + 0.1 * torch.randn((2,) + mean.shape, generator=generator,
+                                             dtype=mean.dtype, device=mean.device)
+            try:
+                with torch.no_grad():
+                    ok = torch.allclose(batched(probe), torch.stack([log_density(p) for p in probe]),
+                                        rtol=1e-6, atol=1e-6)
+            except Exception:  # a model that does not broadcast over the points
+                ok = False
+            state["batched_ok"] = ok
+            if not ok:
+                return log_density, None
+        return log_density, batched
+
     def _layout(self, model, guide):
-        cached = self._layouts.get(guide)
-        if cached is None or cached[0] is not model:
-            cached = (model, FlatLayout.from_trace(guide.prototype_trace))
-            self._layouts[guide] = cached
-        return cached[1]
+        state = self._layouts.get(guide)
+        if state is None or state["model"] is not model:
+            state = {"model": model, "layout": FlatLayout.from_trace(guide.prototype_trace)}
+            self._layouts[guide] = state
+        return state["layout"]
 
 
 # ------------------------------------------------------------ guide adapters

@@ -392,6 +392,45 @@ def flat_log_density(model, layout: FlatLayout, args, kwargs):
     return log_density
 
 
+def batched_log_density(model, layout: FlatLayout, args, kwargs, max_plate_nesting: int):
+    """``x -> (log p(x₁), …, log p(x_K))`` for flat unconstrained points ``x``
+    of shape ``(K, d)`` (layouts without a unit plate), in one vectorised run
+    of the model under a plate of the points left of its
+    ``max_plate_nesting`` plates (the model must broadcast like it does under
+    ``Trace_ELBO(vectorize_particles=True)``). Each value depends on its own
+    point only, so the Hessian of their sum is block diagonal in the points.
+    """
+    point_dim = -max_plate_nesting - 1
+
+    def log_density(x):
+        K = x.shape[0]
+        values, log_jac, offset = {}, 0.0, 0
+        for site in layout.sites:
+            n = site.shape.numel()
+            u = x[:, offset: offset + n].reshape((K,) + site.shape)
+            offset += n
+            value = site.transform(u)
+            jac = site.transform.log_abs_det_jacobian(u, value)
+            log_jac = log_jac + jac.reshape(K, -1).sum(-1)
+            batch_dims = len(site.shape) - site.transform.codomain.event_dim
+            pad = max_plate_nesting - batch_dims
+            if pad < 0:
+                raise ValueError(f"site '{site.name}' has more batch dims than max_plate_nesting")
+            values[site.name] = value.reshape((K,) + (1,) * pad + site.shape)
+        with pyro.validation_enabled(False), pyro.plate("_curvi_points", K, dim=point_dim):
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        trace.compute_log_prob()
+        total = log_jac
+        for node in trace.nodes.values():
+            if node["type"] == "sample":
+                lp = node["log_prob"]
+                lp = lp.reshape((1,) * (max_plate_nesting + 1 - lp.dim()) + lp.shape)
+                total = total + lp.reshape(lp.shape[: lp.dim() - max_plate_nesting] + (-1,)).sum(-1)
+        return total.expand(K) if total.dim() == 0 else total.reshape(K)
+
+    return log_density
+
+
 # -------------------------------------------------------------------- helpers
 def _detached(fn, name):
     """The same Gaussian with its parameters detached from the graph."""

@@ -201,17 +201,20 @@ class _LaplaceGuideBase(AutoGuide):
 
         :return: a dict from site name to its sampled (constrained) value.
         """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        view = self.view.with_args(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
-        unit_plate = plates[self.unit_plate]
-        subsampled = unit_plate.subsample_size < view.num_units
-        units = unit_plate.indices if subsampled or view.unit_indices is not None else None
+        # the mode solve and the Hessian run on autograd: keep it on for them
+        # even under torch.no_grad (e.g. a first call from Predictive)
+        with torch.enable_grad():
+            if self.prototype_trace is None:
+                self._setup_prototype(*args, **kwargs)
+            view = self.view.with_args(*args, **kwargs)
+            plates = self._create_plates(*args, **kwargs)
+            unit_plate = plates[self.unit_plate]
+            subsampled = unit_plate.subsample_size < view.num_units
+            units = unit_plate.indices if subsampled or view.unit_indices is not None else None
 
-        theta_hat, y_hat = self._locs(view, units)
-        P, M = self._precision(view, theta_hat, y_hat, units)
-        S = self._global_precision(P, subsampled)
+            theta_hat, y_hat = self._locs(view, units)
+            P, M = self._precision(view, theta_hat, y_hat, units)
+            S = self._global_precision(P, subsampled)
         self.last_global_precision = S.detach()
         if self.record_gaussian:
             # for estimators that need the guide's moments (curvi.TaylorCV_ELBO)

@@ -125,6 +125,13 @@ class ModelView:
         frame = _find_unit_frame(trace, unit_plate)
         self.num_units = frame.full_size if frame.full_size is not None else frame.size
         self.unit_dim = frame.dim
+        #: how many plate dims the model's sites use (observed ones included):
+        #: Trace_ELBO's ``max_plate_nesting``
+        self.max_plate_nesting = max(
+            (-f.dim for site in trace.nodes.values() if site["type"] == "sample"
+             for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None),
+            default=0,
+        )
         unit_site = trace.nodes[unit_plate]
         self.unit_indices = unit_site["value"] if frame.size < self.num_units else None
 

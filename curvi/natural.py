@@ -617,14 +617,10 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
 
 
 def _plate_nesting(guide):
-    """The model's plate nesting from the guide's prototype trace (saves
+    """The model's plate nesting from the guide's view of it (saves
     Trace_ELBO a guessing run of model and guide); ``inf`` (guess) without one."""
-    trace = getattr(guide, "prototype_trace", None)
-    if trace is None:
-        return math.inf
-    dims = [-f.dim for site in trace.nodes.values() if site["type"] == "sample"
-            for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
-    return max(dims, default=0)
+    view = getattr(guide, "view", None)
+    return math.inf if view is None else view.max_plate_nesting
 
 
 def _bfgs_update(H, s, y):

@@ -179,6 +179,23 @@ def test_predictive_draws_every_site(Guide):
 
 
 @pytest.mark.parametrize("Guide", GUIDES)
+def test_first_call_under_no_grad(Guide):
+    """The set-up (mode solve) and the Hessian need autograd: a first call
+    under torch.no_grad must still work, and draw the same values as with grad."""
+    model, args, _ = make_poisson_vector()
+    draws = []
+    for grad in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        guide = Guide(model, unit_plate="groups")
+        with torch.set_grad_enabled(grad):
+            draws.append(guide(*args))
+    for name, value in draws[0].items():
+        assert not value.requires_grad
+        assert torch.allclose(value, draws[1][name].detach(), atol=1e-10), name
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
 def test_subsampled_unit_plate(Guide):
     model, args, plate, exact = make_linear_gaussian(num_groups=12, subsample_size=4)
     guide = Guide(model, unit_plate=plate)
