@@ -126,12 +126,19 @@ class NaturalGradient(pyro.infer.Trace_ELBO):
         loss = self.loss(model, guide, *args, **kwargs)
         adapter = _adapter(guide)
         layout = self._layout(model, guide)
-        with torch.no_grad():
-            mean, precision = adapter.natural(layout)
-        densities = self._densities(model, guide, layout, args, kwargs, mean)
-        grad, hess = self._expectations(densities, mean, precision, adapter.diagonal)
-        new_mean, new_precision = self.update(mean, precision, grad, hess, diagonal=adapter.diagonal)
-        adapter.write_step(layout, new_mean, new_precision)
+        try:
+            with torch.no_grad():
+                mean, precision = adapter.natural(layout)
+            densities = self._densities(model, guide, layout, args, kwargs, mean)
+            grad, hess = self._expectations(densities, mean, precision, adapter.diagonal)
+            new_mean, new_precision = self.update(mean, precision, grad, hess, diagonal=adapter.diagonal)
+            adapter.write_step(layout, new_mean, new_precision)
+        except torch.linalg.LinAlgError as error:  # a covariance too ill-conditioned to factorise
+            raise ValueError(
+                f"NaturalGradient: the guide's covariance is numerically singular ({error}); "
+                f"the curvature estimates are too noisy for lr={self.lr:g}: lower lr, raise "
+                "num_samples or use curvature='hessian'"
+            ) from error
         return loss
 
     # ------------------------------------------------------------ the rule

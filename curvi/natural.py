@@ -437,7 +437,9 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
     backtracking until ``L_b`` rises by at least a quarter of the predicted
     gain. A block ends when the predicted gain ``½ gᵀ S⁻¹ g`` is below
     ``tol`` nats (the blocks after the first take at least one step, so
-    that each solution carries its own noise). With ``quasi_newton`` (default) the metric starts at the
+    that each solution carries its own noise), or after ``max_iter``
+    iterations (``5 · max_iter`` for the first block, which travels from the
+    start). With ``quasi_newton`` (default) the metric starts at the
     guide's S and is refined by BFGS updates from the gradients of the
     iterations, carried across blocks: S alone can be far from the ELBO's
     curvature (e.g. for variance parameters in a centred hierarchy, where
@@ -481,9 +483,12 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
     :param int blocks: noise refreshes.
     :param bool quasi_newton: refine S by BFGS updates (else every step
         uses the guide's S at the current θ̂).
-    :param int max_iter: Newton iterations per block at most.
+    :param int max_iter: Newton iterations per block at most (five times as
+        many for the first).
     :param float tol: predicted gain, in nats, that ends a block.
-    :param float max_step: trust radius in posterior sds of q(θ).
+    :param float max_step: initial (and smallest) trust radius in posterior
+        sds of q(θ); it doubles after every full step it clipped (far from
+        the optimum) and shrinks back when the line search backtracks.
     :param float fallback_lr: step size of the gradient fallback.
     :param int eval_particles: particles of the final ELBO estimate (a
         multiple of ``num_particles``).
@@ -531,14 +536,15 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
     solutions, block_elbos, block_precisions = [], [], []
     evaluations, fallbacks, all_converged, stopped = 0, 0, True, False
     curvature = None  # the metric of the steps: S, refined by BFGS updates
+    radius = max_step  # the trust radius: grows while full clipped steps succeed
     for b in range(blocks):
         value, grad, S = evaluate(seed + b)
         evaluations += 1
         if curvature is None or not quasi_newton:
             curvature = S
         converged = False
-        for it in range(max_iter):
-            step = newton_step(-grad, curvature, max_step=max_step, fallback_lr=fallback_lr)
+        for it in range(max_iter if b > 0 else 5 * max_iter):
+            step = newton_step(-grad, curvature, max_step=radius, fallback_lr=fallback_lr)
             fallbacks += int(step.fallback)
             # a refreshed block takes at least one step: its solution must
             # reflect its own noise, or averaging and theta_se mean nothing
@@ -565,7 +571,16 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
                 with torch.no_grad():
                     param.copy_(start)
                 break
-            if step.fallback:  # a gradient step: start again from the guide's S
+            # far from the optimum the radius doubles after each full step it
+            # clipped, so the distance is covered in logarithmically many
+            # steps; a backtracked step shrinks it back towards max_step
+            if t == 1.0 and step.clipped:
+                radius = 2.0 * radius
+            elif t < 1.0:
+                radius = max(max_step, radius * t)
+            if step.fallback or step.clipped:
+                # a gradient step, or far from the optimum: the guide's S at the
+                # new point (BFGS would accumulate the curvature of far regions)
                 curvature = new_S
             elif quasi_newton:
                 curvature = _bfgs_update(curvature, t * step.step, grad - new_grad)
@@ -581,7 +596,7 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
         solutions.append(param.detach().clone())
         block_elbos.append(value)
         block_precisions.append(S)
-        if b > 0:
+        if b > 0 or blocks == 1:
             all_converged = all_converged and converged
         if stopped:
             break

@@ -121,6 +121,28 @@ def crn_gap(model, guide, args, a, b, chunks=20, particles=64):
     return diffs.mean().item(), diffs.std().item() / math.sqrt(chunks)
 
 
+def test_fit_newton_travels_from_a_far_start():
+    """100 posterior sds away, a fixed trust radius of 2 sds would need 50
+    steps; the radius doubles after each clipped full step, so the exact
+    mean is reached in a handful. A block cut short by max_iter is reported
+    as not converged, also when it is the only one."""
+    model, args, plate, exact = make_linear_gaussian()
+    guide = AmortizedLaplaceGuide(model, unit_plate=plate)
+    guide(*args)
+    S = guide.last_global_precision
+    direction = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    far = exact["mean"][:2] + 100 * direction / (direction @ S @ direction).sqrt()
+    with torch.no_grad():
+        guide.loc_global_unconstrained.copy_(far)
+    result = fit_newton(model, guide, *args, num_particles=4, blocks=1, max_step=2.0)
+    torch.testing.assert_close(result.theta, exact["mean"][:2], rtol=0, atol=1e-8)
+    assert result.converged and result.evaluations <= 10
+    with torch.no_grad():
+        guide.loc_global_unconstrained.copy_(far)
+    short = fit_newton(model, guide, *args, num_particles=4, blocks=1, max_step=2.0, max_iter=1)
+    assert not short.converged and "not converged" in short.message
+
+
 def test_fit_newton_reaches_the_optimum_of_a_long_adam_run():
     """Both start at the Laplace-marginal mode: the ELBO of this small
     logistic model is not unimodal (from a prior draw, both Newton and Adam
