@@ -254,7 +254,9 @@ def fit(
     :raises ValueError: for invalid options, a non-finite loss, or a
         checkpoint that cannot be read or does not match the model and guide.
     """
+    default_particles = optim is None and loss is None
     optim, loss = _defaults(guide, optim, loss)
+    default_particles = default_particles and getattr(loss, "vectorize_particles", False)
     _check_options(model, guide, steps, optim, window, tol, checkpoint, checkpoint_every, callback)
     svi = SVI(model, guide, optim, loss)
     modules = _modules(model, guide)
@@ -273,7 +275,17 @@ def fit(
     bar = tqdm(total=steps, initial=len(elbo), disable=not progress, desc="fit", unit="step")
     try:
         while reason is None and len(elbo) < steps:
-            value = stepper(*args, **kwargs)
+            try:
+                value = stepper(*args, **kwargs)
+            except (RuntimeError, ValueError) as error:
+                if default_particles:
+                    raise ValueError(
+                        "the default loss for AmortizedLaplaceGuide draws 8 vectorized particles, and "
+                        f"this step failed under them ({type(error).__name__}: {error}); if the model "
+                        "does not broadcast over a particle plate (index beta[..., 0], not beta[0]), "
+                        "pass loss=Trace_ELBO() or fix its indexing"
+                    ) from error
+                raise
             elbo.append(value)
             if progress:
                 bar.set_postfix(elbo=f"{statistics.fmean(elbo[-window:]):.6g}", refresh=False)

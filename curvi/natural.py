@@ -184,7 +184,9 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         ``others``).
     :param float lr: the Newton step size (1: a full step).
     :param float decay: step-size decay, ``lr / (1 + decay · t)`` (≥ 0).
-    :param float max_step: trust radius, in posterior sds of q(θ).
+    :param float max_step: trust radius, in posterior sds of q(θ); it
+        doubles while consecutive clipped steps point the same way (far from
+        the optimum) and returns to ``max_step`` as soon as they do not.
     :param float fallback_lr: step size of the gradient step taken when S is
         not positive definite.
     :param ~pyro.optim.PyroOptim others: optimiser of any other parameter;
@@ -209,6 +211,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         self.lr, self.decay, self.max_step, self.fallback_lr = lr, decay, max_step, fallback_lr
         self.others = others
         self.num_steps, self.num_fallbacks, self.last = 0, 0, None
+        self.radius = max_step  # the current trust radius
         # what curvi.fit clears when it restores a checkpoint
         self.optim_objs, self.grad_clip = {}, {}
 
@@ -229,8 +232,14 @@ class LaplaceNewton(pyro.optim.PyroOptim):
             return
         precision = self.guide.last_global_precision
         lr = self.lr / (1.0 + self.decay * self.num_steps)
-        step = newton_step(param.grad, precision, lr=lr, max_step=self.max_step,
+        step = newton_step(param.grad, precision, lr=lr, max_step=self.radius,
                            fallback_lr=self.fallback_lr)
+        # far from the optimum, clipped steps keep pointing the same way: the
+        # radius doubles while they do, and is back at max_step otherwise
+        previous = self.last
+        aligned = (previous is not None and previous.clipped and not previous.fallback
+                   and (previous.step * step.step).sum().item() > 0)
+        self.radius = 2.0 * self.radius if step.clipped and not step.fallback and aligned else self.max_step
         with torch.no_grad():
             param.add_(step.step.to(param.dtype))
         self.num_steps += 1
@@ -239,7 +248,8 @@ class LaplaceNewton(pyro.optim.PyroOptim):
 
     def get_state(self) -> dict:
         """Step counts (and ``others``' state): what the next step depends on."""
-        state = {"num_steps": self.num_steps, "num_fallbacks": self.num_fallbacks}
+        state = {"num_steps": self.num_steps, "num_fallbacks": self.num_fallbacks,
+                 "radius": self.radius, "last": None if self.last is None else tuple(self.last)}
         if self.others is not None:
             state["others"] = self.others.get_state()
         return state
@@ -248,6 +258,9 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         """Restore :meth:`get_state`."""
         self.num_steps = int(state_dict.get("num_steps", 0))
         self.num_fallbacks = int(state_dict.get("num_fallbacks", 0))
+        self.radius = float(state_dict.get("radius", self.max_step))
+        last = state_dict.get("last")
+        self.last = None if last is None else NewtonStep(*last)
         if self.others is not None and "others" in state_dict:
             self.others.optim_objs.clear()
             self.others.grad_clip.clear()

@@ -143,6 +143,25 @@ def test_fit_newton_travels_from_a_far_start():
     assert not short.converged and "not converged" in short.message
 
 
+def test_laplace_newton_radius_grows_far_from_the_optimum():
+    """SVI steps from 100 posterior sds away with exact (antithetic)
+    gradients: the radius doubles along the way, then a full step lands."""
+    model, args, plate, exact = make_linear_gaussian()
+    guide = AmortizedLaplaceGuide(model, unit_plate=plate)
+    guide(*args)
+    S = guide.last_global_precision
+    direction = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    with torch.no_grad():
+        guide.loc_global_unconstrained.copy_(exact["mean"][:2] + 100 * direction / (direction @ S @ direction).sqrt())
+    optim = LaplaceNewton(guide, max_step=1.0)
+    svi = SVI(model, guide, optim, Trace_ELBO(num_particles=2, vectorize_particles=True))
+    for _ in range(9):
+        with FixedNoise(seed=1, antithetic=True):
+            svi.step(*args)
+    torch.testing.assert_close(guide.loc_global, exact["mean"][:2], rtol=0, atol=1e-8)
+    assert not optim.last.clipped and optim.radius == 1.0
+
+
 def test_fit_newton_reaches_the_optimum_of_a_long_adam_run():
     """Both start at the Laplace-marginal mode: the ELBO of this small
     logistic model is not unimodal (from a prior draw, both Newton and Adam
@@ -307,7 +326,7 @@ def test_other_parameters_go_to_others():
     svi = SVI(model, guide, optim, Trace_ELBO())
     svi.step(obs)
     assert pyro.param("scale").item() != 1.0 and optim.num_steps == 1
-    assert set(optim.get_state()) == {"num_steps", "num_fallbacks", "others"}
+    assert set(optim.get_state()) == {"num_steps", "num_fallbacks", "radius", "last", "others"}
 
 
 # ----------------------------------------------------------- bad options
@@ -356,3 +375,19 @@ def test_fit_uses_laplace_newton_by_default_for_the_amortized_guide():
     d = guide.loc_global.detach() - exact["mean"][:2]
     assert (d @ S @ d).sqrt() < 0.1  # posterior sds, from 0.7 / 0.4 away
     assert result.steps == 60
+
+
+def test_fit_default_names_the_particle_plate_when_the_model_does_not_broadcast():
+    def model(obs):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        with pyro.plate("groups", obs.shape[0], dim=-2):
+            u = pyro.sample("u", dist.Normal(mu[0], 1.0))  # mu[0], not mu[..., 0]
+            with pyro.plate("obs", obs.shape[1], dim=-1):
+                pyro.sample("z", dist.Normal(u + mu[1], 1.0), obs=obs)
+
+    obs = torch.randn(6, 3, dtype=torch.float64)
+    guide = AmortizedLaplaceGuide(model, unit_plate="groups")
+    with pytest.raises(ValueError, match="vectorized particles"):
+        fit(model, guide, obs, steps=3, progress=False)
+    result = fit(model, guide, obs, steps=3, progress=False, loss=Trace_ELBO())  # the way out
+    assert len(result.elbo) == 3
