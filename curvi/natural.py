@@ -144,8 +144,8 @@ class LaplaceNewton(pyro.optim.PyroOptim):
     After each ``loss_and_grads`` of :class:`~pyro.infer.SVI`, reads the
     gradient of the guide's ``loc_global`` and the precision S of q(θ) the
     guide computed in that evaluation (``guide.last_global_precision``), and
-    takes :func:`newton_step` with step size ``lr / (1 + decay · t)`` at
-    step ``t``. Any other parameter the loss touches (say a ``pyro.param``
+    takes :func:`newton_step` with step size ``lr / (1 + decay · t)`` after
+    ``t`` steps inside the trust region. Any other parameter the loss touches (say a ``pyro.param``
     of the model) is passed to ``others``.
 
     **Monte Carlo noise.** A unit step from a single-draw gradient moves θ̂
@@ -183,7 +183,9 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         :class:`~curvi.guides.LaplaceGuide`, whose ``loc_local`` then goes to
         ``others``).
     :param float lr: the Newton step size (1: a full step).
-    :param float decay: step-size decay, ``lr / (1 + decay · t)`` (≥ 0).
+    :param float decay: step-size decay, ``lr / (1 + decay · t)`` (≥ 0),
+        ``t`` counting the steps the trust region did not clip (far from
+        the optimum the steps keep their full size).
     :param float max_step: trust radius, in posterior sds of q(θ); it
         doubles while consecutive clipped steps point the same way (far from
         the optimum) and returns to ``max_step`` as soon as they do not.
@@ -211,6 +213,8 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         self.lr, self.decay, self.max_step, self.fallback_lr = lr, decay, max_step, fallback_lr
         self.others = others
         self.num_steps, self.num_fallbacks, self.last = 0, 0, None
+        #: steps taken inside the trust region: the clock of the decay
+        self.num_inside = 0
         self.radius = max_step  # the current trust radius
         # what curvi.fit clears when it restores a checkpoint
         self.optim_objs, self.grad_clip = {}, {}
@@ -231,7 +235,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         if param.grad is None:
             return
         precision = self.guide.last_global_precision
-        lr = self.lr / (1.0 + self.decay * self.num_steps)
+        lr = self.lr / (1.0 + self.decay * self.num_inside)
         step = newton_step(param.grad, precision, lr=lr, max_step=self.radius,
                            fallback_lr=self.fallback_lr)
         # far from the optimum, clipped steps keep pointing the same way: the
@@ -243,12 +247,14 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         with torch.no_grad():
             param.add_(step.step.to(param.dtype))
         self.num_steps += 1
+        self.num_inside += int(not step.clipped and not step.fallback)
         self.num_fallbacks += int(step.fallback)
         self.last = step
 
     def get_state(self) -> dict:
         """Step counts (and ``others``' state): what the next step depends on."""
         state = {"num_steps": self.num_steps, "num_fallbacks": self.num_fallbacks,
+                 "num_inside": self.num_inside,
                  "radius": self.radius, "last": None if self.last is None else tuple(self.last)}
         if self.others is not None:
             state["others"] = self.others.get_state()
@@ -257,6 +263,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
     def set_state(self, state_dict: dict) -> None:
         """Restore :meth:`get_state`."""
         self.num_steps = int(state_dict.get("num_steps", 0))
+        self.num_inside = int(state_dict.get("num_inside", 0))
         self.num_fallbacks = int(state_dict.get("num_fallbacks", 0))
         self.radius = float(state_dict.get("radius", self.max_step))
         last = state_dict.get("last")

@@ -326,7 +326,7 @@ def test_other_parameters_go_to_others():
     svi = SVI(model, guide, optim, Trace_ELBO())
     svi.step(obs)
     assert pyro.param("scale").item() != 1.0 and optim.num_steps == 1
-    assert set(optim.get_state()) == {"num_steps", "num_fallbacks", "radius", "last", "others"}
+    assert set(optim.get_state()) == {"num_steps", "num_fallbacks", "num_inside", "radius", "last", "others"}
 
 
 # ----------------------------------------------------------- bad options
