@@ -104,10 +104,12 @@ def main():
             found = re.search(rf"<!-- part: {part} -->.*?<!-- end: {part} -->", old, re.S)
             if found:
                 sections[part] = found.group(0)
+    reading = re.search(r"\n## Reading\n.*", old, re.S)  # hand-written commentary, kept
     text = ("# Natural-gradient and Newton optimisers against Adam\n\n"
             "Set-up of each part in its module's docstring (`benchmarks/natural_logistic.py`, "
             "`benchmarks/natural_hierarchical.py`).\n\n"
-            + "\n\n".join(sections[p] for p in PARTS if p in sections) + "\n")
+            + "\n\n".join(sections[p] for p in PARTS if p in sections) + "\n"
+            + (reading.group(0) if reading else ""))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
     print(f"written to {RESULTS}")
