@@ -136,6 +136,19 @@ class _LaplaceGuideBase(AutoGuide):
         self.register_buffer("running_schur", view.init_theta.new_zeros(p, p))
         self.register_buffer("running_count", torch.zeros((), dtype=torch.long))
         self._init_locs(view, self._initial_theta(view))
+        self._check_stored_shapes(view)
+
+    def _check_stored_shapes(self, view):
+        """Pyro's param store keeps parameters by name across guides: one left
+        by an earlier guide of another model would be used silently."""
+        expected = {"loc_global": (view.global_dim,), "loc_local": (view.num_units, view.local_dim)}
+        for name, shape in expected.items():
+            if name in self._pyro_params and tuple(getattr(self, name).shape) != shape:
+                raise ValueError(
+                    f"Pyro's param store already holds '{self._pyro_name}.{name}' with shape "
+                    f"{tuple(getattr(self, name).shape)}, not {shape} as this model needs (left by an "
+                    "earlier guide of the same class); call pyro.clear_param_store() first"
+                )
 
     def _initial_theta(self, view):
         """The mode of the Laplace marginal of θ when ``init_to_mode`` (and the

@@ -345,3 +345,17 @@ def test_marginal_global_precision_is_refused_under_subsampling():
         guide(*args)
     with pytest.raises(ValueError, match="'joint' or 'marginal'"):
         AmortizedLaplaceGuide(model, unit_plate=plate, global_precision="exact")
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_stale_parameter_of_another_model_is_an_error(Guide):
+    """Pyro's param store keeps parameters by name: a new guide of the same
+    class on another model must not pick up the old one's loc_global."""
+    model, args, _ = make_poisson_vector()
+    pyro.clear_param_store()
+    Guide(model, unit_plate="groups")(*args)
+    other, other_args, plate, _ = make_linear_gaussian()
+    with pytest.raises(ValueError, match="clear_param_store"):
+        Guide(other, unit_plate=plate)(*other_args)
+    pyro.clear_param_store()
+    Guide(other, unit_plate=plate)(*other_args)
