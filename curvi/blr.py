@@ -54,8 +54,10 @@ class NaturalGradient(pyro.infer.Trace_ELBO):
     new mean and precision, and writes minus the change of each guide
     parameter into its ``.grad``; apply it with
     ``pyro.optim.SGD({"lr": 1.0})`` (the step size is ``lr`` here). The
-    returned loss is the usual single-sample ``-ELBO`` estimate at the
-    parameters before the step.
+    returned loss is ``-ELBO`` at the parameters before the step, estimated
+    from the step's own draws (the mean of log p over them plus q's entropy
+    in closed form, so no extra model run), or with ``num_samples=0`` by
+    ``Trace_ELBO`` with ``elbo_particles`` particles.
 
     Usage::
 
@@ -89,7 +91,8 @@ class NaturalGradient(pyro.infer.Trace_ELBO):
     :param float damping: added to the diagonal of the expected curvature.
     :param str correction: ``"auto"``, ``"always"`` or ``"never"`` — when to
         apply the improved rule's positive-definite correction.
-    :param int elbo_particles: particles of the returned ELBO estimate.
+    :param int elbo_particles: particles of the returned ELBO estimate when
+        ``num_samples=0`` (the step's draws give it otherwise).
     """
 
     def __init__(self, lr: float = 0.5, num_samples: int = 1, *, curvature: str = "hessian",
@@ -123,14 +126,22 @@ class NaturalGradient(pyro.infer.Trace_ELBO):
         )
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.loss(model, guide, *args, **kwargs)
         adapter = _adapter(guide)
+        if self.num_samples == 0:  # no draws to estimate the ELBO from
+            loss = self.loss(model, guide, *args, **kwargs)
+        else:
+            # one guide run (no model run): sets the guide up on the first
+            # step, and shows its parameters to SVI, which steps what it sees
+            with torch.no_grad():
+                guide(*args, **kwargs)
         layout = self._layout(model, guide)
         try:
             with torch.no_grad():
                 mean, precision = adapter.natural(layout)
             densities = self._densities(model, guide, layout, args, kwargs, mean)
-            grad, hess = self._expectations(densities, mean, precision, adapter.diagonal)
+            grad, hess, log_p = self._expectations(densities, mean, precision, adapter.diagonal)
+            if self.num_samples > 0:
+                loss = -(log_p.mean() + _entropy(precision, adapter.diagonal)).item()
             new_mean, new_precision = self.update(mean, precision, grad, hess, diagonal=adapter.diagonal)
             adapter.write_step(layout, new_mean, new_precision)
         except torch.linalg.LinAlgError as error:  # a covariance too ill-conditioned to factorise
@@ -197,7 +208,8 @@ class NaturalGradient(pyro.infer.Trace_ELBO):
 
     def _expectations(self, densities, mean, precision, diagonal):
         """Monte Carlo averages of ∇ log p and of its curvature (the Hessian,
-        or its Bonnet–Price estimate ``S (x − m) ∇ log p(x)ᵀ``) over draws."""
+        or its Bonnet–Price estimate ``S (x − m) ∇ log p(x)ᵀ``) over draws,
+        and log p at each draw."""
         points = self._draws(mean, precision, diagonal)
         log_density, batched = densities
         with torch.enable_grad():
@@ -225,7 +237,7 @@ class NaturalGradient(pyro.infer.Trace_ELBO):
         grad, hess = grads.mean(0), hess.mean(0)
         if not (torch.isfinite(grad).all() and torch.isfinite(hess).all()):
             raise ValueError("NaturalGradient: the gradient or Hessian of log p is not finite at the draws of q")
-        return grad, hess
+        return grad, hess, values.detach()
 
     def _densities(self, model, guide, layout, args, kwargs, mean):
         """``(log_density, batched)``: the per-point log density, and the
@@ -345,6 +357,13 @@ def _set_step(module, name, value):
     if not torch.isfinite(target).all():
         raise ValueError(f"NaturalGradient: the new value of '{name}' is not finite")
     unconstrained.grad = (unconstrained.detach() - target.reshape(unconstrained.shape)).clone()
+
+
+def _entropy(precision, diagonal):
+    """Entropy of a Gaussian with this precision (a diagonal one: its diagonal)."""
+    d = precision.shape[-1]
+    log_det = precision.log().sum() if diagonal else 2 * torch.linalg.cholesky(precision).diagonal().log().sum()
+    return 0.5 * d * (1.0 + math.log(2 * math.pi)) - 0.5 * log_det
 
 
 def _is_pd(matrix, diagonal):
