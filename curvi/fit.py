@@ -254,9 +254,7 @@ def fit(
     :raises ValueError: for invalid options, a non-finite loss, or a
         checkpoint that cannot be read or does not match the model and guide.
     """
-    default_particles = optim is None and loss is None
-    optim, loss = _defaults(guide, optim, loss)
-    default_particles = default_particles and getattr(loss, "vectorize_particles", False)
+    optim, loss, default_particles = _defaults(guide, optim, loss)
     _check_options(model, guide, steps, optim, window, tol, checkpoint, checkpoint_every, callback)
     svi = SVI(model, guide, optim, loss)
     modules = _modules(model, guide)
@@ -273,12 +271,13 @@ def fit(
 
     reason = "converged" if _converged(elbo, window, tol) else None
     bar = tqdm(total=steps, initial=len(elbo), disable=not progress, desc="fit", unit="step")
+    stepper_calls = 0
     try:
         while reason is None and len(elbo) < steps:
             try:
                 value = stepper(*args, **kwargs)
             except (RuntimeError, ValueError) as error:
-                if default_particles:
+                if default_particles and stepper_calls == 0:
                     raise ValueError(
                         "the default loss for AmortizedLaplaceGuide draws 8 vectorized particles, and "
                         f"this step failed under them ({type(error).__name__}: {error}); if the model "
@@ -286,6 +285,7 @@ def fit(
                         "pass loss=Trace_ELBO() or fix its indexing"
                     ) from error
                 raise
+            stepper_calls += 1
             elbo.append(value)
             if progress:
                 bar.set_postfix(elbo=f"{statistics.fmean(elbo[-window:]):.6g}", refresh=False)
@@ -315,17 +315,20 @@ def fit(
 
 def _defaults(guide, optim, loss):
     """Adam and Trace_ELBO; for an AmortizedLaplaceGuide, damped Newton steps
-    (LaplaceNewton, step decay 0.5) on 8 vectorized particles."""
+    (LaplaceNewton, step decay 0.5) on 8 vectorized particles. Also returns
+    whether those default particles are in use."""
     from .guides import AmortizedLaplaceGuide
     from .natural import LaplaceNewton
 
+    default_particles = False
     if isinstance(guide, AmortizedLaplaceGuide) and optim is None:
         optim = LaplaceNewton(guide, decay=0.5)
         if loss is None:
             loss = Trace_ELBO(num_particles=8, vectorize_particles=True)
+            default_particles = True
     optim = pyro.optim.Adam({"lr": 0.01}) if optim is None else optim
     loss = Trace_ELBO() if loss is None else loss
-    return optim, loss
+    return optim, loss, default_particles
 
 
 def _check_options(model, guide, steps, optim, window, tol, checkpoint, every, callback):
