@@ -14,15 +14,6 @@ from curvi import NaturalGradient, fit
 from models import make_linear_gaussian
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    torch.set_default_dtype(dtype)
-
-
 def svi_for(model, guide, loss):
     return SVI(model, guide, pyro.optim.SGD({"lr": 1.0}), loss)
 

@@ -42,15 +42,6 @@ PYRO_GUIDES = [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal]
 LAPLACE_GUIDES = [LaplaceGuide, AmortizedLaplaceGuide]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    torch.set_default_dtype(dtype)
-
-
 def make_guide(cls, model, args, plate="groups"):
     guide = cls(model, unit_plate=plate) if cls in LAPLACE_GUIDES else cls(model)
     pyro.set_rng_seed(0)

@@ -274,11 +274,13 @@ def test_bad_arguments():
         AmortizedLaplaceGuide(no_globals, unit_plate="groups")()
 
 
+@pytest.mark.parametrize("optimiser", ["adam", "laplace_newton"])
 @pytest.mark.parametrize("subsample_size", [None, 3])
-def test_fit_resumes_the_amortized_guide_exactly(tmp_path, subsample_size):
-    """The mode cache and the running Schur average are buffers: a resumed
-    fit continues bitwise."""
-    from curvi import fit
+def test_fit_resumes_the_amortized_guide_exactly(tmp_path, subsample_size, optimiser):
+    """The mode cache and the running Schur average are buffers, and
+    LaplaceNewton's step count and trust radius are optimiser state: a
+    resumed fit continues bitwise."""
+    from curvi import LaplaceNewton, fit
 
     model, args, plate, _ = make_linear_gaussian(subsample_size=subsample_size)
 
@@ -287,7 +289,8 @@ def test_fit_resumes_the_amortized_guide_exactly(tmp_path, subsample_size):
         pyro.set_rng_seed(0)
         guide = AmortizedLaplaceGuide(model, unit_plate=plate)
         result = fit(model, guide, *args, steps=steps, checkpoint=checkpoint, tol=None,
-                     progress=False, optim=pyro.optim.Adam({"lr": 0.05}))
+                     progress=False, optim=(pyro.optim.Adam({"lr": 0.05}) if optimiser == "adam"
+                                            else LaplaceNewton(guide, decay=0.5)))
         return result, guide
 
     straight, guide_a = run(12, None)

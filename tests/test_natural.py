@@ -288,24 +288,6 @@ def test_particle_elbos_average_to_trace_elbo():
     torch.testing.assert_close(values.mean(), reference)
 
 
-def test_fit_resumes_laplace_newton_exactly(tmp_path):
-    model, args, plate, _ = make_linear_gaussian()
-
-    def run(steps, checkpoint):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        guide = AmortizedLaplaceGuide(model, unit_plate=plate)
-        result = fit(model, guide, *args, steps=steps, checkpoint=checkpoint, tol=None,
-                     progress=False, optim=LaplaceNewton(guide, decay=0.5))
-        return result, guide
-
-    straight, guide_a = run(12, None)
-    run(5, tmp_path / "fit.pt")
-    resumed, guide_b = run(12, tmp_path / "fit.pt")
-    assert resumed.elbo == straight.elbo
-    assert torch.equal(guide_a.loc_global, guide_b.loc_global)
-
-
 def test_other_parameters_go_to_others():
     def model(obs):
         scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
