@@ -45,7 +45,7 @@ from pyro.infer import SVI, Trace_ELBO
 from common import numpyro_model_noncentred, simulate, torch_model
 
 from curvi import AmortizedLaplaceGuide, LaplaceNewton
-from curvi.natural import FixedNoise, fit_newton, particle_elbos
+from curvi.laplace_newton import FixedNoise, fit_newton, particle_elbos
 
 
 def checkpoints(last):

@@ -1,18 +1,18 @@
 """curvi: curvature-aware variational inference for Pyro."""
 
-from .blr import NaturalGradient
+from .natural_gradient import NaturalGradient
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, RepairReport
 from .eigen import EigenResult, coordinate_names, eigen
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
 from .fit import FitResult, elbo_converged, fit
 from .flows import FlowHessian, log_density_hessian
 from .guides import AmortizedLaplaceGuide, LaplaceGuide
-from .loo import LeaveOneOut_ELBO
+from .leave_one_out import LeaveOneOut_ELBO
 from .hessian import ArrowheadHessian, dense_hessian, gradient, local_hessian, structured_hessian
 from .marginal import LaplaceMarginal, LaplaceMode, laplace_log_marginal, laplace_mode
 from .mle import LaplaceFit, laplace_mle
 from .model import ModelView
-from .natural import FixedNoise, LaplaceNewton, NewtonFit, NewtonStep, fit_newton, newton_step, particle_elbos
+from .laplace_newton import FixedNoise, LaplaceNewton, NewtonFit, NewtonStep, fit_newton, newton_step, particle_elbos
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
 from .posterior import LaplacePosterior
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor

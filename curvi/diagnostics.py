@@ -23,7 +23,7 @@ from pyro.infer import JitTrace_ELBO, JitTraceGraph_ELBO, Trace_ELBO, TraceGraph
 from pyro.infer.tracegraph_elbo import _construct_baseline
 from pyro.util import get_rng_state, set_rng_state
 
-from .loo import tracegraph_terms
+from .leave_one_out import tracegraph_terms
 from .taylor_cv import trace_elbo_terms
 
 

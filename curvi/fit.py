@@ -224,8 +224,8 @@ def fit(
     :param ~pyro.optim.PyroOptim optim: the optimiser; defaults to
         ``pyro.optim.Adam({"lr": 0.01})``, and for an
         :class:`~curvi.guides.AmortizedLaplaceGuide` to damped Newton steps
-        on θ̂, :class:`curvi.natural.LaplaceNewton` ``(guide, decay=0.5)``
-        (for the fastest fit of that guide see :func:`curvi.natural.fit_newton`).
+        on θ̂, :class:`curvi.laplace_newton.LaplaceNewton` ``(guide, decay=0.5)``
+        (for the fastest fit of that guide see :func:`curvi.laplace_newton.fit_newton`).
     :param loss: an :class:`~pyro.infer.elbo.ELBO` or a loss callable as
         accepted by :class:`~pyro.infer.SVI`; defaults to
         :class:`~pyro.infer.Trace_ELBO`, with 8 vectorized particles when
@@ -318,7 +318,7 @@ def _defaults(guide, optim, loss):
     (LaplaceNewton, step decay 0.5) on 8 vectorized particles. Also returns
     whether those default particles are in use."""
     from .guides import AmortizedLaplaceGuide
-    from .natural import LaplaceNewton
+    from .laplace_newton import LaplaceNewton
 
     default_particles = False
     if isinstance(guide, AmortizedLaplaceGuide) and optim is None:

@@ -70,7 +70,7 @@ class _LaplaceGuideBase(AutoGuide):
     record_gaussian = False
     last_gaussian = None
     #: the precision S of q(θ) at the last call, detached (read by
-    #: :class:`curvi.natural.LaplaceNewton`); a plain attribute, not a buffer,
+    #: :class:`curvi.laplace_newton.LaplaceNewton`); a plain attribute, not a buffer,
     #: so that checkpoints keep their keys
     last_global_precision = None
 

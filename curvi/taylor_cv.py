@@ -27,7 +27,7 @@ regression (``benchmarks/results/estimators.md``). Measure with
 :func:`curvi.gradient_variance` before relying on it.
 H̄ enters only through products H̄(x − μ̄) and the trace, which curvi
 computes from the plate-aware Hessian (p + k backward passes per step
-whatever the number of units; :mod:`curvi.gaussian`).
+whatever the number of units; :mod:`curvi.guide_moments`).
 
 *Sticking the landing* (Roeder et al., 2017) drops the score term
 ∇_φ log q(x; φ)|ₓ of the entropy: zero in expectation, and the estimate is
@@ -61,7 +61,7 @@ from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import torch_backward, torch_item
 from pyro.util import warn_if_nan
 
-from .gaussian import Curvature, FlatLayout, flat_log_density, gaussian_view
+from .guide_moments import Curvature, FlatLayout, flat_log_density, gaussian_view
 from .model import ModelView
 
 
@@ -103,7 +103,7 @@ class TaylorCV_ELBO(Trace_ELBO):
     :param kwargs: other options of :class:`~pyro.infer.Trace_ELBO`
         (``max_plate_nesting``, ...).
     :raises ValueError: for a guide that is not Gaussian (see
-        :mod:`curvi.gaussian`), a subsampled plate, or neither option on.
+        :mod:`curvi.guide_moments`), a subsampled plate, or neither option on.
     """
 
     def __init__(
@@ -216,7 +216,7 @@ class TaylorCV_ELBO(Trace_ELBO):
 
 def _check_guide(guide):
     """A clear error for guides the estimators cannot read, before anything runs."""
-    from .gaussian import SUPPORTED, is_supported
+    from .guide_moments import SUPPORTED, is_supported
 
     if not is_supported(guide):
         raise ValueError(

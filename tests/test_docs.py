@@ -22,14 +22,14 @@ MODULES = [
     "curvi.mle",
     "curvi.datasets",
     "curvi.demo",
-    "curvi.gaussian",
+    "curvi.guide_moments",
     "curvi.taylor_cv",
-    "curvi.loo",
+    "curvi.leave_one_out",
     "curvi.diagnostics",
-    "curvi.blr",
+    "curvi.natural_gradient",
     "curvi.flows",
     "curvi.eigen",
-    "curvi.natural",
+    "curvi.laplace_newton",
 ]
 
 

@@ -528,7 +528,7 @@ def test_moments_match_particles_local_site_first(cls, unit_plate):
     """A model whose unit latents come before the globals: the guide's latent
     order differs from the flat layout, and the moments read from the guide
     agree with the empirical moments of its particles."""
-    from curvi.gaussian import FlatLayout, gaussian_view
+    from curvi.guide_moments import FlatLayout, gaussian_view
     from curvi import ModelView
 
     obs = torch.randn(3, 2)

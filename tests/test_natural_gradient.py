@@ -165,7 +165,7 @@ def _expectations(loss, model, guide, args, seed):
 
 
 def _adapter(guide):
-    from curvi.blr import _adapter as adapter
+    from curvi.natural_gradient import _adapter as adapter
 
     return adapter(guide)
 

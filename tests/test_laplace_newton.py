@@ -1,4 +1,4 @@
-"""Newton / natural-gradient steps for the amortized Laplace guide (curvi.natural).
+"""Newton / natural-gradient steps for the amortized Laplace guide (curvi.laplace_newton).
 
 Why one step is exact on the linear-Gaussian model: the log joint is
 quadratic, so the guide's precision P is constant, ŷ(θ̂) is linear, and the
@@ -21,7 +21,7 @@ import pyro.distributions as dist
 from pyro.infer import SVI, Trace_ELBO
 
 from curvi import AmortizedLaplaceGuide, fit
-from curvi.natural import (
+from curvi.laplace_newton import (
     FixedNoise,
     LaplaceNewton,
     fit_newton,

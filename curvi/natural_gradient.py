@@ -44,7 +44,7 @@ import torch
 import pyro
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
-from .gaussian import FlatLayout, batched_log_density, flat_log_density, gaussian_view
+from .guide_moments import FlatLayout, batched_log_density, flat_log_density, gaussian_view
 
 
 class NaturalGradient(pyro.infer.Trace_ELBO):
