@@ -14,10 +14,10 @@ pairs for the rule): Pyro's ``Trace_ELBO`` + ``Adam`` at each learning rate
 of ``--adam-lrs``; ``NaturalGradient(curvature="hessian")`` (exact Hessians
 of the draws) at each step size of ``--hessian-lrs``; and
 ``NaturalGradient(curvature="gradient")`` (the Bonnet–Price estimate from
-the draws' gradients alone) at each of ``--gradient-lrs``; the rule through
-``pyro.optim.SGD({"lr": 1.0})``. A run stops after ``--max-iters``
-iterations or ``--max-seconds`` of training, or when a step fails (a
-``diverged`` row).
+the draws' gradients alone) at each of ``--gradient-lrs``; the rule as the
+optimiser with its own loss, ``SVI(model, guide, optim, optim.loss)``. A
+run stops after ``--max-iters`` iterations or ``--max-seconds`` of
+training, or when a step fails (a ``diverged`` row).
 
 The ELBO is evaluated, off the clock, at iterations 1–10 and then every
 10 % more, always with the same ``--eval-particles`` standard-normal draws
@@ -102,8 +102,8 @@ def train(method, lr, particles, X, y, evaluator, max_iters, max_seconds, seed=0
                   Trace_ELBO(num_particles=particles, vectorize_particles=True))
     else:
         curvature = method.split()[-1]
-        svi = SVI(logistic_model, guide, pyro.optim.SGD({"lr": 1.0}),
-                  NaturalGradient(lr=lr, num_samples=particles, curvature=curvature))
+        optim = NaturalGradient(lr=lr, num_samples=particles, curvature=curvature)
+        svi = SVI(logistic_model, guide, optim, optim.loss)
     trace, clock, checks = [], 0.0, set(eval_points(max_iters))
     for it in range(1, max_iters + 1):
         start = time.perf_counter()

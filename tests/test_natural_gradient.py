@@ -14,8 +14,9 @@ from curvi import NaturalGradient, fit
 from models import make_linear_gaussian
 
 
-def svi_for(model, guide, loss):
-    return SVI(model, guide, pyro.optim.SGD({"lr": 1.0}), loss)
+def svi_for(model, guide, optim):
+    """The new usage: the optimiser and its own loss."""
+    return SVI(model, guide, optim, optim.loss)
 
 
 def test_one_step_lands_on_exact_posterior():
@@ -108,9 +109,9 @@ def test_correction_keeps_precision_positive_definite():
     pyro.set_rng_seed(0)
     guide = AutoMultivariateNormal(model, init_scale=0.01)
     guide(obs)
-    loss = NaturalGradient(lr=1.0, num_samples=0)
-    svi_for(model, guide, loss).step(obs)
-    assert loss.num_corrected == 1
+    optim = NaturalGradient(lr=1.0, num_samples=0)
+    svi_for(model, guide, optim).step(obs)
+    assert optim.num_corrected == 1
     assert torch.linalg.eigvalsh(guide.get_posterior().precision_matrix).min() > 0
     with pytest.raises(ValueError, match="not positive definite"):
         svi_for(model, guide, NaturalGradient(lr=1.0, num_samples=0, correction="never")).step(obs)
@@ -119,23 +120,137 @@ def test_correction_keeps_precision_positive_definite():
 def test_fit_runs_natural_gradient():
     model, args = logistic()
     guide = AutoNormal(model)
-    result = fit(model, guide, *args, steps=20, progress=False, optim=pyro.optim.SGD({"lr": 1.0}),
-                 loss=NaturalGradient(lr=0.5, num_samples=4))
+    optim = NaturalGradient(lr=0.5, num_samples=4)
+    result = fit(model, guide, *args, steps=20, progress=False, optim=optim, loss=optim.loss)
     assert len(result.elbo) == 20 and all(math.isfinite(v) for v in result.elbo)
 
 
 def test_errors():
+    """A wrong value is a ValueError, a wrong type a TypeError, each naming
+    the argument."""
     for kwargs, match in [(dict(lr=0.0), "lr"), (dict(lr=1.5), "lr"), (dict(num_samples=-1), "num_samples"),
-                          (dict(damping=-1.0), "damping"), (dict(correction="x"), "correction"),
-                          (dict(curvature="fisher"), "curvature"), (dict(antithetic=1), "antithetic")]:
+                          (dict(damping=-1.0), "damping"), (dict(damping=math.inf), "damping"),
+                          (dict(correction="x"), "correction"), (dict(curvature="fisher"), "curvature"),
+                          (dict(elbo_particles=0), "elbo_particles")]:
         with pytest.raises(ValueError, match=match):
+            NaturalGradient(**kwargs)
+    for kwargs, match in [(dict(antithetic=1), "antithetic"), (dict(lr="0.5"), "lr"), (dict(lr=True), "lr"),
+                          (dict(num_samples=2.0), "num_samples"), (dict(curvature=None), "curvature"),
+                          (dict(correction=1), "correction"), (dict(damping="0"), "damping")]:
+        with pytest.raises(TypeError, match=match):
             NaturalGradient(**kwargs)
     model, args = logistic()
     guide = AutoDelta(model)
-    with pytest.raises(ValueError, match="AutoDelta"):
+    with pytest.raises(TypeError, match="AutoDelta"):
         svi_for(model, guide, NaturalGradient()).step(*args)
     with pytest.raises(NotImplementedError, match="loss_and_grads"):
-        NaturalGradient().differentiable_loss(model, guide, *args)
+        NaturalGradient().loss.differentiable_loss(model, guide, *args)
+    with pytest.raises(TypeError, match="get_state"):
+        NaturalGradient().set_state([1])
+
+
+def test_old_usage_fails_with_the_new_usage_in_the_message():
+    """NaturalGradient used to be a loss run with SGD(lr=1). Passed as SVI's
+    or fit's loss it is now a TypeError naming the new usage, and as the
+    optimiser of another loss a ValueError naming it; in both cases before
+    any parameter moves."""
+    model, args = logistic()
+    guide = AutoMultivariateNormal(model)
+    guide(*args)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    with pytest.raises(TypeError, match=r"SVI\(model, guide, optim, optim.loss\)"):
+        SVI(model, guide, pyro.optim.SGD({"lr": 1.0}), NaturalGradient(lr=0.5, num_samples=8)).step(*args)
+    with pytest.raises(TypeError, match=r"optim.loss"):
+        fit(model, guide, *args, steps=2, progress=False, optim=pyro.optim.SGD({"lr": 1.0}),
+            loss=NaturalGradient(lr=0.5, num_samples=8))
+    with pytest.raises(ValueError, match=r"SVI\(model, guide, optim, optim.loss\)"):
+        SVI(model, guide, NaturalGradient(lr=0.5, num_samples=8), Trace_ELBO()).step(*args)
+    other = NaturalGradient(num_samples=2)  # another optimiser's loss records for that one only
+    with pytest.raises(ValueError, match="optim.loss"):
+        SVI(model, guide, NaturalGradient(num_samples=2), other.loss).step(*args)
+    for name, value in pyro.get_param_store().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_model_params_are_a_clear_error():
+    """The rule steps the guide's parameters; a pyro.param of the model is
+    named, not silently left alone."""
+    x, obs = logistic()[1]
+
+    def model(x, obs):
+        bias = pyro.param("bias", torch.tensor(0.0))
+        w = pyro.sample("w", dist.Normal(0.0, 2.0).expand([3]).to_event(1))
+        with pyro.plate("data", len(obs)):
+            pyro.sample("obs", dist.Bernoulli(logits=(w * x).sum(-1) + bias), obs=obs)
+
+    guide = AutoNormal(model)
+    with pytest.raises(ValueError, match="bias"):
+        svi_for(model, guide, NaturalGradient(num_samples=2)).step(x, obs)
+
+
+def test_state_is_pyro_optims(tmp_path):
+    """One torch optimiser per guide parameter, made by PyroOptim; get_state
+    holds each parameter's step count by name, and set_state hands it to the
+    optimiser made after a clear (as Pyro's optimisers do)."""
+    model, args = logistic()
+    guide = AutoMultivariateNormal(model)
+    optim = NaturalGradient(lr=0.5, num_samples=2)
+    svi = svi_for(model, guide, optim)
+    for _ in range(3):
+        svi.step(*args)
+    state = optim.get_state()
+    names = {"AutoMultivariateNormal.loc", "AutoMultivariateNormal.scale", "AutoMultivariateNormal.scale_tril"}
+    assert names <= set(state)
+    assert all(state[n]["state"][0]["step"] == 3 for n in names)
+    assert isinstance(optim, pyro.optim.PyroOptim) and len(optim.optim_objs) == 3
+    optim.save(tmp_path / "optim.pt")
+    fresh = NaturalGradient(lr=0.5, num_samples=2)
+    fresh.load(tmp_path / "optim.pt")
+    assert fresh.num_steps == 3
+    svi = svi_for(model, guide, fresh)
+    svi.step(*args)
+    assert all(fresh.get_state()[n]["state"][0]["step"] == 4 for n in names) and fresh.num_steps == 4
+
+
+@pytest.mark.parametrize("cls", [AutoMultivariateNormal, AutoNormal])
+def test_fit_resumes_bitwise_from_a_checkpoint(tmp_path, cls):
+    """curvi.fit interrupted after 6 steps (KeyboardInterrupt from the
+    callback) and resumed in a fresh setting (new guide, new optimiser, param
+    store cleared) gives bitwise the ELBO trace, parameters and optimiser
+    state of an uninterrupted fit."""
+    model, args = logistic()
+
+    def run(steps, path, callback=None):
+        optim = NaturalGradient(lr=0.5, num_samples=4, curvature="gradient", correction="always")
+        guide = cls(model)
+        result = fit(model, guide, *args, steps=steps, tol=None, progress=False, optim=optim,
+                     loss=optim.loss, checkpoint=path, checkpoint_every=4, callback=callback)
+        params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+        return result, params, optim, optim.get_state()  # (get_state names by the live param store)
+
+    pyro.set_rng_seed(0)
+    full, full_params, full_optim, full_state = run(12, tmp_path / "full.pt")
+
+    def interrupt(step, elbo):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run(12, tmp_path / "part.pt", interrupt)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(123)  # the checkpoint's random state replaces this
+    resumed, resumed_params, resumed_optim, resumed_state = run(12, tmp_path / "part.pt")
+    assert "resumed" in resumed.message and len(resumed.elbo) == 12
+    assert resumed.elbo == full.elbo
+    assert set(resumed_params) == set(full_params)
+    for name in full_params:
+        assert torch.equal(resumed_params[name], full_params[name]), name
+    assert resumed_optim.num_steps == full_optim.num_steps == 12
+    assert resumed_optim.num_corrected == full_optim.num_corrected == 12
+    assert full.elbo[-1] > full.elbo[0]
+    assert resumed_state == full_state
 
 
 def test_antithetic_pair_lands_on_exact_posterior():
@@ -177,7 +292,7 @@ def test_draws_are_evaluated_in_one_vectorised_run():
     pyro.set_rng_seed(0)
     guide = AutoMultivariateNormal(model)
     guide(*args)
-    loss = NaturalGradient(num_samples=6)
+    loss = NaturalGradient(num_samples=6).loss
     (_, batched), (grad, hess) = _expectations(loss, model, guide, args, seed=3)
     assert batched is not None
     loss._layouts[guide]["batched_ok"] = False
@@ -196,7 +311,7 @@ def test_draws_are_evaluated_in_one_vectorised_run():
     pyro.set_rng_seed(0)
     guide = AutoMultivariateNormal(matmul_model)
     guide(*args)
-    loss = NaturalGradient(num_samples=6)
+    loss = NaturalGradient(num_samples=6).loss
     (_, batched), (grad2, hess2) = _expectations(loss, matmul_model, guide, args, seed=3)
     assert batched is None and loss._layouts[guide]["batched_ok"] is False
     assert torch.allclose(grad2, grad1, atol=1e-10) and torch.allclose(hess2, hess1, atol=1e-10)
@@ -211,7 +326,7 @@ def test_gradient_curvature_is_unbiased():
     guide(*args)
     estimates = {}
     for curvature in ("hessian", "gradient"):
-        loss = NaturalGradient(num_samples=20000, curvature=curvature)
+        loss = NaturalGradient(num_samples=20000, curvature=curvature).loss
         _, (_, estimates[curvature]) = _expectations(loss, model, guide, args, seed=1)
     scale = estimates["hessian"].abs().max()
     assert (estimates["gradient"] - estimates["hessian"]).abs().max() < 0.03 * scale
@@ -244,13 +359,13 @@ def test_returned_loss_is_the_elbo_from_the_draws():
     guide = AutoMultivariateNormal(model)
     guide(*args)
     svi_for(model, guide, NaturalGradient(lr=1.0, num_samples=0)).step(*args)  # exact posterior
-    loss = NaturalGradient(lr=0.5, num_samples=4000).loss_and_grads(model, guide, *args)
+    loss = NaturalGradient(lr=0.5, num_samples=4000).loss.loss_and_grads(model, guide, *args)
     assert abs(loss + exact["log_evidence"].item()) < 0.15
     for cls in (AutoNormal, AutoDiagonalNormal):  # the diagonal entropy, against Trace_ELBO
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = cls(model)
         guide(*args)
-        ours = NaturalGradient(num_samples=4000).loss_and_grads(model, guide, *args)
+        ours = NaturalGradient(num_samples=4000).loss.loss_and_grads(model, guide, *args)
         theirs = Trace_ELBO(num_particles=4000, vectorize_particles=True).loss(model, guide, *args)
         assert abs(ours - theirs) < 0.05 * abs(theirs)
