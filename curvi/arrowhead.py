@@ -18,20 +18,29 @@ Conventions (shared by :mod:`curvi.hessian` and the guides):
 :class:`ArrowheadPrecision` factors ``P`` without fill-in by eliminating the
 units first: ``Dᵢ = Lᵢ Lᵢᵀ``, ``Wᵢ = Lᵢ⁻¹ Bᵢ`` and the Schur complement
 ``S = A − Σᵢ Bᵢᵀ Dᵢ⁻¹ Bᵢ = L_S L_Sᵀ``, all in ``O(N k³ + N k² p + p³)``.
-See DESIGN.md §2.
+See docs/design.md §2. :class:`PrecisionCholeskyNormal` is the Gaussian of a
+Cholesky factor of its precision: the form in which the arrowhead's marginal
+of θ and its conditionals of the units are sampled, without factorising
+anything again.
 """
+
+from __future__ import annotations
 
 import math
 from typing import NamedTuple
 
 import torch
-from torch.distributions import MultivariateNormal
+from torch.distributions import constraints
+from torch.distributions.utils import _standard_normal
+
+from pyro.distributions.torch_distribution import TorchDistribution
 
 from curvi.repair import as_repair
 
 __all__ = [
     "ArrowheadCholesky",
     "ArrowheadPrecision",
+    "PrecisionCholeskyNormal",
     "RepairReport",
     "arrowhead_matvec",
     "arrowhead_to_dense",
@@ -112,9 +121,21 @@ def _first_units(mask):
 
 
 def _tri_solve(L, v, transpose=False):
-    """Solve ``L x = v`` (or ``Lᵀ x = v``) for lower ``L``, vectors in the last dim."""
+    """Solve ``L x = v`` (or ``Lᵀ x = v``) for lower ``L``, vectors in the last dim.
+
+    ``v``'s batch dimensions broadcast against ``L``'s; those to the left of
+    ``L``'s (e.g. particles) become columns of one solve, so ``L`` is not
+    copied once per particle.
+    """
     M = L.mT if transpose else L
-    return torch.linalg.solve_triangular(M, v.unsqueeze(-1), upper=transpose).squeeze(-1)
+    extra = v.dim() - L.dim() + 1
+    if extra <= 0:
+        return torch.linalg.solve_triangular(M, v.unsqueeze(-1), upper=transpose).squeeze(-1)
+    lead, d = v.shape[:extra], v.shape[-1]
+    rest = torch.broadcast_shapes(v.shape[extra:-1], L.shape[:-2])
+    columns = v.expand(lead + rest + (d,)).reshape((math.prod(lead),) + rest + (d,)).movedim(0, -1)
+    x = torch.linalg.solve_triangular(M.expand(rest + (d, d)), columns, upper=transpose)
+    return x.movedim(-1, 0).reshape(lead + rest + (d,))
 
 
 def _tri_matvec(L, v, transpose=False):
@@ -358,9 +379,57 @@ class ArrowheadPrecision:
         cholesky = ArrowheadCholesky(L_D, W, L_S)
         self._store(S_rep.matrix + BtDinvB, B, D_rep.matrix, S_rep.matrix, cholesky, report)
 
-    def _store(self, A, B, D, S, cholesky, report):
+    def _store(self, A, B, D, S, cholesky, report, M=None):
         self._A, self._B, self._D, self._S = A, B, D, S
-        self._cholesky, self._report = cholesky, report
+        self._cholesky, self._report, self._M = cholesky, report, M
+
+    def _new(self, A, B, D, S, cholesky, M=None):
+        """Another precision of the same shape and repair from given factors."""
+        new = object.__new__(type(self))
+        new._p, new._N, new._k, new._repair = self._p, self._N, self._k, self._repair
+        new._store(A, B, D, S, cholesky, self._report, M)
+        return new
+
+    def with_schur(self, S: torch.Tensor, *, cross_scale: float = 1.0) -> "ArrowheadPrecision":
+        """
+        The arrowhead precision with the same local blocks ``D``, cross blocks
+        ``cross_scale · B`` and Schur complement ``S`` (so
+        ``A = S + cross_scale² Σᵢ Bᵢᵀ Dᵢ⁻¹ Bᵢ``): the Gaussian whose marginal of
+        θ has precision ``S`` and whose conditionals of the units are
+        ``N(−cross_scale · Dᵢ⁻¹ Bᵢ δ_θ, Dᵢ⁻¹)``. The factors of the ``Dᵢ`` are
+        reused; only ``S`` is factored, and not even it when it is
+        :attr:`schur` itself. Differentiable in ``S`` and in this precision.
+
+        Usage::
+
+            P = ArrowheadPrecision(torch.eye(2), torch.ones(3, 1, 2), 4 * torch.ones(3, 1, 1))
+            Q = P.with_schur(2 * torch.eye(2))
+            Q.schur, Q.M.equal(P.M)   # 2 I, True
+
+        :param torch.Tensor S: positive-definite ``(p, p)``.
+        :param float cross_scale: factor on the cross blocks (and on ``M``).
+        :raises ValueError: when ``S`` has the wrong shape or is not positive definite.
+        """
+        if tuple(S.shape) != (self._p, self._p):
+            raise ValueError(f"S: expected shape {(self._p, self._p)}, given {tuple(S.shape)}")
+        L_D, W, L_S = self._cholesky
+        if S is not self._S:
+            L_S, info = torch.linalg.cholesky_ex(S)
+            if info > 0:
+                raise ValueError("with_schur: S is not positive definite")
+        if cross_scale != 1.0:
+            W = cross_scale * W
+        M = None if self._M is None else cross_scale * self._M
+        BtDinvB = _sym(torch.einsum("nkp,nkq->pq", W, W))
+        return self._new(S + BtDinvB, cross_scale * self._B, self._D, S,
+                         ArrowheadCholesky(L_D, W, L_S), M)
+
+    def detach(self) -> "ArrowheadPrecision":
+        """The same precision with every block and factor detached from the graph."""
+        cholesky = ArrowheadCholesky(*(t.detach() for t in self._cholesky))
+        M = None if self._M is None else self._M.detach()
+        return self._new(self._A.detach(), self._B.detach(), self._D.detach(), self._S.detach(),
+                         cholesky, M)
 
     # -- read-outs ----------------------------------------------------------
 
@@ -421,6 +490,15 @@ class ArrowheadPrecision:
     def schur(self) -> torch.Tensor:
         """The (repaired) Schur complement ``S = A − Σᵢ Bᵢᵀ Dᵢ⁻¹ Bᵢ``, ``(p, p)``."""
         return self._S
+
+    @property
+    def M(self) -> torch.Tensor:
+        """``Mᵢ = Dᵢ⁻¹ Bᵢ``, ``(N, k, p)``: the conditional mean of the units'
+        offsets given ``δ_θ`` is ``−Mᵢ δ_θ`` (computed once, from the factors)."""
+        if self._M is None:
+            L_D, W, _ = self._cholesky
+            self._M = torch.linalg.solve_triangular(L_D.mT, W, upper=True)
+        return self._M
 
     def __repr__(self):
         repair = "" if self._repair is None else f", repair={self._repair!r}"
@@ -508,8 +586,10 @@ class ArrowheadPrecision:
     def sample(self, eps):
         """
         Reparameterised draw ``δ ~ N(0, P⁻¹)`` from a standard-normal pair
-        ``eps``: ``δ_θ = L_S⁻ᵀ ε_θ``, ``δ_y,i = Lᵢ⁻ᵀ ε_y,i − Dᵢ⁻¹ Bᵢ δ_θ``
-        (that is ``δ = L⁻ᵀ ε`` with :attr:`cholesky`). Linear in ``eps``.
+        ``eps``: ``δ_θ = L_S⁻ᵀ ε_θ``, ``δ_y,i = −Mᵢ δ_θ + Lᵢ⁻ᵀ ε_y,i``
+        (that is ``δ = L⁻ᵀ ε`` with :attr:`cholesky`): a draw of the marginal
+        of θ, then of each unit's conditional (:meth:`conditional_local`).
+        Linear in ``eps``.
 
         Usage::
 
@@ -523,7 +603,7 @@ class ArrowheadPrecision:
         eps_theta, eps_y = _check_pair(eps, self._p, self._N, self._k, "eps")
         L_D, _, L_S = self._cholesky
         delta_theta = _tri_solve(L_S, eps_theta, transpose=True)
-        delta_y = _tri_solve(L_D, eps_y - self._w_times(delta_theta), transpose=True)
+        delta_y = self.conditional_mean(delta_theta) + _tri_solve(L_D, eps_y, transpose=True)
         return delta_theta, delta_y
 
     def log_prob(self, x, loc=None):
@@ -576,10 +656,30 @@ class ArrowheadPrecision:
         """
         return self._S
 
-    def conditional_local(self, delta_theta) -> MultivariateNormal:
+    def conditional_mean(self, delta_theta: torch.Tensor) -> torch.Tensor:
+        """
+        Mean of the units' offsets ``δ_y`` given ``δ_θ``: ``−Mᵢ δ_θ`` per unit.
+
+        Usage::
+
+            P = ArrowheadPrecision(torch.eye(2), torch.ones(3, 1, 2),
+                                   2 * torch.ones(3, 1, 1))
+            P.conditional_mean(torch.ones(5, 2)).shape   # (5, 3, 1), all -1
+
+        :param torch.Tensor delta_theta: ``(..., p)`` offset of ``θ`` from its mean.
+        :return: ``(..., N, k)``.
+        """
+        if delta_theta.dim() < 1 or delta_theta.shape[-1] != self._p:
+            raise ValueError(
+                f"delta_theta: expected shape (..., {self._p}), "
+                f"given {tuple(delta_theta.shape)}"
+            )
+        return -torch.einsum("nkp,...p->...nk", self.M, delta_theta)
+
+    def conditional_local(self, delta_theta: torch.Tensor) -> "PrecisionCholeskyNormal":
         """
         Conditional of the units' offsets ``δ_y`` given ``δ_θ``: independent
-        ``N(−Dᵢ⁻¹ Bᵢ δ_θ, Dᵢ⁻¹)`` per unit.
+        ``N(−Mᵢ δ_θ, Dᵢ⁻¹)`` per unit, in terms of the factors ``Lᵢ`` of the ``Dᵢ``.
 
         Usage::
 
@@ -589,13 +689,163 @@ class ArrowheadPrecision:
             d.batch_shape, d.event_shape   # (5, 3), (1,)
 
         :param torch.Tensor delta_theta: ``(..., p)`` offset of ``θ`` from its mean.
-        :return: a :class:`~torch.distributions.MultivariateNormal` with
-            ``batch_shape (..., N)``, ``event_shape (k,)``, ``precision_matrix Dᵢ``.
+        :return: a :class:`PrecisionCholeskyNormal` with ``batch_shape (..., N)``,
+            ``event_shape (k,)`` and precision ``Dᵢ``.
         """
-        if delta_theta.dim() < 1 or delta_theta.shape[-1] != self._p:
+        return PrecisionCholeskyNormal(self.conditional_mean(delta_theta), self._cholesky.L_D)
+
+    def global_covariance(self) -> torch.Tensor:
+        """
+        Covariance of ``θ``, ``S⁻¹`` (``(p, p)``), from the factor of ``S``.
+
+        Usage::
+
+            ArrowheadPrecision(2 * torch.eye(2), torch.zeros(3, 1, 2),
+                               torch.ones(3, 1, 1)).global_covariance()   # I / 2
+        """
+        return torch.cholesky_inverse(self._cholesky.L_S)
+
+    def covariance_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The blocks of ``P⁻¹`` that the arrowhead structure keeps:
+        ``Σ_θθ = S⁻¹``, ``Σ_yᵢθ = −Mᵢ S⁻¹`` and ``Σ_yᵢyᵢ = Dᵢ⁻¹ + Mᵢ S⁻¹ Mᵢᵀ``
+        (the blocks between two units are not formed). Differentiable;
+        ``O(N k² p + N k³ + p³)``.
+
+        Usage::
+
+            P = ArrowheadPrecision(torch.eye(2), torch.ones(3, 1, 2),
+                                   4 * torch.ones(3, 1, 1))
+            cov_theta, cov_y_theta, cov_y = P.covariance_blocks()
+            cov_y.shape   # (3, 1, 1)
+
+        :return: ``(Σ_θθ (p, p), Σ_yθ (N, k, p), Σ_yy (N, k, k))``.
+        """
+        cov_theta = self.global_covariance()
+        cov_y_theta = -self.M @ cov_theta
+        cov_y = torch.cholesky_inverse(self._cholesky.L_D) - cov_y_theta @ self.M.mT
+        return cov_theta, cov_y_theta, cov_y
+
+    def marginal_variances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Marginal variances of every coordinate, the diagonals of
+        :meth:`covariance_blocks`.
+
+        Usage::
+
+            P = ArrowheadPrecision(torch.eye(2), torch.zeros(3, 1, 2),
+                                   4 * torch.ones(3, 1, 1))
+            P.marginal_variances()   # (ones(2), 0.25 * ones(3, 1))
+
+        :return: ``(var_theta (p,), var_y (N, k))``.
+        """
+        cov_theta, _, cov_y = self.covariance_blocks()
+        return cov_theta.diagonal(), cov_y.diagonal(dim1=-2, dim2=-1)
+
+
+# ---------------------------------------------------------------------------
+# the Gaussian of a precision factor
+
+
+class PrecisionCholeskyNormal(TorchDistribution):
+    """
+    ``N(loc, (L Lᵀ)⁻¹)`` for a lower-triangular ``L`` with positive diagonal
+    (``precision_tril``): a multivariate normal given the Cholesky factor of
+    its precision, which it never factorises again. Draws are
+    ``loc + L⁻ᵀ ε``; ``log_prob`` is ``−½ ‖Lᵀ(x − loc)‖² + Σ log Lⱼⱼ − d/2 log 2π``.
+    A Pyro distribution: reparameterised, expandable under plates.
+
+    Usage::
+
+        L = torch.linalg.cholesky(torch.tensor([[2.0, 0.5], [0.5, 1.0]]))
+        q = PrecisionCholeskyNormal(torch.zeros(2), L)
+        x = q.rsample((1000,))                    # (1000, 2)
+        q.log_prob(x).shape, q.entropy()          # (1000,), a scalar
+        q.rsample_from_noise(torch.ones(2))       # L⁻ᵀ (1, 1)
+
+    :param torch.Tensor loc: ``(..., d)``.
+    :param torch.Tensor precision_tril: ``(..., d, d)``, batch dimensions
+        broadcast against ``loc``'s (kept unbroadcast).
+    """
+
+    arg_constraints = {"loc": constraints.real_vector, "precision_tril": constraints.lower_cholesky}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, precision_tril: torch.Tensor, validate_args=None):
+        if loc.dim() < 1 or precision_tril.dim() < 2 or precision_tril.shape[-2:] != (loc.shape[-1],) * 2:
             raise ValueError(
-                f"delta_theta: expected shape (..., {self._p}), "
-                f"given {tuple(delta_theta.shape)}"
+                f"precision_tril: expected shape (..., {loc.shape[-1]}, {loc.shape[-1]}) for loc of "
+                f"shape {tuple(loc.shape)}, given {tuple(precision_tril.shape)}"
             )
-        loc = -_tri_solve(self._cholesky.L_D, self._w_times(delta_theta), transpose=True)
-        return MultivariateNormal(loc, precision_matrix=self._D)
+        batch_shape = torch.broadcast_shapes(loc.shape[:-1], precision_tril.shape[:-2])
+        self.loc = loc.expand(batch_shape + loc.shape[-1:])
+        self._unbroadcasted_precision_tril = precision_tril
+        super().__init__(batch_shape, loc.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(PrecisionCholeskyNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new._unbroadcasted_precision_tril = self._unbroadcasted_precision_tril
+        super(PrecisionCholeskyNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def precision_tril(self) -> torch.Tensor:
+        return self._unbroadcasted_precision_tril.expand(self.batch_shape + self.event_shape * 2)
+
+    @property
+    def precision_matrix(self) -> torch.Tensor:
+        L = self._unbroadcasted_precision_tril
+        return (L @ L.mT).expand(self.batch_shape + self.event_shape * 2)
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        cov = torch.cholesky_inverse(self._unbroadcasted_precision_tril)
+        return cov.expand(self.batch_shape + self.event_shape * 2)
+
+    @property
+    def scale_tril(self) -> torch.Tensor:
+        """A square root ``L⁻ᵀ`` of the covariance (upper triangular, despite
+        the name), computed on access: ``loc + scale_tril ε`` is
+        :meth:`rsample_from_noise` ``(ε)``, for code written for
+        :class:`~torch.distributions.MultivariateNormal`'s ``scale_tril``."""
+        L = self._unbroadcasted_precision_tril
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L.mT, eye, upper=True)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.covariance_matrix.diagonal(dim1=-2, dim2=-1)
+
+    def rsample_from_noise(self, eps: torch.Tensor) -> torch.Tensor:
+        """The reparameterised draw for standard-normal noise ``eps``
+        (shape ``batch_shape + event_shape``, or broadcasting to it):
+        ``loc + L⁻ᵀ eps``, linear in ``eps``."""
+        return self.loc + _tri_solve(self._unbroadcasted_precision_tril, eps, transpose=True)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.rsample_from_noise(eps)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        L = self._unbroadcasted_precision_tril
+        z = torch.einsum("...ji,...j->...i", L, value - self.loc)
+        log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        d = self.event_shape[0]
+        return -0.5 * (d * math.log(2 * math.pi) + z.pow(2).sum(-1)) + log_det
+
+    def entropy(self) -> torch.Tensor:
+        L = self._unbroadcasted_precision_tril
+        d = self.event_shape[0]
+        log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return (0.5 * d * (1 + math.log(2 * math.pi)) - log_det).expand(self.batch_shape)

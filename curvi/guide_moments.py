@@ -19,7 +19,11 @@ Supported guides: :class:`~pyro.infer.autoguide.AutoNormal`,
 :class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
 :class:`~pyro.infer.autoguide.AutoMultivariateNormal`,
 :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`,
-:class:`curvi.LaplaceGuide` and :class:`curvi.AmortizedLaplaceGuide`.
+:class:`curvi.LaplaceGuide` and :class:`curvi.AmortizedLaplaceGuide`. Pyro's
+guides are asked for their Gaussian (``get_posterior``, ``_get_loc_and_scale``);
+curvi's publish theirs in the guide trace
+(:func:`curvi.guides.laplace_gaussian`), so their moments are read from the
+trace of the call that drew the particles.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from pyro.infer.autoguide import (
 )
 from pyro.poutine.util import site_is_subsample
 
-from .arrowhead import arrowhead_matvec
+from .arrowhead import ArrowheadPrecision, arrowhead_matvec
+from .guides import LaplaceGuideBase, laplace_gaussian
 from .hessian import structured_hessian
 from .model import ModelView
 
@@ -213,23 +218,17 @@ class LowRankCov(NamedTuple):
 
 
 class ArrowheadCov(NamedTuple):
-    """The covariance of curvi's guides, q(θ) = N(θ̂, S⁻¹) and
-    q(yᵢ | θ) = N(ŷᵢ − Mᵢ(θ − θ̂), Dᵢ⁻¹):
-    Σ_θθ = S⁻¹, Σ_yᵢθ = −Mᵢ S⁻¹, Σ_yᵢyᵢ = Dᵢ⁻¹ + Mᵢ S⁻¹ Mᵢᵀ."""
+    """Σ = P⁻¹ for an arrowhead precision P (the covariance of curvi's
+    guides), through :meth:`~curvi.arrowhead.ArrowheadPrecision.covariance_blocks`."""
 
-    S: torch.Tensor  # (p, p)
-    M: torch.Tensor  # (N, k, p)
-    D: torch.Tensor  # (N, k, k)
+    precision: ArrowheadPrecision
 
     def trace_with(self, H: Curvature) -> torch.Tensor:
         if H.blocks is None:
             raise ValueError("an arrowhead covariance needs the arrowhead Hessian of a unit plate")
         A, B, D = H.blocks
-        S_inv = torch.cholesky_inverse(torch.linalg.cholesky(self.S))
-        cross = -self.M @ S_inv  # (N, k, p)
-        D_inv = torch.cholesky_inverse(torch.linalg.cholesky(self.D))
-        local = D_inv + cross @ (-self.M).transpose(-1, -2)
-        return (A * S_inv).sum() + 2 * (B * cross).sum() + (D * local).sum()
+        cov_theta, cov_y_theta, cov_y = self.precision.covariance_blocks()
+        return (A * cov_theta).sum() + 2 * (B * cov_y_theta).sum() + (D * cov_y).sum()
 
 
 # ------------------------------------------------------------- guide adapters
@@ -238,9 +237,10 @@ class GaussianView:
 
     :meth:`particles` reads the particles of a guide trace; :meth:`moments`
     gives ``(mean, cov)`` as differentiable functions of the guide's
-    current parameters; :meth:`log_q_detached` is the log density of the
-    trace's Gaussian sites with the guide's parameters held fixed (for
-    sticking the landing).
+    parameters (those of the call that made ``guide_trace``, which curvi's
+    Laplace guides need; Pyro's guides give their current ones);
+    :meth:`log_q_detached` is the log density of the trace's Gaussian sites
+    with the guide's parameters held fixed (for sticking the landing).
     """
 
     def __init__(self, guide, layout: FlatLayout):
@@ -249,7 +249,7 @@ class GaussianView:
     def particles(self, guide_trace) -> torch.Tensor:
         raise NotImplementedError
 
-    def moments(self):
+    def moments(self, guide_trace=None):
         raise NotImplementedError
 
     def gaussian_sites(self, guide_trace):
@@ -274,7 +274,7 @@ class _AutoNormalView(GaussianView):
             s.name: guide_trace.nodes[s.name + "_unconstrained"]["value"] for s in self.layout.sites
         })
 
-    def moments(self):
+    def moments(self, guide_trace=None):
         locs, scales = {}, {}
         for s in self.layout.sites:
             locs[s.name], scales[s.name] = self.guide._get_loc_and_scale(s.name)
@@ -294,7 +294,7 @@ class _AutoContinuousView(GaussianView):
         latent = guide_trace.nodes[self.site]["value"]
         return latent.reshape(-1, self.layout.dim)[:, self.perm]
 
-    def moments(self):
+    def moments(self, guide_trace=None):
         q = self.guide.get_posterior()
         perm = self.perm
         if isinstance(q, dist.LowRankMultivariateNormal):
@@ -306,9 +306,18 @@ class _AutoContinuousView(GaussianView):
 
 
 class _LaplaceView(GaussianView):
+    """curvi's Laplace guides: everything from the trace's
+    :class:`~curvi.posterior.LaplaceGaussian`."""
+
     def gaussian_sites(self, guide_trace):
         name = self.guide._pyro_name
         return [f"_{name}_global", f"_{name}_local"]
+
+    def _gaussian(self, guide_trace):
+        q = None if guide_trace is None else laplace_gaussian(guide_trace)
+        if q is None:
+            raise ValueError("the moments of a Laplace guide are read from a trace of it; pass guide_trace")
+        return q
 
     def particles(self, guide_trace):
         view = self.layout.view
@@ -317,49 +326,30 @@ class _LaplaceView(GaussianView):
         y = guide_trace.nodes[y_site]["value"].reshape(theta.shape[0], -1)
         return torch.cat([theta, y], -1)
 
-    def _parts(self):
-        parts = getattr(self.guide, "last_gaussian", None)
-        if parts is None:
-            raise RuntimeError("the Laplace guide has not been run yet")
-        return parts
-
-    def moments(self):
-        g = self._parts()
-        mean = torch.cat([g.theta_hat, g.y_hat.reshape(-1)])
-        return mean, ArrowheadCov(g.S, g.M, g.D)
+    def moments(self, guide_trace=None):
+        q = self._gaussian(guide_trace)
+        return torch.cat([q.theta_hat, q.y_hat.reshape(-1)]), ArrowheadCov(q.precision)
 
     def log_q_detached(self, guide_trace):
-        g = self._parts()
-        theta_site, y_site = self.gaussian_sites(guide_trace)
-        theta = guide_trace.nodes[theta_site]["value"]
-        y = guide_trace.nodes[y_site]["value"]
-        p, (n, k) = g.theta_hat.shape[0], g.y_hat.shape
-        theta = theta.reshape(-1, p)
-        y = y.reshape(theta.shape[0], n, k)
-        S, M, D = g.S.detach(), g.M.detach(), g.D.detach()
-        theta_hat, y_hat = g.theta_hat.detach(), g.y_hat.detach()
-        global_site, local_site = guide_trace.nodes[theta_site], guide_trace.nodes[y_site]
-        log_q = dist.MultivariateNormal(theta_hat, precision_matrix=S).log_prob(theta)
-        log_q = _scaled_sum(log_q.reshape(global_site["value"].shape[:-1]), global_site)
-        loc_y = y_hat - torch.einsum("nkp,bp->bnk", M, theta - theta_hat)
-        log_q_y = dist.MultivariateNormal(loc_y, precision_matrix=D).log_prob(y)
-        return log_q + _scaled_sum(log_q_y.reshape(local_site["value"].shape[:-1]), local_site)
+        q = self._gaussian(guide_trace).detach()
+        theta_site, y_site = (guide_trace.nodes[n] for n in self.gaussian_sites(guide_trace))
+        theta, y = theta_site["value"], y_site["value"]
+        log_q = q.marginal_global().log_prob(theta)
+        log_q_y = q.conditional_local(theta.reshape(-1, theta.shape[-1])).log_prob(
+            y.reshape((-1,) + tuple(q.y_hat.shape)))
+        return _scaled_sum(log_q, theta_site) + _scaled_sum(log_q_y.reshape(y.shape[:-1]), y_site)
 
 
 def is_supported(guide) -> bool:
     """Whether :func:`gaussian_view` can read ``guide``."""
-    from .guides import _LaplaceGuideBase
-
-    return isinstance(guide, (_LaplaceGuideBase, AutoNormal, AutoDiagonalNormal,
+    return isinstance(guide, (LaplaceGuideBase, AutoNormal, AutoDiagonalNormal,
                               AutoMultivariateNormal, AutoLowRankMultivariateNormal))
 
 
 def gaussian_view(guide, layout: FlatLayout) -> GaussianView:
     """The :class:`GaussianView` of ``guide`` in ``layout`` (see the module
     docstring for the supported guides)."""
-    from .guides import _LaplaceGuideBase
-
-    if isinstance(guide, _LaplaceGuideBase):
+    if isinstance(guide, LaplaceGuideBase):
         if layout.view is None:
             raise ValueError("curvi's Laplace guides need the layout of their unit plate")
         return _LaplaceView(guide, layout)

@@ -6,17 +6,24 @@ and per-unit latents yᵢ in one unit plate. The guide is
 
     q(θ, y) = N((θ̂, ŷ), P⁻¹),   P = repair(−∇² log p(θ̂, ŷ)),
 
-sampled in its arrowhead factorisation (DESIGN §2) as two auxiliary sites,
-``q(θ) = N(θ̂, S⁻¹)`` and, inside the unit plate,
-``q(yᵢ | θ) = N(ŷᵢ − Dᵢ⁻¹Bᵢ(θ − θ̂), Dᵢ⁻¹)``, followed by a ``Delta`` site per
-model site that carries the constraint Jacobian. Pyro then handles the
-particle plate of ``vectorize_particles``, the scaling of subsampled
-plates and ``Predictive``.
+sampled in its arrowhead factorisation (docs/design.md §2) as two auxiliary
+sites, ``q(θ) = N(θ̂, S⁻¹)`` and, inside the unit plate,
+``q(yᵢ | θ) = N(ŷᵢ − Mᵢ(θ − θ̂), Dᵢ⁻¹)`` with ``Mᵢ = Dᵢ⁻¹Bᵢ``, followed by a
+``Delta`` site per model site that carries the constraint Jacobian. Pyro
+then handles the particle plate of ``vectorize_particles``, the scaling of
+subsampled plates and ``Predictive``.
+
+Each call computes one :class:`~curvi.posterior.LaplaceGaussian` -- θ̂, ŷ
+and the :class:`~curvi.arrowhead.ArrowheadPrecision` of q -- samples both
+sites from its Cholesky factors, and publishes it in the ``infer`` dict of
+the global site under the key ``"laplace_gaussian"``; whoever needs the
+guide's Gaussian (an estimator, an optimiser) reads it from the guide trace
+with :func:`laplace_gaussian`.
 
 * :class:`LaplaceGuide` learns θ̂ and every ŷᵢ.
 * :class:`AmortizedLaplaceGuide` learns θ̂ only; ŷ(θ̂) are the units'
   conditional modes, and the ELBO gradient is the total derivative through
-  them while P is the partial Hessian at (θ̂, ŷ(θ̂)) (DESIGN §3).
+  them while P is the partial Hessian at (θ̂, ŷ(θ̂)) (docs/design.md §3).
 
 **Subsampling.** Under ``pyro.plate(unit_plate, N, subsample_size=n)`` the
 Hessian is taken on the n units of the batch: each unit's blocks are exact,
@@ -31,8 +38,6 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import ExitStack
-from typing import NamedTuple
-
 import torch
 from torch.distributions import constraints
 
@@ -44,41 +49,70 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn.module import PyroParam
 
-from .arrowhead import ArrowheadPrecision
+from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
 from .hessian import structured_hessian
 from .marginal import laplace_hessian, laplace_mode
 from .model import ModelView
 from .modes import implicit_modes, solve_modes, warn_unconverged
-from .posterior import LaplacePosterior
+from .posterior import LaplaceGaussian, LaplacePosterior
 from .repair import as_repair
 
-
-class GaussianParts(NamedTuple):
-    """What one call of a Laplace guide drew from: q(θ) = N(θ̂, S⁻¹) and
-    q(yᵢ | θ) = N(ŷᵢ − Mᵢ(θ − θ̂), Dᵢ⁻¹), differentiable in the guide's parameters."""
-
-    theta_hat: torch.Tensor
-    y_hat: torch.Tensor
-    S: torch.Tensor
-    M: torch.Tensor
-    D: torch.Tensor
-    subsampled: bool
+#: the key of the global auxiliary site's ``infer`` dict that holds the
+#: call's :class:`~curvi.posterior.LaplaceGaussian`
+INFER_KEY = "laplace_gaussian"
 
 
-class _LaplaceGuideBase(AutoGuide):
-    #: set by estimators that read :attr:`last_gaussian` after each call
-    record_gaussian = False
-    last_gaussian = None
-    #: the precision S of q(θ) at the last call, detached (read by
-    #: :class:`curvi.laplace_newton.LaplaceNewton`); a plain attribute, not a buffer,
-    #: so that checkpoints keep their keys
-    last_global_precision = None
+def laplace_gaussian(guide_trace) -> LaplaceGaussian | None:
+    """The :class:`~curvi.posterior.LaplaceGaussian` a Laplace guide drew
+    from in ``guide_trace`` (with its graph), or ``None`` when the trace has
+    no Laplace guide site.
 
-    """Shared machinery: set-up, the precision at the mean, and sampling.
+    Usage::
+
+        import pyro, pyro.distributions as dist
+
+        def model(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            with pyro.plate("groups", obs.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, 1.0))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Normal(u, 0.5), obs=obs)
+
+        obs = torch.randn(6, 3)
+        guide = AmortizedLaplaceGuide(model, unit_plate="groups")
+        trace = pyro.poutine.trace(guide).get_trace(obs)
+        q = laplace_gaussian(trace)
+        q.theta_hat, q.global_precision, q.y_hat.shape, q.subsampled   # (1,), (1, 1), (6, 1), False
+
+    :param pyro.poutine.Trace guide_trace: a trace of the guide.
+    :raises ValueError: when the trace holds the sites of more than one Laplace guide.
+    """
+    found = [
+        (name, site["infer"][INFER_KEY]) for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and INFER_KEY in (site.get("infer") or {})
+    ]
+    if len(found) > 1:
+        raise ValueError(
+            f"the trace holds the Gaussians of {len(found)} Laplace guides (sites "
+            f"{[name for name, _ in found]}); read the site's infer[{INFER_KEY!r}] directly"
+        )
+    return found[0][1] if found else None
+
+
+class LaplaceGuideBase(AutoGuide):
+    """The Laplace guides' shared machinery: set-up, the precision at the
+    mean, and sampling from the call's :class:`~curvi.posterior.LaplaceGaussian`.
 
     Subclasses set their parameters in :meth:`_init_locs` and give the
-    (differentiable) mean in :meth:`_locs`.
+    (differentiable) mean in :meth:`_locs`. A type to check against, not a
+    guide to use: see :class:`LaplaceGuide` and :class:`AmortizedLaplaceGuide`.
     """
+
+    #: the precision S of q(θ) at the last call, detached (read by
+    #: :class:`curvi.laplace_newton.LaplaceNewton`; to be replaced by
+    #: ``laplace_gaussian(trace).global_precision``); a plain attribute, not a
+    #: buffer, so that checkpoints keep their keys
+    last_global_precision = None
 
     def __init__(
         self,
@@ -182,17 +216,27 @@ class _LaplaceGuideBase(AutoGuide):
         return y
 
     # ------------------------------------------------------------ precision
+    def _gaussian(self, view, theta_hat, y_hat, units, subsampled):
+        """The call's :class:`LaplaceGaussian`: the batch's repaired precision
+        ``P`` (:meth:`_precision`) with q(θ)'s precision ``S``
+        (:meth:`_global_precision`) as its Schur complement and the cross
+        blocks of one unit's own curvature. Under full batches and
+        ``S = P.schur`` this is ``P`` itself; otherwise ``P``'s unit factors
+        are reused and only ``S`` is factored."""
+        P = self._precision(view, theta_hat, y_hat, units)
+        S = self._global_precision(P, subsampled)
+        s = view.num_units / y_hat.shape[0]
+        Q = P if S is P.schur and s == 1 else P.with_schur(S, cross_scale=1 / math.sqrt(s))
+        return LaplaceGaussian(theta_hat, y_hat, Q, subsampled=subsampled, units=units)
+
     def _precision(self, view, theta_hat, y_hat, units):
         """The repaired arrowhead precision at the mean, from the Hessian of the
         (possibly subsampled) log joint: unit blocks are rescaled to one
-        unit's own curvature, and the Schur complement is the batch estimate.
-        Returns ``(P, M)`` with ``Mᵢ = Dᵢ⁻¹Bᵢ`` of a single unit."""
-        n = y_hat.shape[0]
-        s = view.num_units / n
+        unit's own curvature, the cross blocks so that the Schur complement
+        is the batch's unbiased estimate of the full one."""
+        s = view.num_units / y_hat.shape[0]
         H = structured_hessian(view, theta_hat, y_hat, units=units, create_graph=torch.is_grad_enabled())
-        P = ArrowheadPrecision(-H.A, -H.B / math.sqrt(s), -H.D / s, repair=self.repair)
-        M = torch.cholesky_solve(P.B, P.cholesky.L_D) / math.sqrt(s)
-        return P, M
+        return ArrowheadPrecision(-H.A, -H.B / math.sqrt(s), -H.D / s, repair=self.repair)
 
     def _global_precision(self, P, subsampled):
         """S for q(θ): the batch's own under full batches; under subsampling a
@@ -226,21 +270,16 @@ class _LaplaceGuideBase(AutoGuide):
             units = unit_plate.indices if subsampled or view.unit_indices is not None else None
 
             theta_hat, y_hat = self._locs(view, units)
-            P, M = self._precision(view, theta_hat, y_hat, units)
-            S = self._global_precision(P, subsampled)
-        self.last_global_precision = S.detach()
-        if self.record_gaussian:
-            # for estimators that need the guide's moments (curvi.TaylorCV_ELBO)
-            self.last_gaussian = GaussianParts(theta_hat, y_hat, S, M, P.D, subsampled)
+            q = self._gaussian(view, theta_hat, y_hat, units, subsampled)
+        self.last_global_precision = q.global_precision.detach()
 
         theta = pyro.sample(
             f"_{self._pyro_name}_global",
-            dist.MultivariateNormal(theta_hat, precision_matrix=S),
-            infer={"is_auxiliary": True},
+            q.marginal_global(),
+            infer={"is_auxiliary": True, INFER_KEY: q},
         )
         batch = theta.shape[:-1]  # the particle plates, e.g. (K, 1, 1)
-        delta = (theta - theta_hat).reshape(-1, view.global_dim)
-        loc_y = y_hat - torch.einsum("nkp,bp->bnk", M, delta)
+        q_y = q.conditional_local(theta.reshape(-1, view.global_dim))  # batch (B, n)
         # unit axis at the plate's dim, particle plates to its left
         n, k = y_hat.shape
         unit_shape = (n,) + (1,) * (-view.unit_dim - 1)
@@ -248,9 +287,9 @@ class _LaplaceGuideBase(AutoGuide):
         with unit_plate:
             y = pyro.sample(
                 f"_{self._pyro_name}_local",
-                dist.MultivariateNormal(
-                    loc_y.reshape(outer + unit_shape + (k,)),
-                    precision_matrix=P.D.reshape(unit_shape + (k, k)),
+                PrecisionCholeskyNormal(
+                    q_y.loc.reshape(outer + unit_shape + (k,)),
+                    q.precision.cholesky.L_D.reshape(unit_shape + (k, k)),
                 ),
                 infer={"is_auxiliary": True},
             )
@@ -369,7 +408,7 @@ def _scatter(full, units, keep, values):
     return full
 
 
-class LaplaceGuide(_LaplaceGuideBase):
+class LaplaceGuide(LaplaceGuideBase):
     r"""Gaussian guide with a learned mean and the Laplace precision at it.
 
     Parameters ``loc_global`` (θ̂, shape ``(p,)``) and ``loc_local`` (ŷ,
@@ -429,7 +468,7 @@ class LaplaceGuide(_LaplaceGuideBase):
         return self.loc_global, y
 
 
-class AmortizedLaplaceGuide(_LaplaceGuideBase):
+class AmortizedLaplaceGuide(LaplaceGuideBase):
     r"""Laplace guide whose only parameter is the global mode θ̂.
 
     ŷ(θ̂) are the units' conditional modes, ``argmax_y log p(θ̂, y, z)``,
@@ -437,7 +476,7 @@ class AmortizedLaplaceGuide(_LaplaceGuideBase):
     without a graph, then one differentiable Newton step so that the ELBO
     gradient with respect to θ̂ is the total derivative through ŷ(θ̂)
     (implicit function theorem) and through the precision. The precision is
-    the *partial* Hessian at (θ̂, ŷ(θ̂)) (DESIGN §3). Units whose solve does
+    the *partial* Hessian at (θ̂, ŷ(θ̂)) (docs/design.md §3). Units whose solve does
     not converge are named in a :class:`~curvi.modes.ModeConvergenceWarning`.
 
     Usage::
@@ -472,7 +511,7 @@ class AmortizedLaplaceGuide(_LaplaceGuideBase):
         final implicit step makes the modes accurate to about ``xtol²``).
     :param int max_iter: Newton iteration cap per call.
     :param str global_precision: the precision of q(θ). ``"joint"`` (default,
-        DESIGN §3): the Schur complement of the partial Hessian of log p at
+        docs/design.md §3): the Schur complement of the partial Hessian of log p at
         (θ̂, ŷ(θ̂)). ``"marginal"``: the negative Hessian of the Laplace log
         marginal of θ at θ̂ (:func:`~curvi.marginal.laplace_hessian`), as TMB
         and INLA use for θ. In centred hierarchies (funnels) the joint
@@ -537,11 +576,15 @@ class AmortizedLaplaceGuide(_LaplaceGuideBase):
         return theta, implicit_modes(view, theta, result, units=units)
 
     def _precision(self, view, theta_hat, y_hat, units):
-        P, M = super()._precision(view, theta_hat, y_hat, units)
-        self.mode_slope[slice(None) if units is None else units] = -M.detach()
+        P = super()._precision(view, theta_hat, y_hat, units)
         if self.global_precision == "marginal":
             self._refresh_marginal(view, theta_hat.detach(), y_hat.detach(), P.schur.detach())
-        return P, M
+        return P
+
+    def _gaussian(self, view, theta_hat, y_hat, units, subsampled):
+        q = super()._gaussian(view, theta_hat, y_hat, units, subsampled)
+        self.mode_slope[slice(None) if units is None else units] = -q.M.detach()
+        return q
 
     def _refresh_marginal(self, view, theta, y, schur):
         """Recompute the marginal curvature when θ̂ has moved more than half a
@@ -565,8 +608,7 @@ class AmortizedLaplaceGuide(_LaplaceGuideBase):
     def _read_out_precision(self, view, theta_hat, y, P):
         if self.global_precision == "joint":
             return P
-        marginal = -laplace_hessian(view, theta_hat, y)
-        return ArrowheadPrecision(P.A - P.schur + marginal, P.B, P.D)
+        return P.with_schur(-laplace_hessian(view, theta_hat, y))
 
     def _user_modes(self, view, theta, units):
         y = self.mode_fn(theta, *view.args, **view.kwargs)
@@ -576,3 +618,7 @@ class AmortizedLaplaceGuide(_LaplaceGuideBase):
             raise ValueError(f"mode_fn must return a tensor of shape {expected}, got {shape}")
         y = y.detach().to(dtype=view.dtype, device=view.device)
         return y if units is None else y[units]
+
+
+#: the former private name, kept while :mod:`curvi.laplace_newton` imports it
+_LaplaceGuideBase = LaplaceGuideBase

@@ -1,17 +1,146 @@
-"""A Gaussian posterior over a model's flat coordinates, read out by site.
+"""The Laplace guides' Gaussian: as one value, and read out by site.
 
-:class:`LaplacePosterior` is what the Laplace guides' ``get_posterior``
-returns: the mean ``(θ̂, ŷ)`` in unconstrained space, an
-:class:`~curvi.arrowhead.ArrowheadPrecision` over all units, and the
-:class:`~curvi.model.ModelView` that maps coordinates to sites. Marginal
-standard deviations come blockwise from the arrowhead (never a dense
-covariance): ``Cov θ = S⁻¹`` and ``Cov yᵢ = Dᵢ⁻¹ + Mᵢ S⁻¹ Mᵢᵀ`` with
-``Mᵢ = Dᵢ⁻¹ Bᵢ``.
+:class:`LaplaceGaussian` is what one call of a Laplace guide draws from,
+
+    q(θ, y) = N((θ̂, ŷ), P⁻¹):   q(θ) = N(θ̂, S⁻¹),   q(yᵢ | θ) = N(ŷᵢ − Mᵢ(θ − θ̂), Dᵢ⁻¹),
+
+held as its mean and one :class:`~curvi.arrowhead.ArrowheadPrecision` ``P``
+whose Schur complement is ``S`` and whose ``Mᵢ = Dᵢ⁻¹Bᵢ`` (docs/design.md
+§2). Everything else -- draws, densities, the site distributions, the
+marginal variances -- comes from ``P``'s factors. The guides publish it in
+their trace (:func:`curvi.guides.laplace_gaussian`).
+
+:class:`LaplacePosterior` is what the guides' ``get_posterior`` returns: a
+:class:`LaplaceGaussian` over all units and the
+:class:`~curvi.model.ModelView` that maps its coordinates to sites.
+Marginal standard deviations come blockwise from the arrowhead (never a
+dense covariance).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
+
+
+class LaplaceGaussian:
+    """``N((θ̂, ŷ), P⁻¹)`` over the globals θ and the units' latents y of
+    one batch, in the arrowhead factorisation.
+
+    The one value a Laplace guide computes per call (published in its
+    trace, :func:`curvi.guides.laplace_gaussian`), and what
+    :class:`LaplacePosterior` reads out. ``precision`` is the precision of
+    exactly the Gaussian the guide samples: its Schur complement is the
+    precision ``S`` of q(θ) actually used (under a subsampled unit plate the
+    guide's running average, with ``global_precision="marginal"`` the
+    marginal curvature), its conditionals are the ``q(yᵢ | θ)``. Draws use
+    its Cholesky factors; nothing is factorised again. All attributes keep
+    their graph (differentiable in the guide's parameters).
+
+    Usage::
+
+        from curvi.arrowhead import ArrowheadPrecision
+
+        P = ArrowheadPrecision(2 * torch.eye(2), 0.3 * torch.ones(4, 1, 2),
+                               torch.ones(4, 1, 1))
+        q = LaplaceGaussian(torch.zeros(2), torch.ones(4, 1), P)
+        theta, y = q.sample((torch.randn(10, 2), torch.randn(10, 4, 1)))
+        q.log_prob((theta, y)).shape, q.entropy()      # (10,), a scalar
+        q.conditional_local(theta).mean.shape         # (10, 4, 1): ŷ − M(θ − θ̂)
+        q.marginal_variances()                        # (var θ (2,), var y (4, 1))
+
+    :param torch.Tensor theta_hat: the mean θ̂ of θ, ``(p,)``.
+    :param torch.Tensor y_hat: the mean ŷ of the batch's units, ``(n, k)``.
+    :param ArrowheadPrecision precision: ``P`` over ``(θ, y)``.
+    :param bool subsampled: whether the unit plate was subsampled (then the
+        batch is ``n`` of the plate's units).
+    :param torch.Tensor units: the batch's unit indices, or ``None`` for all.
+
+    :ivar torch.Tensor theta_hat: θ̂, ``(p,)``.
+    :ivar torch.Tensor y_hat: ŷ, ``(n, k)``.
+    :ivar ArrowheadPrecision precision: ``P``.
+    :ivar bool subsampled: whether the unit plate was subsampled.
+    :ivar units: the unit indices of the batch, or ``None``.
+    """
+
+    def __init__(self, theta_hat: torch.Tensor, y_hat: torch.Tensor, precision: ArrowheadPrecision,
+                 *, subsampled: bool = False, units: torch.Tensor | None = None):
+        if tuple(theta_hat.shape) != (precision.global_dim,) or tuple(y_hat.shape) != (
+                precision.num_units, precision.local_dim):
+            raise ValueError(
+                f"precision is over {precision.global_dim} globals and {precision.num_units} units "
+                f"of dimension {precision.local_dim}, but the mean has shapes "
+                f"{tuple(theta_hat.shape)} and {tuple(y_hat.shape)}"
+            )
+        self.theta_hat, self.y_hat, self.precision = theta_hat, y_hat, precision
+        self.subsampled, self.units = bool(subsampled), units
+
+    def __repr__(self):
+        P = self.precision
+        return (f"LaplaceGaussian(global_dim={P.global_dim}, num_units={P.num_units}, "
+                f"local_dim={P.local_dim}, subsampled={self.subsampled})")
+
+    # ------------------------------------------------------------- the parts
+    @property
+    def global_precision(self) -> torch.Tensor:
+        """``S``, the precision of q(θ), ``(p, p)``."""
+        return self.precision.schur
+
+    @property
+    def local_precision(self) -> torch.Tensor:
+        """``Dᵢ``, the precision of each q(yᵢ | θ), ``(n, k, k)``."""
+        return self.precision.D
+
+    @property
+    def M(self) -> torch.Tensor:
+        """``Mᵢ = Dᵢ⁻¹Bᵢ`` of each unit, ``(n, k, p)``: q(yᵢ | θ) has mean ``ŷᵢ − Mᵢ(θ − θ̂)``."""
+        return self.precision.M
+
+    @property
+    def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair ``(θ̂, ŷ)``."""
+        return self.theta_hat, self.y_hat
+
+    def detach(self) -> "LaplaceGaussian":
+        """The same Gaussian with every tensor detached from the graph."""
+        return LaplaceGaussian(self.theta_hat.detach(), self.y_hat.detach(), self.precision.detach(),
+                               subsampled=self.subsampled, units=self.units)
+
+    # ------------------------------------------------------- the distribution
+    def sample(self, eps: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reparameterised draw ``(θ, y)`` for a standard-normal pair ``eps``
+        of shapes ``(..., p)``, ``(..., n, k)``: ``θ = θ̂ + L_S⁻ᵀ ε_θ``, then
+        ``yᵢ`` from q(yᵢ | θ) (:meth:`curvi.arrowhead.ArrowheadPrecision.sample`)."""
+        delta_theta, delta_y = self.precision.sample(eps)
+        return self.theta_hat + delta_theta, self.y_hat + delta_y
+
+    def log_prob(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``log q(θ, y) = log q(θ) + Σᵢ log q(yᵢ | θ)`` at a pair ``x``, with all constants."""
+        return self.precision.log_prob(x, self.mean)
+
+    def entropy(self) -> torch.Tensor:
+        """The entropy of q over ``(θ, y)``, a scalar."""
+        return self.precision.entropy()
+
+    def marginal_global(self) -> PrecisionCholeskyNormal:
+        """q(θ) = N(θ̂, S⁻¹), from the factor of ``S``."""
+        return PrecisionCholeskyNormal(self.theta_hat, self.precision.cholesky.L_S)
+
+    def conditional_mean(self, theta: torch.Tensor) -> torch.Tensor:
+        """The mean ``ŷᵢ − Mᵢ(θ − θ̂)`` of q(yᵢ | θ) for ``theta`` of shape
+        ``(..., p)``: ``(..., n, k)``."""
+        return self.y_hat + self.precision.conditional_mean(theta - self.theta_hat)
+
+    def conditional_local(self, theta: torch.Tensor) -> PrecisionCholeskyNormal:
+        """q(yᵢ | θ) = N(ŷᵢ − Mᵢ(θ − θ̂), Dᵢ⁻¹) for ``theta`` of shape ``(..., p)``:
+        batch shape ``(..., n)``, event shape ``(k,)``, precision ``Dᵢ``."""
+        return PrecisionCholeskyNormal(self.conditional_mean(theta), self.precision.cholesky.L_D)
+
+    def marginal_variances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Marginal variances ``(var_theta (p,), var_y (n, k))``:
+        the diagonals of ``S⁻¹`` and of ``Dᵢ⁻¹ + Mᵢ S⁻¹ Mᵢᵀ``."""
+        return self.precision.marginal_variances()
 
 
 class LaplacePosterior:
@@ -39,42 +168,32 @@ class LaplacePosterior:
     :param loc_theta: mean of θ, ``(p,)``.
     :param loc_y: mean of y, ``(N, k)``.
     :param ArrowheadPrecision precision: the precision over ``(θ, y)``.
+
+    :ivar LaplaceGaussian gaussian: the Gaussian over all units.
     """
 
-    def __init__(self, view, loc_theta, loc_y, precision):
-        if precision.num_units != loc_y.shape[0] or precision.global_dim != loc_theta.shape[-1]:
-            raise ValueError(
-                f"precision is over {precision.global_dim} globals and {precision.num_units} "
-                f"units but the mean has {loc_theta.shape[-1]} and {loc_y.shape[0]}"
-            )
+    def __init__(self, view, loc_theta: torch.Tensor, loc_y: torch.Tensor, precision: ArrowheadPrecision):
         self.view, self.loc_theta, self.loc_y, self.precision = view, loc_theta, loc_y, precision
+        self.gaussian = LaplaceGaussian(loc_theta, loc_y, precision)
 
     def global_covariance(self) -> torch.Tensor:
         """Covariance of θ, ``S⁻¹`` (``(p, p)``)."""
-        return torch.cholesky_inverse(self.precision.cholesky.L_S)
+        return self.precision.global_covariance()
 
     def marginal_sd(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Marginal standard deviations ``(sd_theta (p,), sd_y (N, k))``."""
-        cov_theta = self.global_covariance()
-        L_D, W, _ = self.precision.cholesky
-        M = torch.cholesky_solve(self.precision.B, L_D)  # Dᵢ⁻¹Bᵢ
-        var_y = torch.cholesky_inverse(L_D).diagonal(dim1=-2, dim2=-1) + torch.einsum(
-            "nkp,pq,nkq->nk", M, cov_theta, M
-        )
-        return cov_theta.diagonal().sqrt(), var_y.sqrt()
+        var_theta, var_y = self.gaussian.marginal_variances()
+        return var_theta.sqrt(), var_y.sqrt()
 
-    def sample(self, num_samples: int, *, generator=None) -> dict:
+    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> dict:
         """Draws of every latent site in constrained space, each with a
         leading dimension ``num_samples``."""
-        eps_theta = torch.randn(
-            (num_samples, self.precision.global_dim), generator=generator,
-            dtype=self.loc_y.dtype,
-        ).to(self.loc_y.device)
-        eps_y = torch.randn(
-            (num_samples,) + tuple(self.loc_y.shape), generator=generator, dtype=self.loc_y.dtype
-        ).to(self.loc_y.device)
-        delta_theta, delta_y = self.precision.sample((eps_theta, eps_y))
-        return self.view.unpack(self.loc_theta + delta_theta, self.loc_y + delta_y)
+        dtype, device = self.loc_y.dtype, self.loc_y.device
+        eps_theta = torch.randn((num_samples, self.precision.global_dim), generator=generator,
+                                dtype=dtype).to(device)
+        eps_y = torch.randn((num_samples,) + tuple(self.loc_y.shape), generator=generator,
+                            dtype=dtype).to(device)
+        return self.view.unpack(*self.gaussian.sample((eps_theta, eps_y)))
 
     def median(self) -> dict:
         """The mean mapped to constrained space, by site."""

@@ -51,7 +51,6 @@ noise of the size the control variate removed
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 
 import torch
 
@@ -61,7 +60,8 @@ from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import torch_backward, torch_item
 from pyro.util import warn_if_nan
 
-from .guide_moments import Curvature, FlatLayout, flat_log_density, gaussian_view
+from .guide_moments import SUPPORTED, Curvature, FlatLayout, flat_log_density, gaussian_view, is_supported
+from .guides import LaplaceGuideBase
 from .model import ModelView
 
 
@@ -146,21 +146,19 @@ class TaylorCV_ELBO(Trace_ELBO):
         :func:`curvi.surrogate_terms`."""
         terms = {}
         _check_guide(guide)
-        with _recording_moments(guide):
-            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                for name, term in self._particle_terms(model, guide, model_trace, guide_trace, args, kwargs).items():
-                    terms[name] = terms.get(name, 0.0) + term / self.num_particles
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            for name, term in self._particle_terms(model, guide, model_trace, guide_trace, args, kwargs).items():
+                terms[name] = terms.get(name, 0.0) + term / self.num_particles
         return terms
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         loss, surrogate = 0.0, 0.0
         _check_guide(guide)
-        with _recording_moments(guide):
-            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
-                terms = self._particle_terms(model, guide, model_trace, guide_trace, args, kwargs)
-                loss = loss - torch_item(elbo) / self.num_particles
-                surrogate = surrogate - sum(terms.values()) / self.num_particles
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+            terms = self._particle_terms(model, guide, model_trace, guide_trace, args, kwargs)
+            loss = loss - torch_item(elbo) / self.num_particles
+            surrogate = surrogate - sum(terms.values()) / self.num_particles
         warn_if_nan(surrogate, "loss")
         return loss, surrogate
 
@@ -177,7 +175,7 @@ class TaylorCV_ELBO(Trace_ELBO):
             )
         if self.control_variate:
             x = q.particles(guide_trace)
-            mean, cov = q.moments()
+            mean, cov = q.moments(guide_trace)
             H = Curvature.at(layout, mean, log_density)
             delta = (x - mean).detach()
             slope = H.grad + H.matvec(delta)  # ∇f̃ at each particle
@@ -191,9 +189,7 @@ class TaylorCV_ELBO(Trace_ELBO):
         ``model`` called with ``args``."""
         if getattr(guide, "prototype_trace", None) is None:
             guide._setup_prototype(*args, **kwargs)
-        from .guides import _LaplaceGuideBase
-
-        if isinstance(guide, _LaplaceGuideBase):
+        if isinstance(guide, LaplaceGuideBase):
             if self.unit_plate not in (None, guide.unit_plate):
                 raise ValueError(
                     f"unit_plate='{self.unit_plate}' but the guide's unit plate is '{guide.unit_plate}'"
@@ -216,28 +212,11 @@ class TaylorCV_ELBO(Trace_ELBO):
 
 def _check_guide(guide):
     """A clear error for guides the estimators cannot read, before anything runs."""
-    from .guide_moments import SUPPORTED, is_supported
-
     if not is_supported(guide):
         raise ValueError(
             "the curvature control variate and sticking the landing need a Gaussian guide "
             f"({SUPPORTED}); got {getattr(type(guide), '__name__', guide)}"
         )
-
-
-@contextmanager
-def _recording_moments(guide):
-    """Have a Laplace guide keep its moments (with their graph) for the
-    duration of one loss evaluation only."""
-    if not hasattr(guide, "record_gaussian"):
-        yield
-        return
-    guide.record_gaussian = True
-    try:
-        yield
-    finally:
-        guide.record_gaussian = False
-        guide.last_gaussian = None
 
 
 def _zero_valued(term):

@@ -7,6 +7,7 @@ from torch.distributions import MultivariateNormal
 from curvi.arrowhead import (
     ArrowheadCholesky,
     ArrowheadPrecision,
+    PrecisionCholeskyNormal,
     RepairReport,
     arrowhead_matvec,
     arrowhead_to_dense,
@@ -236,12 +237,108 @@ def test_conditional_local(instance):
     dist = P.conditional_local(delta_theta)
     assert dist.batch_shape == (3, N) and dist.event_shape == (k,)
     assert_rel(dist.loc.flatten(-2), mean, tol=TOL if p > 0 else 0)
+    assert_rel(P.conditional_mean(delta_theta).flatten(-2), mean, tol=TOL if p > 0 else 0)
     block_cov = arrowhead_to_dense(
         torch.zeros(0, 0, dtype=DTYPE), torch.zeros(N, k, 0, dtype=DTYPE),
         dist.covariance_matrix[0],
     )
     assert_rel(block_cov, cond_cov)  # also: the conditional is block diagonal
     assert_rel(dist.precision_matrix[0], P.D)
+    # it is built on the factors of the Dᵢ, not a new factorisation
+    assert dist._unbroadcasted_precision_tril is P.cholesky.L_D
+
+
+def test_M_and_covariance_blocks(instance):
+    P, dense, (N, k, p) = instance
+    assert_rel(P.M, torch.linalg.solve(P.D, P.B))
+    cov = torch.linalg.inv(dense)
+    cov_theta, cov_y_theta, cov_y = P.covariance_blocks()
+    assert_rel(cov_theta, cov[:p, :p])
+    if p > 0:
+        assert_rel(cov_y_theta.reshape(N * k, p), cov[p:, :p])
+    local = torch.stack([cov[p + i * k: p + (i + 1) * k, p + i * k: p + (i + 1) * k] for i in range(N)])
+    assert_rel(cov_y, local)
+    var_theta, var_y = P.marginal_variances()
+    assert_rel(torch.cat([var_theta, var_y.reshape(-1)]), cov.diagonal())
+    assert_rel(P.global_covariance(), cov[:p, :p])
+
+
+@pytest.mark.parametrize("cross_scale", [1.0, 0.5])
+def test_with_schur_is_the_dense_precision_and_reuses_the_unit_factors(instance, cross_scale):
+    P, dense, (N, k, p) = instance
+    gen = torch.Generator().manual_seed(30)
+    root = torch.randn(p, p, generator=gen, dtype=DTYPE)
+    S = root @ root.mT + torch.eye(p, dtype=DTYPE)
+    Q = P.with_schur(S, cross_scale=cross_scale)
+    assert Q.cholesky.L_D is P.cholesky.L_D and Q.D is P.D
+    B = cross_scale * P.B
+    A = S + torch.einsum("nkp,nkl,nlq->pq", B, torch.linalg.inv(P.D), B)
+    assert_rel(Q.to_dense(), arrowhead_to_dense(A, B, P.D))
+    assert_rel(Q.schur, S, tol=0)
+    assert_rel(Q.M, cross_scale * P.M)
+    eps = random_pair((3,), N, k, p, seed=31)
+    cov = torch.linalg.inv(Q.to_dense())
+    T = torch.linalg.cholesky(cov)  # any square root: compare covariances, not draws
+    d = p + N * k
+    eye = torch.eye(d, dtype=DTYPE)
+    U = flat(Q.sample((eye[:, :p], eye[:, p:].reshape(d, N, k)))).mT
+    assert_rel(U @ U.mT, T @ T.mT)
+    assert_rel(Q.log_prob(eps), MultivariateNormal(torch.zeros(d, dtype=DTYPE), cov).log_prob(flat(eps)))
+    # the same Schur complement: the same factor, nothing factorised
+    assert P.with_schur(P.schur).cholesky.L_S is P.cholesky.L_S
+
+
+def test_with_schur_refuses_what_is_not_a_precision():
+    P = ArrowheadPrecision(*make_blocks(4, 2, 3, seed=32))
+    with pytest.raises(ValueError, match=r"S: expected shape \(3, 3\)"):
+        P.with_schur(torch.eye(2, dtype=DTYPE))
+    with pytest.raises(ValueError, match="not positive definite"):
+        P.with_schur(-torch.eye(3, dtype=DTYPE))
+
+
+def test_detach_keeps_the_values_and_drops_the_graph():
+    A, B, D = (t.requires_grad_() for t in make_blocks(4, 2, 3, seed=33))
+    P = ArrowheadPrecision(A, B, D, repair="softabs")
+    P.M  # cached, then detached too
+    Q = P.detach()
+    for a, b in [(P.A, Q.A), (P.B, Q.B), (P.D, Q.D), (P.schur, Q.schur), (P.M, Q.M),
+                 *zip(P.cholesky, Q.cholesky)]:
+        assert torch.equal(a, b) and a.requires_grad and not b.requires_grad
+    assert Q.report == P.report
+
+
+# ---------------------------------------------------------------------------
+# the Gaussian of a precision factor
+
+
+def test_precision_cholesky_normal_matches_the_dense_normal():
+    gen = torch.Generator().manual_seed(34)
+    root = torch.randn(5, 3, 3, generator=gen, dtype=DTYPE)
+    precision = root @ root.mT + torch.eye(3, dtype=DTYPE)
+    L = torch.linalg.cholesky(precision).reshape(5, 1, 3, 3)
+    loc = torch.randn(4, 5, 1, 3, generator=gen, dtype=DTYPE)  # particles left of the units
+    q = PrecisionCholeskyNormal(loc, L)
+    reference = MultivariateNormal(loc, precision_matrix=precision.reshape(5, 1, 3, 3))
+    assert q.batch_shape == (4, 5, 1) and q.event_shape == (3,)
+    x = torch.randn(2, 4, 5, 1, 3, generator=gen, dtype=DTYPE)
+    assert_rel(q.log_prob(x), reference.log_prob(x))
+    assert_rel(q.entropy(), reference.entropy())
+    assert_rel(q.precision_matrix, reference.precision_matrix)
+    assert_rel(q.covariance_matrix, reference.covariance_matrix)
+    assert_rel(q.variance, reference.variance)
+    # draws: loc + L⁻ᵀ ε, the same through scale_tril (for code written for MultivariateNormal)
+    eps = torch.randn(4, 5, 1, 3, generator=gen, dtype=DTYPE)
+    expected = loc + torch.linalg.solve_triangular(L.mT.expand(4, 5, 1, 3, 3), eps.unsqueeze(-1),
+                                                   upper=True).squeeze(-1)
+    assert_rel(q.rsample_from_noise(eps), expected)
+    assert_rel(loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1), expected)
+    # expanded (as under a plate): the same density, the factor not copied
+    wide = PrecisionCholeskyNormal(loc[0], L).expand((6, 5, 1))
+    assert wide.batch_shape == (6, 5, 1) and wide._unbroadcasted_precision_tril is L
+    assert wide.rsample().shape == (6, 5, 1, 3) and wide.rsample((2,)).shape == (2, 6, 5, 1, 3)
+    assert_rel(wide.log_prob(x[0, 0]), reference.log_prob(x[0, 0])[0].expand(6, 5, 1))
+    with pytest.raises(ValueError, match=r"precision_tril: expected shape \(\.\.\., 3, 3\)"):
+        PrecisionCholeskyNormal(loc, L[..., :2, :2])
 
 
 # ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from curvi import (
     gradient_variance,
     surrogate_terms,
 )
+from curvi.arrowhead import arrowhead_to_dense
 from models import make_linear_gaussian, make_logistic_long
 
 PYRO_GUIDES = [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal]
@@ -486,13 +487,43 @@ def test_laplace_sticking_the_landing_under_scale():
 
 
 def test_guide_keeps_no_graph_after_a_step():
+    """The estimator reads the guide's Gaussian from the trace: it sets
+    nothing on the guide, and the guide keeps no tensor with a graph."""
     import copy
 
     model, args, plate = make_logistic_long(num_groups=4)
     guide = make_guide(AmortizedLaplaceGuide, model, args)
-    TaylorCV_ELBO(unit_plate=plate).loss_and_grads(model, guide, *args)
-    assert guide.last_gaussian is None and not guide.record_gaussian
+    before = set(vars(guide))
+    TaylorCV_ELBO(unit_plate=plate, stick_the_landing=True).loss_and_grads(model, guide, *args)
+    assert set(vars(guide)) <= before | {"last_global_precision"}
+    tensors = [v for v in vars(guide).values() if torch.is_tensor(v)] + list(guide.buffers())
+    assert not any(t.grad_fn is not None for t in tensors)
     copy.deepcopy(guide)
+
+
+@pytest.mark.parametrize("cls", LAPLACE_GUIDES)
+def test_laplace_moments_are_the_published_gaussian(cls):
+    """The mean and covariance the control variate uses are those of the
+    Gaussian the guide published in the trace, and tr(H Σ) is the dense one."""
+    from curvi import ModelView
+    from curvi.guide_moments import Curvature, FlatLayout, gaussian_view
+    from curvi.guides import laplace_gaussian
+
+    model, args, plate = make_logistic_long(num_groups=4)
+    guide = make_guide(cls, model, args)
+    trace = poutine.trace(guide).get_trace(*args)
+    q = laplace_gaussian(trace)
+    layout = FlatLayout.from_view(ModelView(model, *args, unit_plate=plate))
+    view = gaussian_view(guide, layout)
+    mean, cov = view.moments(trace)
+    torch.testing.assert_close(mean, torch.cat([q.theta_hat, q.y_hat.reshape(-1)]), rtol=0, atol=0)
+    assert cov.precision is q.precision
+    H = Curvature.at(layout, mean)
+    dense_H = arrowhead_to_dense(*H.blocks)
+    expected = (dense_H * torch.linalg.inv(q.precision.to_dense())).sum()
+    torch.testing.assert_close(cov.trace_with(H), expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="pass guide_trace"):
+        view.moments()
 
 
 def test_function_guide_and_other_elbos_refused():
