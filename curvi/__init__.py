@@ -4,7 +4,7 @@ from .natural_gradient import NaturalGradient
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, RepairReport
 from .eigen import EigenResult, coordinate_names, eigen
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
-from .fit import FitResult, elbo_converged, fit
+from .fit import FitOutcome, FitResult, elbo_converged, fit
 from .flows import FlowHessian, log_density_hessian
 from .guides import AmortizedLaplaceGuide, LaplaceGuide
 from .leave_one_out import LeaveOneOut_ELBO
@@ -12,7 +12,15 @@ from .hessian import ArrowheadHessian, dense_hessian, gradient, local_hessian, s
 from .marginal import LaplaceMarginal, LaplaceMode, laplace_log_marginal, laplace_mode
 from .mle import LaplaceFit, laplace_mle
 from .model import ModelView
-from .laplace_newton import FixedNoise, LaplaceNewton, NewtonFit, NewtonStep, fit_newton, newton_step, particle_elbos
+from .laplace_newton import (
+    FixedNoise,
+    LaplaceNewton,
+    NewtonStep,
+    TrustRegion,
+    fit_newton,
+    newton_step,
+    particle_elbos,
+)
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
 from .posterior import LaplacePosterior
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor
@@ -27,6 +35,7 @@ __all__ = [
     "ArrowheadPrecision",
     "Clip",
     "EigenResult",
+    "FitOutcome",
     "FitResult",
     "FixedNoise",
     "FlowHessian",
@@ -43,11 +52,11 @@ __all__ = [
     "NaturalGradient",
     "ModeResult",
     "ModelView",
-    "NewtonFit",
     "NewtonStep",
     "RepairReport",
     "SoftAbs",
     "SoftplusFloor",
+    "TrustRegion",
     "TaylorCV_ELBO",
     "compare_gradient_variance",
     "coordinate_names",

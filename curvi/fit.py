@@ -32,17 +32,17 @@ Usage::
         pyro.clear_param_store()  # as in a new process: new guide, same file
         resumed = fit(model, AutoNormal(model), x, steps=60, checkpoint=path,
                       tol=None, progress=False)
-    assert resumed.elbo[:30] == first.elbo and resumed.steps == 60
+    assert resumed.elbo[:30] == first.elbo and resumed.num_evaluations == 60
     print(resumed.message)  # reached steps=60 (resumed from ... at step 30)
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import statistics
 import tempfile
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -55,37 +55,66 @@ import pyro.util
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import torch_item, zero_grads
 
-__all__ = ["FitResult", "elbo_converged", "fit"]
+from .checks import check_count, check_positive
+
+__all__ = ["FitOutcome", "FitResult", "elbo_converged", "fit"]
 
 _FORMAT = "curvi.fit checkpoint 1"
 _KEYS = ("format", "step", "elbo", "param_store", "optim", "modules", "rng")
 
 
+class FitOutcome(NamedTuple):
+    """How an optimiser that decides its own stopping ended (the protocol of
+    :func:`fit`: such an optimiser has an attribute ``outcome``, ``None``
+    while it runs).
+
+    :ivar bool converged: whether it met its convergence test.
+    :ivar str message: a one-line summary.
+    :ivar float elbo: its final ELBO estimate.
+    :ivar float elbo_se: the Monte Carlo standard error of ``elbo``.
+    :ivar dict info: anything else it reports (e.g. ``theta_se``).
+    """
+
+    converged: bool
+    message: str
+    elbo: float
+    elbo_se: float
+    info: dict
+
+
 class FitResult(NamedTuple):
     """What :func:`fit` did.
 
-    :ivar list elbo: the ELBO estimate (``-loss``) of every step, including
-        steps taken before a resume; ``len(elbo) == steps``.
-    :ivar bool converged: whether :func:`elbo_converged` stopped the fit.
-    :ivar int steps: the total number of steps taken.
+    :ivar list elbo: the ELBO estimate (``-loss``) of every loss-and-gradient
+        evaluation (SVI step), including those taken before a resume.
+    :ivar bool converged: whether the fit met its convergence test
+        (:func:`elbo_converged`, or the optimiser's own); never true for a fit
+        that diverged or settled below its best ELBO.
+    :ivar int num_evaluations: loss-and-gradient evaluations (SVI steps) in all.
     :ivar str message: why the fit stopped, e.g. ``"converged after 350
-        steps"``, ``"reached steps=2000"``, ``"stopped by callback after 12
-        steps"``, followed by ``" (resumed from PATH at step K)"`` when the
-        fit was resumed from a checkpoint.
-    :ivar float final_elbo: the mean ELBO of the last ``window`` steps.
+        evaluations"``, ``"reached steps=2000"``, ``"diverged: ..."``,
+        followed by ``" (resumed from PATH at step K)"`` when the fit was
+        resumed from a checkpoint.
+    :ivar float final_elbo: the final ELBO estimate: the optimiser's own
+        when it reports one, else the mean of the last ``window`` steps.
+    :ivar float final_elbo_se: its Monte Carlo standard error (for the
+        windowed mean, from the steps' successive differences).
+    :ivar dict info: what the optimiser reported besides (empty for Pyro's).
     """
 
     elbo: list
     converged: bool
-    steps: int
+    num_evaluations: int
     message: str
     final_elbo: float
+    final_elbo_se: float = math.nan
+    info: dict = {}
 
     def __repr__(self):
         return (
-            f"FitResult(converged={self.converged}, steps={self.steps}, "
-            f"final_elbo={self.final_elbo:.6g}, message={self.message!r}, "
-            f"elbo=<{len(self.elbo)} values>)"
+            f"FitResult(converged={self.converged}, num_evaluations={self.num_evaluations}, "
+            f"final_elbo={self.final_elbo:.6g} ± {self.final_elbo_se:.2g}, "
+            f"message={self.message!r}, elbo=<{len(self.elbo)} values>)"
         )
 
     def __str__(self):
@@ -93,11 +122,11 @@ class FitResult(NamedTuple):
         trace = (", ..., " if len(self.elbo) > 2 else ", ").join(f"{v:.6g}" for v in shown)
         return "\n".join(
             [
-                f"     message: {self.message}",
-                f"   converged: {self.converged}",
-                f"       steps: {self.steps}",
-                f"  final_elbo: {self.final_elbo:.6g}  (mean of the last window)",
-                f"        elbo: [{trace}]  ({len(self.elbo)} values)",
+                f"         message: {self.message}",
+                f"       converged: {self.converged}",
+                f" num_evaluations: {self.num_evaluations}",
+                f"      final_elbo: {self.final_elbo:.6g} ± {self.final_elbo_se:.2g} (MC SE)",
+                f"            elbo: [{trace}]  ({len(self.elbo)} values)",
             ]
         )
 
@@ -163,12 +192,29 @@ def fit(
 ) -> FitResult:
     """Fit ``guide`` to ``model`` with :class:`pyro.infer.SVI`.
 
-    Takes at most ``steps`` SVI steps in total, passing ``*args, **kwargs``
-    to the model and guide. Every ``window`` steps (counted from the start of
-    the fit, across resumes) :func:`elbo_converged` compares the last two
-    windows of the ELBO trace and the fit stops once it sees no significant
-    change. A progress bar shows the ELBO averaged over the last ``window``
-    steps.
+    Takes at most ``steps`` SVI steps (loss-and-gradient evaluations) in
+    total, passing ``*args, **kwargs`` to the model and guide. A progress
+    bar shows the ELBO averaged over the last ``window`` steps.
+
+    **Defaults: what the guide prefers.** With no ``optim``, a guide that
+    has a method ``default_optim(*args, **kwargs)`` is fitted with the
+    optimiser it returns (:class:`~curvi.guides.AmortizedLaplaceGuide`:
+    sample-average Newton, :class:`~curvi.laplace_newton.LaplaceNewton`);
+    other guides with ``pyro.optim.Adam({"lr": 0.01})``. With no ``loss``,
+    an optimiser that has an attribute ``loss`` (curvi's curvature
+    optimisers) is used with that loss, others with
+    :class:`~pyro.infer.Trace_ELBO`.
+
+    **Stopping.** An optimiser with an attribute ``outcome`` decides when it
+    is done (``outcome`` turns from ``None`` into a :class:`FitOutcome`) and
+    reports the final ELBO with its Monte Carlo standard error. Otherwise,
+    every ``window`` steps (counted from the start of the fit, across
+    resumes) :func:`elbo_converged` compares the last two windows of the
+    ELBO trace and the fit stops once it sees no significant change -- as
+    *converged* only if that window is not clearly below the best window so
+    far (else ``converged=False`` and the message says so). A windowed mean
+    that falls below the best by more than ten times its magnitude (plus 10
+    nats) stops the fit as *diverged*, with a :class:`RuntimeWarning`.
 
     A non-finite loss raises :class:`ValueError` naming the step; it is
     caught before the optimiser acts, so the parameters stay at the last
@@ -221,17 +267,13 @@ def fit(
     :param args: positional arguments for the model and guide.
     :param int steps: the most SVI steps to take, counting steps taken before
         a resume (at least 1).
-    :param ~pyro.optim.PyroOptim optim: the optimiser; defaults to
-        ``pyro.optim.Adam({"lr": 0.01})``, and for an
-        :class:`~curvi.guides.AmortizedLaplaceGuide` to damped Newton steps
-        on θ̂, :class:`curvi.laplace_newton.LaplaceNewton` ``(guide, decay=0.5)``
-        (for the fastest fit of that guide see :func:`curvi.laplace_newton.fit_newton`).
+    :param ~pyro.optim.PyroOptim optim: the optimiser (default: see above).
     :param loss: an :class:`~pyro.infer.elbo.ELBO` or a loss callable as
-        accepted by :class:`~pyro.infer.SVI`; defaults to
-        :class:`~pyro.infer.Trace_ELBO`, with 8 vectorized particles when
-        the default optimiser is ``LaplaceNewton`` (the model must then
-        broadcast over a particle plate, e.g. index ``beta[..., 0]``). A loss that returns a tuple is
-        recorded by its first element.
+        accepted by :class:`~pyro.infer.SVI` (default: see above; the
+        default of the amortized guide draws vectorized particles, so the
+        model must broadcast over a particle plate, e.g. index
+        ``beta[..., 0]``). A loss that returns a tuple is recorded by its
+        first element.
     :param int window: the steps per convergence window and the smoothing
         span of the progress bar (at least 2).
     :param tol: the smallest change of the windowed mean ELBO, in nats per
@@ -251,14 +293,16 @@ def fit(
         the fit.
     :param kwargs: keyword arguments for the model and guide.
     :returns: a :class:`FitResult`.
-    :raises ValueError: for invalid options, a non-finite loss, or a
+    :raises TypeError: for an option of the wrong type.
+    :raises ValueError: for an option out of range, a non-finite loss, or a
         checkpoint that cannot be read or does not match the model and guide.
     """
-    optim, loss, default_particles = _defaults(guide, optim, loss)
     _check_options(model, guide, steps, optim, window, tol, checkpoint, checkpoint_every, callback)
+    optim, loss, from_guide = _defaults(guide, optim, loss, args, kwargs)
     svi = SVI(model, guide, optim, loss)
     modules = _modules(model, guide)
     stepper = _Stepper(svi, modules, keep=checkpoint is not None)
+    decides = hasattr(optim, "outcome")  # the optimiser stops the fit itself
 
     elbo, resumed = [], ""
     if checkpoint is not None and resume and os.path.exists(checkpoint):
@@ -269,31 +313,33 @@ def fit(
         if checkpoint is not None and elbo:
             _write_checkpoint(checkpoint, _capture(len(elbo), elbo, optim, modules))
 
-    reason = "converged" if _converged(elbo, window, tol) else None
+    watch = _Watch(window, tol if not decides else None)
+    reason = _stop_reason(optim, watch, elbo, decides)
     bar = tqdm(total=steps, initial=len(elbo), disable=not progress, desc="fit", unit="step")
-    stepper_calls = 0
+    first_call = True
     try:
         while reason is None and len(elbo) < steps:
             try:
                 value = stepper(*args, **kwargs)
             except (RuntimeError, ValueError) as error:
-                if default_particles and stepper_calls == 0:
-                    raise ValueError(
-                        "the default loss for AmortizedLaplaceGuide draws 8 vectorized particles, and "
-                        f"this step failed under them ({type(error).__name__}: {error}); if the model "
-                        "does not broadcast over a particle plate (index beta[..., 0], not beta[0]), "
-                        "pass loss=Trace_ELBO() or fix its indexing"
+                if from_guide and first_call:
+                    raise type(error)(
+                        f"{error}\n(curvi.fit used the optimiser {type(optim).__name__} that "
+                        f"{type(guide).__name__} prefers; its loss draws "
+                        f"{getattr(loss, 'num_particles', 1)} vectorized particles: a model must "
+                        "broadcast over a particle plate -- index beta[..., 0], not beta[0] -- "
+                        "or pass optim= and loss= yourself)"
                     ) from error
                 raise
-            stepper_calls += 1
+            first_call = False
             elbo.append(value)
             if progress:
                 bar.set_postfix(elbo=f"{statistics.fmean(elbo[-window:]):.6g}", refresh=False)
                 bar.update(1)
             if callback is not None and callback(len(elbo), value):
                 reason = "callback"
-            elif _converged(elbo, window, tol):
-                reason = "converged"
+            else:
+                reason = _stop_reason(optim, watch, elbo, decides)
             if reason is None and len(elbo) < steps and len(elbo) % checkpoint_every == 0:
                 save()
     except _NonFiniteLoss as error:
@@ -306,74 +352,121 @@ def fit(
     finally:
         bar.close()
     save()
-    return _result(elbo, reason, steps, window, resumed)
+    result = _result(elbo, reason, steps, window, resumed, optim if decides else None, watch)
+    if reason == "diverged":
+        warnings.warn(f"curvi.fit: {result.message}", RuntimeWarning, stacklevel=2)
+    return result
 
 
 # ---------------------------------------------------------------------------
-# options and result
+# options, stopping and result
 
 
-def _defaults(guide, optim, loss):
-    """Adam and Trace_ELBO; for an AmortizedLaplaceGuide, damped Newton steps
-    (LaplaceNewton, step decay 0.5) on 8 vectorized particles. Also returns
-    whether those default particles are in use."""
-    from .guides import AmortizedLaplaceGuide
-    from .laplace_newton import LaplaceNewton
-
-    default_particles = False
-    if isinstance(guide, AmortizedLaplaceGuide) and optim is None:
-        optim = LaplaceNewton(guide, decay=0.5)
-        if loss is None:
-            loss = Trace_ELBO(num_particles=8, vectorize_particles=True)
-            default_particles = True
+def _defaults(guide, optim, loss, args, kwargs):
+    """The optimiser the guide prefers (``guide.default_optim(*args,
+    **kwargs)``), else Adam; the optimiser's own loss (``optim.loss``), else
+    Trace_ELBO. Also returns whether the optimiser came from the guide."""
+    from_guide = False
+    if optim is None and hasattr(guide, "default_optim"):
+        optim = guide.default_optim(*args, **kwargs)
+        from_guide = True
     optim = pyro.optim.Adam({"lr": 0.01}) if optim is None else optim
-    loss = Trace_ELBO() if loss is None else loss
-    return optim, loss, default_particles
+    if loss is None:
+        loss = getattr(optim, "loss", None) or Trace_ELBO()
+    return optim, loss, from_guide
 
 
 def _check_options(model, guide, steps, optim, window, tol, checkpoint, every, callback):
     if not callable(model):
-        raise ValueError(f"model must be callable, got {model!r}")
+        raise TypeError(f"model must be callable, got {model!r}")
     if not callable(guide):
-        raise ValueError(f"guide must be callable, got {guide!r}")
-    _check_count("steps", steps, 1)
-    _check_count("window", window, 2)
-    _check_count("checkpoint_every", every, 1)
-    if not isinstance(optim, pyro.optim.PyroOptim):
-        raise ValueError(f"optim must be a pyro.optim.PyroOptim, got {optim!r}")
-    if tol is not None and not (isinstance(tol, numbers.Real) and 0 <= tol < math.inf):
-        raise ValueError(f"tol must be a finite number >= 0 or None, got {tol!r}")
+        raise TypeError(f"guide must be callable, got {guide!r}")
+    check_count("steps", steps, 1)
+    check_count("window", window, 2)
+    check_count("checkpoint_every", every, 1)
+    if optim is not None and not isinstance(optim, pyro.optim.PyroOptim):
+        raise TypeError(f"optim must be a pyro.optim.PyroOptim, got {optim!r}")
+    if tol is not None:
+        check_positive("tol", tol, allow_zero=True)
     if checkpoint is not None:
         if not isinstance(checkpoint, (str, os.PathLike)):
-            raise ValueError(f"checkpoint must be a file path or None, got {checkpoint!r}")
+            raise TypeError(f"checkpoint must be a file path or None, got {checkpoint!r}")
         directory = os.path.dirname(os.path.abspath(checkpoint))
         if not os.path.isdir(directory):
             raise ValueError(f"checkpoint directory {directory!r} does not exist")
     if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable or None, got {callback!r}")
+        raise TypeError(f"callback must be callable or None, got {callback!r}")
 
 
-def _check_count(name, value, least):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+class _Watch:
+    """The stopping rule of a noisy ELBO trace, one window at a time: no
+    significant change (:func:`elbo_converged`) is convergence, unless the
+    trace has settled below its best window; a fall by an order of
+    magnitude is divergence."""
+
+    def __init__(self, window, tol):
+        self.window, self.tol = window, tol
+        self.best = -math.inf
+        self.fell = None  # (best, now) when the last window sits clearly below the best
+
+    def __call__(self, elbo):
+        if not elbo or len(elbo) % self.window:
+            return None
+        now = statistics.fmean(elbo[-self.window :])
+        if now > self.best:
+            self.best = now
+        if self.best - now > 10.0 * (abs(self.best) + 10.0):
+            self.fell = (self.best, now)
+            return "diverged"
+        if self.tol is None or not elbo_converged(elbo, self.window, self.tol):
+            return None
+        if self.best - now > max(1.0, 4.0 * _window_se(elbo, self.window)):
+            self.fell = (self.best, now)
+            return "fell"
+        return "converged"
 
 
-def _converged(elbo, window, tol):
-    if tol is None or not elbo or len(elbo) % window:
-        return False
-    return elbo_converged(elbo, window, tol)
+def _window_se(elbo, window):
+    """Standard error of the mean of the last window, from successive differences."""
+    recent = elbo[-window:]
+    if len(recent) < 2:
+        return math.nan
+    noise_var = statistics.fmean((b - a) ** 2 for a, b in zip(recent, recent[1:])) / 2
+    return math.sqrt(noise_var / len(recent))
 
 
-def _result(elbo, reason, steps, window, resumed):
+def _stop_reason(optim, watch, elbo, decides):
+    if decides:
+        return None if optim.outcome is None else "optimiser"
+    return watch(elbo)
+
+
+def _result(elbo, reason, steps, window, resumed, optim, watch):
     n = len(elbo)
-    if reason == "converged":
-        message = f"converged after {n} steps"
+    converged = reason == "converged"
+    final = statistics.fmean(elbo[-window:]) if elbo else math.nan
+    final_se, info = _window_se(elbo, window), {}
+    if reason == "optimiser":
+        outcome = optim.outcome
+        converged, message = outcome.converged, outcome.message
+        final, final_se, info = outcome.elbo, outcome.elbo_se, dict(outcome.info)
+    elif reason == "converged":
+        message = f"converged after {n} evaluations"
+    elif reason == "diverged":
+        best, now = watch.fell
+        message = (f"diverged: the windowed mean ELBO fell from {best:.6g} to {now:.6g} "
+                   f"after {n} evaluations")
+    elif reason == "fell":
+        best, now = watch.fell
+        message = (f"not converged: the ELBO stopped changing at {now:.6g}, below its best "
+                   f"windowed mean {best:.6g} (after {n} evaluations)")
     elif reason == "callback":
-        message = f"stopped by callback after {n} steps"
+        message = f"stopped by callback after {n} evaluations"
     else:
         message = f"reached steps={steps}"
-    final = statistics.fmean(elbo[-window:]) if elbo else math.nan
-    return FitResult(elbo, reason == "converged", n, message + resumed, final)
+        if optim is not None:
+            message += f" before {type(optim).__name__} finished"
+    return FitResult(elbo, converged, n, message + resumed, final, final_se, info)
 
 
 # ---------------------------------------------------------------------------

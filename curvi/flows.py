@@ -1,7 +1,7 @@
 """Exact Hessians of normalising-flow log densities, layer by layer.
 
 A flow pushes a base point ω through bijections, z = f_L ∘ … ∘ f_1(ω), and
-(DESIGN §7)::
+(docs/design.md §9)::
 
     log q(z) = log q₀(ω) + Σ_l log|det J_{h_l}(x_l)|,    x_0 = z, x_{l+1} = h_l(x_l),
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import ExitStack
+
 import torch
 from torch.distributions import constraints
 
@@ -54,49 +55,11 @@ from .hessian import structured_hessian
 from .marginal import laplace_hessian, laplace_mode
 from .model import ModelView
 from .modes import implicit_modes, solve_modes, warn_unconverged
-from .posterior import LaplaceGaussian, LaplacePosterior
+from .laplace_newton import LaplaceNewton
+from .posterior import INFER_KEY, LaplaceGaussian, LaplacePosterior, laplace_gaussian
 from .repair import as_repair
 
-#: the key of the global auxiliary site's ``infer`` dict that holds the
-#: call's :class:`~curvi.posterior.LaplaceGaussian`
-INFER_KEY = "laplace_gaussian"
-
-
-def laplace_gaussian(guide_trace) -> LaplaceGaussian | None:
-    """The :class:`~curvi.posterior.LaplaceGaussian` a Laplace guide drew
-    from in ``guide_trace`` (with its graph), or ``None`` when the trace has
-    no Laplace guide site.
-
-    Usage::
-
-        import pyro, pyro.distributions as dist
-
-        def model(obs):
-            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-            with pyro.plate("groups", obs.shape[0], dim=-2):
-                u = pyro.sample("u", dist.Normal(mu, 1.0))
-                with pyro.plate("obs", obs.shape[1], dim=-1):
-                    pyro.sample("z", dist.Normal(u, 0.5), obs=obs)
-
-        obs = torch.randn(6, 3)
-        guide = AmortizedLaplaceGuide(model, unit_plate="groups")
-        trace = pyro.poutine.trace(guide).get_trace(obs)
-        q = laplace_gaussian(trace)
-        q.theta_hat, q.global_precision, q.y_hat.shape, q.subsampled   # (1,), (1, 1), (6, 1), False
-
-    :param pyro.poutine.Trace guide_trace: a trace of the guide.
-    :raises ValueError: when the trace holds the sites of more than one Laplace guide.
-    """
-    found = [
-        (name, site["infer"][INFER_KEY]) for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample" and INFER_KEY in (site.get("infer") or {})
-    ]
-    if len(found) > 1:
-        raise ValueError(
-            f"the trace holds the Gaussians of {len(found)} Laplace guides (sites "
-            f"{[name for name, _ in found]}); read the site's infer[{INFER_KEY!r}] directly"
-        )
-    return found[0][1] if found else None
+__all__ = ["AmortizedLaplaceGuide", "INFER_KEY", "LaplaceGuide", "LaplaceGuideBase", "laplace_gaussian"]
 
 
 class LaplaceGuideBase(AutoGuide):
@@ -107,12 +70,6 @@ class LaplaceGuideBase(AutoGuide):
     (differentiable) mean in :meth:`_locs`. A type to check against, not a
     guide to use: see :class:`LaplaceGuide` and :class:`AmortizedLaplaceGuide`.
     """
-
-    #: the precision S of q(θ) at the last call, detached (read by
-    #: :class:`curvi.laplace_newton.LaplaceNewton`; to be replaced by
-    #: ``laplace_gaussian(trace).global_precision``); a plain attribute, not a
-    #: buffer, so that checkpoints keep their keys
-    last_global_precision = None
 
     def __init__(
         self,
@@ -271,7 +228,6 @@ class LaplaceGuideBase(AutoGuide):
 
             theta_hat, y_hat = self._locs(view, units)
             q = self._gaussian(view, theta_hat, y_hat, units, subsampled)
-        self.last_global_precision = q.global_precision.detach()
 
         theta = pyro.sample(
             f"_{self._pyro_name}_global",
@@ -539,6 +495,36 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         self.global_precision = global_precision
         super().__init__(model, unit_plate=unit_plate, **kwargs)
 
+    def default_optim(self, *args, **kwargs) -> pyro.optim.PyroOptim:
+        """The optimiser :func:`curvi.fit` uses for this guide when given none:
+        sample-average Newton on θ̂ (:class:`~curvi.laplace_newton.LaplaceNewton`
+        with its defaults, docs/design.md §7). Its line search needs a
+        deterministic ELBO under fixed noise, so every unit in each
+        evaluation: when the unit plate subsamples, ``pyro.optim.Adam({"lr":
+        0.01})`` instead. Sets the guide up from ``*args, **kwargs`` if it has
+        not been called yet.
+
+        Usage::
+
+            import pyro, pyro.distributions as dist
+
+            def model(obs):
+                mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+                with pyro.plate("groups", obs.shape[0], dim=-2):
+                    u = pyro.sample("u", dist.Normal(mu, 1.0))
+                    with pyro.plate("obs", obs.shape[1], dim=-1):
+                        pyro.sample("z", dist.Normal(u, 0.5), obs=obs)
+
+            obs = torch.randn(6, 3)
+            guide = AmortizedLaplaceGuide(model, unit_plate="groups")
+            type(guide.default_optim(obs)).__name__   # 'LaplaceNewton'
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.view.unit_indices is not None:
+            return pyro.optim.Adam({"lr": 0.01})
+        return LaplaceNewton()
+
     def _init_locs(self, view, theta):
         if self.global_precision == "marginal" and view.unit_indices is not None:
             raise ValueError(
@@ -618,7 +604,3 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
             raise ValueError(f"mode_fn must return a tensor of shape {expected}, got {shape}")
         y = y.detach().to(dtype=view.dtype, device=view.device)
         return y if units is None else y[units]
-
-
-#: the former private name, kept while :mod:`curvi.laplace_newton` imports it
-_LaplaceGuideBase = LaplaceGuideBase

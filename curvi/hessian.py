@@ -1,7 +1,7 @@
 """The plate-aware Hessian of a model's log density, by compressed products.
 
 Conditional independence across units makes the Hessian of ``log p(θ, y)``
-block arrowhead (DESIGN §2)::
+block arrowhead (docs/design.md §2)::
 
     H = [ A  Bᵀ ]    A: (p, p),  B: (N, k, p),  D: (N, k, k) block diagonal.
         [ B  D  ]

@@ -1,55 +1,63 @@
-"""Newton / natural-gradient steps for the amortized Laplace guide.
+"""Sample-average Newton for the amortized Laplace guide.
 
 The only parameter of :class:`~curvi.guides.AmortizedLaplaceGuide` is θ̂, the
-mean of q(θ) = N(θ̂, S⁻¹), and the guide computes S at every call (DESIGN
-§2, §6). The natural gradient of the ELBO with respect to a Gaussian's mean
-is the gradient preconditioned by the covariance, here ``S⁻¹ g``: a Newton
-step for θ̂ at no extra cost, since S is (up to third derivatives) the
-negative Hessian of the ELBO in θ̂.
+mean of q(θ) = N(θ̂, S⁻¹), and the guide computes S at every call
+(docs/design.md §2, §7). S is, up to third derivatives, the negative Hessian
+of the ELBO in θ̂, so ``S⁻¹ g`` is a Newton step that costs nothing extra.
 
-**Exactness.** For a linear-Gaussian model the ELBO of this guide is
-``log p(θ̂, ŷ(θ̂)) + const``, a quadratic in θ̂ with Hessian ``−S``, so one
-unit step with the *exact* gradient lands on the posterior mean. A
-reparameterised single-draw gradient is not exact: its noise is ``−S δ_θ``
-with ``δ_θ = θ − θ̂ ~ N(0, S⁻¹)``, so a unit Newton step jitters θ̂ by a full
-posterior sd per draw. That noise is linear in the draw's ε; antithetic
-pairs (ε, −ε) cancel it exactly in a Gaussian model and to leading order in
-a near-Gaussian one (:class:`FixedNoise`).
+A reparameterised gradient is noisy: its noise is ``−S δ_θ`` to first order
+(``δ_θ = θ − θ̂ ~ N(0, S⁻¹)``), a full posterior sd per draw. So the noise is
+held fixed (:class:`FixedNoise`, antithetic pairs that cancel its leading
+term), which makes the K-particle ELBO a deterministic function of θ̂; a few
+line-searched Newton iterations maximise it; then the noise is refreshed
+(a new *block*) and the blocks' solutions are averaged. The pieces:
 
-Two ways to use the step:
-
-* :class:`LaplaceNewton` -- a Pyro optimiser, ``SVI(model, guide,
-  LaplaceNewton(guide), loss)``: a damped, trust-region Newton step on
-  θ̂ from whatever gradient ``loss`` gives, with a step size that may decay
-  to average out Monte Carlo noise;
-* :func:`fit_newton` -- the sample-average variant: the noise is held fixed
-  for a block of iterations (so the K-particle ELBO is a deterministic
-  function of θ̂), a few damped Newton iterations with a line search solve
-  it, then the noise is refreshed; the blocks' solutions are averaged and
-  the final ELBO is reported with its Monte Carlo standard error.
+* :func:`newton_step` -- the direction ``−S⁻¹g`` capped to a trust region
+  measured in posterior sds (a gradient step where S is not positive definite);
+* :class:`TrustRegion` -- the radius: it doubles after full steps it clipped
+  (far from the optimum) and shrinks to the accepted fraction on backtracking;
+* :func:`sufficient_increase` -- the line search's acceptance test;
+* :func:`bfgs_update` -- refines the metric from the iterations' gradients;
+* :class:`FixedNoise` -- the noise of one block;
+* :class:`LaplaceNewton` -- the optimiser that composes them, a
+  :class:`pyro.optim.PyroOptim` that comes with its loss
+  (``SVI(model, guide, optim, optim.loss)``); :func:`curvi.fit` uses it by
+  default for the amortized guide;
+* :func:`fit_newton` -- :func:`curvi.fit` with :class:`LaplaceNewton`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import statistics
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 import pyro
 import pyro.optim
-import pyro.poutine as poutine
 from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
 
-__all__ = ["FixedNoise", "LaplaceNewton", "NewtonFit", "NewtonStep", "fit_newton",
-           "newton_step", "particle_elbos"]
+from .checks import check_count, check_positive
+from .fit import FitOutcome, FitResult, fit
+from .posterior import laplace_gaussian
+
+__all__ = [
+    "FixedNoise",
+    "LaplaceNewton",
+    "NewtonStep",
+    "TrustRegion",
+    "bfgs_update",
+    "fit_newton",
+    "newton_step",
+    "particle_elbos",
+    "sufficient_increase",
+]
 
 
 # ---------------------------------------------------------------------------
-# the step (a pure function)
+# the pieces (pure functions and one small class)
 
 
 class NewtonStep(NamedTuple):
@@ -69,7 +77,14 @@ class NewtonStep(NamedTuple):
     fallback: bool
 
 
-def newton_step(grad, precision, *, lr=1.0, max_step=1.0, fallback_lr=0.01) -> NewtonStep:
+def newton_step(
+    grad: torch.Tensor,
+    precision: torch.Tensor | None,
+    *,
+    lr: float = 1.0,
+    max_step: float = 1.0,
+    fallback_lr: float = 0.01,
+) -> NewtonStep:
     """A damped Newton step ``−lr · S⁻¹ grad`` that *descends* a loss.
 
     ``grad`` is the gradient of the loss (the negative ELBO) with respect to
@@ -94,9 +109,9 @@ def newton_step(grad, precision, *, lr=1.0, max_step=1.0, fallback_lr=0.01) -> N
     :param float max_step: trust radius in posterior sds (``math.inf``: none).
     :param float fallback_lr: step size of the gradient fallback.
     """
-    _check_positive("lr", lr)
-    _check_positive("max_step", max_step, allow_inf=True)
-    _check_positive("fallback_lr", fallback_lr)
+    check_positive("lr", lr)
+    check_positive("max_step", max_step, allow_inf=True)
+    check_positive("fallback_lr", fallback_lr)
     grad = grad.detach()
     L = None
     if precision is not None and torch.isfinite(precision).all():
@@ -117,161 +132,83 @@ def newton_step(grad, precision, *, lr=1.0, max_step=1.0, fallback_lr=0.01) -> N
     return NewtonStep(-scale * direction, decrement, clipped, False)
 
 
-def _check_positive(name, value, allow_inf=False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
-    if not ok or (not allow_inf and not math.isfinite(value)) or math.isnan(value):
-        expected = "a number > 0 (math.inf allowed)" if allow_inf else "a finite number > 0"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+class TrustRegion:
+    """The trust radius of Newton steps, in posterior sds of q(θ).
 
-
-def _guide_param(guide):
-    if not hasattr(guide, "loc_global_unconstrained"):
-        raise ValueError(
-            f"{type(guide).__name__} has no parameter loc_global: pass an "
-            "AmortizedLaplaceGuide that has been called once (its parameters are "
-            "created lazily)"
-        )
-    return guide.loc_global_unconstrained
-
-
-# ---------------------------------------------------------------------------
-# the optimiser for SVI
-
-
-class LaplaceNewton(pyro.optim.PyroOptim):
-    """Pyro optimiser: damped Newton steps on the θ̂ of a Laplace guide.
-
-    After each ``loss_and_grads`` of :class:`~pyro.infer.SVI`, reads the
-    gradient of the guide's ``loc_global`` and the precision S of q(θ) the
-    guide computed in that evaluation (``guide.last_global_precision``), and
-    takes :func:`newton_step` with step size ``lr / (1 + decay · t)`` after
-    ``t`` steps inside the trust region. Any other parameter the loss touches (say a ``pyro.param``
-    of the model) is passed to ``others``.
-
-    **Monte Carlo noise.** A unit step from a single-draw gradient moves θ̂
-    by about one posterior sd of noise (see the module docstring), costing
-    ``≈ p / 2`` nats of ELBO for ``p`` globals. With a constant step ``γ``
-    the stationary error is ``γ / (2 − γ)`` posterior variances per
-    coordinate; ``decay > 0`` averages it away (``lr / (1 + decay t)`` with
-    ``decay = 1`` makes θ̂ the running mean of the Newton targets). Many
-    particles divide the noise by their number; antithetic particles
-    (:class:`FixedNoise`) remove its leading term.
+    Far from the optimum the full Newton step is clipped; every clipped step
+    that the line search accepts whole doubles the radius, so a distance of
+    ``d`` sds is covered in ``log₂ d`` steps. A step the line search had to
+    shorten to a fraction ``t`` shrinks the radius to ``t`` times its length,
+    never below the initial ``radius`` (the region is where the quadratic
+    model was seen to hold).
 
     Usage::
 
-        import pyro, pyro.distributions as dist
-        from pyro.infer import SVI, Trace_ELBO
-        from curvi import AmortizedLaplaceGuide
+        region = TrustRegion(2.0)
+        region.update(accepted=1.0, clipped=True)   # radius 4.0
+        region.update(accepted=0.25, clipped=True)  # back to 2.0
 
-        def model(obs):
-            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-            with pyro.plate("groups", obs.shape[0], dim=-2):
-                u = pyro.sample("u", dist.Normal(mu, 1.0))
-                with pyro.plate("obs", obs.shape[1], dim=-1):
-                    pyro.sample("z", dist.Poisson(u.exp()), obs=obs)
-
-        pyro.clear_param_store()
-        obs = torch.poisson(torch.full((20, 5), 3.0))
-        guide = AmortizedLaplaceGuide(model, unit_plate="groups")
-        optim = LaplaceNewton(guide, decay=0.5)
-        svi = SVI(model, guide, optim, Trace_ELBO(num_particles=8, vectorize_particles=True))
-        for step in range(20):
-            svi.step(obs)
-        optim.last  # the last NewtonStep
-
-    :param guide: an :class:`~curvi.guides.AmortizedLaplaceGuide` (or a
-        :class:`~curvi.guides.LaplaceGuide`, whose ``loc_local`` then goes to
-        ``others``).
-    :param float lr: the Newton step size (1: a full step).
-    :param float decay: step-size decay, ``lr / (1 + decay · t)`` (≥ 0),
-        ``t`` counting the steps the trust region did not clip (far from
-        the optimum the steps keep their full size).
-    :param float max_step: trust radius, in posterior sds of q(θ); it
-        doubles while consecutive clipped steps point the same way (far from
-        the optimum) and returns to ``max_step`` as soon as they do not.
-    :param float fallback_lr: step size of the gradient step taken when S is
-        not positive definite.
-    :param ~pyro.optim.PyroOptim others: optimiser of any other parameter;
-        ``None`` raises a ValueError if there is one.
+    :param float radius: the initial and smallest radius (> 0, may be ``inf``).
     """
 
-    def __init__(self, guide, *, lr=1.0, decay=0.0, max_step=1.0, fallback_lr=0.01, others=None):
-        _check_positive("lr", lr)
-        _check_positive("max_step", max_step, allow_inf=True)
-        _check_positive("fallback_lr", fallback_lr)
-        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0 <= decay < math.inf:
-            raise ValueError(f"decay must be a finite number >= 0, got {decay!r}")
-        if others is not None and not isinstance(others, pyro.optim.PyroOptim):
-            raise ValueError(f"others must be a pyro.optim.PyroOptim or None, got {others!r}")
-        from .guides import _LaplaceGuideBase
+    def __init__(self, radius: float):
+        check_positive("radius", radius, allow_inf=True)
+        self.initial = self.radius = float(radius)
 
-        if not isinstance(guide, _LaplaceGuideBase):
-            raise ValueError(
-                f"LaplaceNewton needs an AmortizedLaplaceGuide or LaplaceGuide, got {type(guide).__name__}"
-            )
-        self.guide = guide
-        self.lr, self.decay, self.max_step, self.fallback_lr = lr, decay, max_step, fallback_lr
-        self.others = others
-        self.num_steps, self.num_fallbacks, self.last = 0, 0, None
-        #: steps taken inside the trust region: the clock of the decay
-        self.num_inside = 0
-        self.radius = max_step  # the current trust radius
-        # what curvi.fit clears when it restores a checkpoint
-        self.optim_objs, self.grad_clip = {}, {}
+    def update(self, accepted: float, clipped: bool) -> None:
+        """After a step of which the line search accepted the fraction ``accepted``."""
+        if accepted == 1.0 and clipped:
+            self.radius = 2.0 * self.radius
+        elif accepted < 1.0:
+            self.radius = max(self.initial, self.radius * accepted)
 
-    def __call__(self, params, *args, **kwargs) -> None:
-        """Step θ̂ (and pass the other parameters to ``others``)."""
-        param = _guide_param(self.guide)
-        rest = [p for p in params if p is not param and p.grad is not None]
-        if rest:
-            if self.others is None:
-                store = pyro.get_param_store()
-                names = [store.param_name(p) or "<unnamed>" for p in rest]
-                raise ValueError(
-                    f"LaplaceNewton steps only the guide's loc_global; the loss also has "
-                    f"gradients for {names}: pass an optimiser for them as others="
-                )
-            self.others(rest, *args, **kwargs)
-        if param.grad is None:
-            return
-        precision = self.guide.last_global_precision
-        lr = self.lr / (1.0 + self.decay * self.num_inside)
-        step = newton_step(param.grad, precision, lr=lr, max_step=self.radius,
-                           fallback_lr=self.fallback_lr)
-        # far from the optimum, clipped steps keep pointing the same way: the
-        # radius doubles while they do, and is back at max_step otherwise
-        previous = self.last
-        aligned = (previous is not None and previous.clipped and not previous.fallback
-                   and (previous.step * step.step).sum().item() > 0)
-        self.radius = 2.0 * self.radius if step.clipped and not step.fallback and aligned else self.max_step
-        with torch.no_grad():
-            param.add_(step.step.to(param.dtype))
-        self.num_steps += 1
-        self.num_inside += int(not step.clipped and not step.fallback)
-        self.num_fallbacks += int(step.fallback)
-        self.last = step
+    def reset(self) -> None:
+        """Back to the initial radius."""
+        self.radius = self.initial
 
-    def get_state(self) -> dict:
-        """Step counts (and ``others``' state): what the next step depends on."""
-        state = {"num_steps": self.num_steps, "num_fallbacks": self.num_fallbacks,
-                 "num_inside": self.num_inside,
-                 "radius": self.radius, "last": None if self.last is None else tuple(self.last)}
-        if self.others is not None:
-            state["others"] = self.others.get_state()
-        return state
 
-    def set_state(self, state_dict: dict) -> None:
-        """Restore :meth:`get_state`."""
-        self.num_steps = int(state_dict.get("num_steps", 0))
-        self.num_inside = int(state_dict.get("num_inside", 0))
-        self.num_fallbacks = int(state_dict.get("num_fallbacks", 0))
-        self.radius = float(state_dict.get("radius", self.max_step))
-        last = state_dict.get("last")
-        self.last = None if last is None else NewtonStep(*last)
-        if self.others is not None and "others" in state_dict:
-            self.others.optim_objs.clear()
-            self.others.grad_clip.clear()
-            self.others.set_state(state_dict["others"])
+def sufficient_increase(value: float, new_value: float, fraction: float, predicted: float,
+                        floor: float = 0.0) -> bool:
+    """The line search's test: does a step raise the (deterministic) ELBO
+    from ``value`` to ``new_value`` by at least a quarter of the first-order
+    gain ``fraction · predicted`` (Armijo), less a rounding ``floor``?
+
+    Usage::
+
+        sufficient_increase(-10.0, -9.0, 1.0, 2.0)   # True: rose 1 of 2 predicted
+        sufficient_increase(-10.0, -9.9, 1.0, 2.0)   # False
+
+    :param float value: the ELBO at the start of the step.
+    :param float new_value: the ELBO at the end of the (shortened) step.
+    :param float fraction: the fraction of the step taken.
+    :param float predicted: ``gᵀΔ`` for the full step Δ, with g the ELBO's gradient.
+    :param float floor: the rounding error of the ELBO's sum.
+    """
+    return math.isfinite(new_value) and new_value >= value + 0.25 * fraction * predicted - floor
+
+
+def bfgs_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BFGS update of a Hessian approximation ``H`` of a loss from a step
+    ``s`` and the change ``y`` of the loss gradient; ``H`` is returned as it
+    is unless the curvature ``yᵀs`` along the step is clearly positive.
+
+    Usage::
+
+        H = torch.eye(2)
+        s, y = torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])
+        bfgs_update(H, s, y)   # diag(3, 1): the secant condition H s = y
+
+    :param H: ``(p, p)`` symmetric positive definite.
+    :param s: ``(p,)`` the step.
+    :param y: ``(p,)`` the loss gradient's change along it.
+    """
+    ys = (y * s).sum()
+    Hs = H @ s
+    sHs = (s * Hs).sum()
+    if not (ys > 1e-8 * sHs and sHs > 0):
+        return H
+    H = H - torch.outer(Hs, Hs) / sHs + torch.outer(y, y) / ys
+    return 0.5 * (H + H.T)
 
 
 # ---------------------------------------------------------------------------
@@ -282,15 +219,17 @@ class FixedNoise(Messenger):
     """Draw the guide's Gaussian auxiliary sites from a fixed seed, optionally
     in antithetic pairs.
 
-    Inside ``with FixedNoise(seed):`` every reparameterised sample site of a
-    distribution with ``loc`` and ``scale_tril`` (a Laplace guide's q(θ) and
-    q(yᵢ | θ)) is ``loc + scale_tril ε`` with ε from a generator seeded with
-    ``seed`` at each entry, so repeated evaluations see the same ε and the
-    loss is a deterministic function of the parameters. With
-    ``antithetic=True`` (under ``vectorize_particles``, an even number of
-    particles) the second half of the particles uses ``−ε`` of the first
-    half. Other sites (observed, ``Delta``, ...) are left alone. Enter it
-    around the whole loss evaluation, outside the particle plate.
+    Inside ``with FixedNoise(seed):`` every reparameterised sample site whose
+    distribution can draw from given standard-normal noise -- one with a
+    method ``rsample_from_noise(eps)`` (a Laplace guide's q(θ) and
+    q(yᵢ | θ)), or with ``loc`` and ``scale_tril`` (``loc + scale_tril ε``)
+    -- takes its ε from a generator seeded with ``seed`` at each entry, so
+    repeated evaluations see the same ε and the loss is a deterministic
+    function of the parameters. With ``antithetic=True`` (under
+    ``vectorize_particles``, an even number of particles) the second half of
+    the particles uses ``−ε`` of the first half. Other sites (observed,
+    ``Delta``, ...) are left alone. Enter it around the whole loss
+    evaluation, outside the particle plate.
 
     Usage::
 
@@ -320,9 +259,9 @@ class FixedNoise(Messenger):
 
     def __init__(self, seed: int = 0, *, antithetic: bool = True):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+            raise TypeError(f"seed must be an integer, got {seed!r}")
         if not isinstance(antithetic, bool):
-            raise ValueError(f"antithetic must be True or False, got {antithetic!r}")
+            raise TypeError(f"antithetic must be True or False, got {antithetic!r}")
         super().__init__()
         self.seed, self.antithetic = int(seed), antithetic
         self._generators = {}
@@ -341,12 +280,14 @@ class FixedNoise(Messenger):
         fn = msg["fn"]
         if msg["is_observed"] or msg["value"] is not None or not getattr(fn, "has_rsample", False):
             return
+        from_noise = getattr(fn, "rsample_from_noise", None)
         loc, scale_tril = getattr(fn, "loc", None), getattr(fn, "scale_tril", None)
-        if loc is None or scale_tril is None:
+        if from_noise is None and (loc is None or scale_tril is None):
             return
         shape = fn.batch_shape + fn.event_shape
-        eps = torch.randn(shape, generator=self._generator(loc.device), dtype=loc.dtype,
-                          device=loc.device)
+        like = loc if from_noise is None else fn.mean
+        eps = torch.randn(shape, generator=self._generator(like.device), dtype=like.dtype,
+                          device=like.device)
         if self.antithetic:
             if len(shape) <= len(fn.event_shape) or shape[0] % 2:
                 raise ValueError(
@@ -356,10 +297,14 @@ class FixedNoise(Messenger):
                 )
             half = shape[0] // 2
             eps = torch.cat([eps[:half], -eps[:half]])
-        msg["value"] = loc + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        if from_noise is not None:
+            msg["value"] = from_noise(eps)
+        else:
+            msg["value"] = loc + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
 
 
-def particle_elbos(model, guide, *args, num_particles=2, max_plate_nesting=None, **kwargs):
+def particle_elbos(model: Callable, guide: Callable, *args, num_particles: int = 2,
+                   max_plate_nesting: int | None = None, **kwargs) -> torch.Tensor:
     """The ELBO of each of ``num_particles`` vectorized particles, ``(K,)``,
     differentiable: ``log p(x, z) − log q(x)`` summed over sites, the
     particle axis kept. Their mean is ``−Trace_ELBO(num_particles=K,
@@ -380,15 +325,15 @@ def particle_elbos(model, guide, *args, num_particles=2, max_plate_nesting=None,
     :param int max_plate_nesting: as in :class:`~pyro.infer.Trace_ELBO`
         (default: guessed by running model and guide once more).
     """
-    _check_count("num_particles", num_particles, 1)
+    check_count("num_particles", num_particles, 1)
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
                       max_plate_nesting=math.inf if max_plate_nesting is None else max_plate_nesting)
-    return _particle_values(elbo, model, guide, args, kwargs)
+    return _particle_values(elbo, model, guide, args, kwargs)[0]
 
 
 def _particle_values(elbo, model, guide, args, kwargs):
     """Per-particle ELBOs from one vectorized trace of ``elbo`` (a Trace_ELBO;
-    reuse it so that max_plate_nesting is guessed once)."""
+    reuse it so that max_plate_nesting is guessed once), and the guide trace."""
     model_trace, guide_trace = next(iter(elbo._get_traces(model, guide, args, kwargs)))
     depth = elbo.max_plate_nesting  # the particle plate is the leftmost of these dims
     total = 0.0
@@ -399,77 +344,505 @@ def _particle_values(elbo, model, guide, args, kwargs):
             lp = site["log_prob"]
             while lp.dim() < depth:
                 lp = lp.unsqueeze(0)
-            total = total + sign * lp.reshape(lp.shape[:lp.dim() - depth + 1] + (-1,)).sum(-1)
+            total = total + sign * lp.reshape(lp.shape[: lp.dim() - depth + 1] + (-1,)).sum(-1)
     values = torch.as_tensor(total).reshape(-1)
     K = elbo.num_particles
-    return values.expand(K) if values.numel() == 1 else values
+    return (values.expand(K) if values.numel() == 1 else values), guide_trace
 
 
-def _check_count(name, value, least):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+def _plate_nesting(guide):
+    """The model's plate nesting from the guide's view of it (saves
+    Trace_ELBO a guessing run of model and guide); ``inf`` (guess) without one."""
+    view = getattr(guide, "view", None)
+    return math.inf if view is None else view.max_plate_nesting
+
+
+def _pair_means(values, antithetic):
+    """The independent units of a noise estimate: antithetic pair means."""
+    if not antithetic:
+        return values
+    half = values.shape[0] // 2
+    return (values[:half] + values[half:]) / 2
 
 
 # ---------------------------------------------------------------------------
-# the sample-average variant
+# the optimiser and its loss
 
 
-class NewtonFit(NamedTuple):
-    """The result of :func:`fit_newton`.
+class Evaluation(NamedTuple):
+    """What :class:`LaplaceNewton`'s loss measured at one θ̂.
 
-    :ivar float elbo: ELBO estimate at the final θ̂, from fresh noise.
-    :ivar float se: its Monte Carlo standard error (from antithetic pair
-        means, or particles, when not antithetic).
-    :ivar theta: the final θ̂ (unconstrained), ``(p,)``.
-    :ivar float theta_se: the Monte Carlo error of θ̂ in posterior sds of
-        q(θ), ``sqrt(mean‖θ̂_b − θ̂‖²_S / (B − 1) / B)`` over the ``B``
-        averaged block solutions (``nan`` for one block): the expected ELBO
-        lost to it is about ``theta_se² / 2`` nats.
-    :ivar list block_elbos: each block's sample-average ELBO at its solution.
-    :ivar int evaluations: loss-and-gradient evaluations used in the blocks.
-    :ivar int fallbacks: steps where S was not positive definite.
-    :ivar bool converged: whether every averaged block met ``tol``.
-    :ivar str message: a one-line summary.
+    :ivar float value: the sample-average ELBO.
+    :ivar grad: its gradient in θ̂ (``(p,)``, detached); ``None`` for the
+        final estimate.
+    :ivar precision: the S of q(θ) at θ̂ (detached).
+    :ivar param: the unconstrained θ̂ parameter that was differentiated.
+    :ivar float se: the Monte Carlo standard error of ``value`` (final
+        estimate only, else ``nan``).
+    :ivar float tail: the variance of the estimate's independent draws
+        (antithetic pair means) per latent dimension (final estimate only).
     """
 
-    elbo: float
-    se: float
-    theta: torch.Tensor
-    theta_se: float
-    block_elbos: list
-    evaluations: int
-    fallbacks: int
-    converged: bool
-    message: str
+    value: float
+    grad: torch.Tensor | None
+    precision: torch.Tensor
+    param: torch.Tensor
+    se: float = math.nan
+    tail: float = math.nan
 
 
-def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
-               quasi_newton=True, max_iter=10, tol=0.01, max_step=2.0, fallback_lr=0.01, eval_particles=None,
-               seed=0, callback=None, **kwargs) -> NewtonFit:
-    """Sample-average Newton: fix the noise, solve, refresh, average.
+class NewtonELBO(Trace_ELBO):
+    """The loss of :class:`LaplaceNewton`: the K-particle ELBO under the
+    optimiser's current noise (:class:`FixedNoise` with its block's seed),
+    recording the value, θ̂'s gradient and the guide's S for the step. Made
+    by the optimiser (``optim.loss``), not by hand."""
 
-    For block ``b = 0 .. blocks−1`` the guide's noise is fixed
-    (:class:`FixedNoise` with seed ``seed + b``), so that the
-    ``num_particles``-particle ELBO ``L_b(θ̂)`` is a deterministic function of
-    θ̂, and at most ``max_iter`` damped Newton iterations maximise it: the
-    direction ``S⁻¹ ∇L_b`` (:func:`newton_step`, trust radius ``max_step``
-    posterior sds, gradient fallback when S is not positive definite), then
-    backtracking until ``L_b`` rises by at least a quarter of the predicted
-    gain. A block ends when the predicted gain ``½ gᵀ S⁻¹ g`` is below
-    ``tol`` nats (the blocks after the first take at least one step, so
-    that each solution carries its own noise), or after ``max_iter``
-    iterations (``5 · max_iter`` for the first block, which travels from the
-    start). With ``quasi_newton`` (default) the metric starts at the
-    guide's S and is refined by BFGS updates from the gradients of the
-    iterations, carried across blocks: S alone can be far from the ELBO's
-    curvature (e.g. for variance parameters in a centred hierarchy, where
-    the joint Schur complement is not the marginal curvature), which makes
-    plain S-preconditioned iterations converge only linearly. The final θ̂ is the mean of the solutions of the blocks
-    after the first (the first one travels from the starting point), or the
-    first block's when ``blocks == 1``; the spread of the averaged solutions
-    gives ``theta_se``. The ELBO at the final θ̂ is then estimated from fresh
-    noise (``eval_particles``, default ``4 · num_particles``) with its
-    standard error.
+    def __init__(self, optim: LaplaceNewton):
+        super().__init__(num_particles=optim.num_particles, vectorize_particles=True)
+        self.optim = optim
+        self.last: Evaluation | None = None
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The ELBO estimate at the current θ̂ (no gradient, no record)."""
+        with torch.no_grad():
+            values, _ = self._values(model, guide, args, kwargs, self.optim.noise_seed)
+        return -values.mean().item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Evaluate, backpropagate into every parameter, record for the step."""
+        self._set_nesting(guide)
+        optim = self.optim
+        if optim.finishing:
+            return -self._final_estimate(model, guide, args, kwargs)
+        values, trace = self._values(model, guide, args, kwargs, optim.noise_seed)
+        gaussian = laplace_gaussian(trace)
+        if gaussian is None:
+            raise ValueError(
+                "LaplaceNewton needs a guide that publishes a Laplace Gaussian "
+                "(AmortizedLaplaceGuide or LaplaceGuide); this guide's trace has none"
+            )
+        if gaussian.subsampled:
+            raise ValueError(
+                "LaplaceNewton holds the noise fixed to line-search a deterministic ELBO, "
+                "which a subsampled unit plate makes random; fit with pyro.optim.Adam instead"
+            )
+        value = values.mean()
+        (-value).backward()
+        param = _unconstrained(gaussian.theta_hat)
+        if param.grad is None:
+            raise ValueError("the guide's θ̂ received no gradient from the ELBO")
+        # the ELBO's gradient (the loss's is its negative)
+        self.last = Evaluation(value.item(), -param.grad.detach().clone(),
+                               gaussian.global_precision.detach(), param)
+        return -value.item()
+
+    def _set_nesting(self, guide):
+        if self.max_plate_nesting == math.inf:
+            # Trace_ELBO counts the particle plate in it
+            self.max_plate_nesting = _plate_nesting(guide) + int(self.num_particles > 1)
+
+    def _values(self, model, guide, args, kwargs, seed):
+        with FixedNoise(seed, antithetic=self.optim.antithetic):
+            return _particle_values(self, model, guide, args, kwargs)
+
+    def _final_estimate(self, model, guide, args, kwargs):
+        """The ELBO at the final θ̂ from fresh noise, with its standard error."""
+        optim = self.optim
+        chunks = optim.eval_particles // optim.num_particles
+        with torch.no_grad():
+            values, trace = [], None
+            for c in range(chunks):
+                v, trace = self._values(model, guide, args, kwargs, optim.estimate_seed(c))
+                values.append(_pair_means(v, optim.antithetic))
+            units = torch.cat(values)
+        gaussian = laplace_gaussian(trace)
+        elbo = units.mean().item()
+        spread = units.var().item() if units.numel() > 1 else math.nan
+        se = math.sqrt(spread / units.numel())
+        dim = gaussian.theta_hat.numel() + gaussian.y_hat.numel()
+        param = _unconstrained(gaussian.theta_hat)
+        self.last = Evaluation(elbo, None, gaussian.global_precision.detach(), param, se, spread / dim)
+        return elbo
+
+
+def _unconstrained(theta_hat):
+    """The leaf parameter behind the guide's θ̂ (an unconstrained PyroParam)."""
+    ref = getattr(theta_hat, "unconstrained", None)
+    leaf = ref() if callable(ref) else None
+    return theta_hat if leaf is None else leaf
+
+
+class LaplaceNewton(pyro.optim.PyroOptim):
+    """Sample-average Newton on θ̂ of a Laplace guide: a Pyro optimiser that
+    comes with its loss.
+
+    **The convention.** A curvature optimiser needs more than the gradient
+    Pyro's optimisers receive: here the guide's precision S of q(θ) and the
+    ELBO's value for the line search. So the optimiser owns its loss,
+    ``optim.loss`` (:class:`NewtonELBO`, a :class:`~pyro.infer.Trace_ELBO`),
+    which records them during ``loss_and_grads``; ``optim(params)`` then
+    takes the step. Use ``SVI(model, guide, optim, optim.loss)``, or
+    :func:`curvi.fit`, which does so by itself (and uses this optimiser by
+    default for :class:`~curvi.guides.AmortizedLaplaceGuide`). Like any Pyro
+    optimiser it checkpoints through :meth:`get_state` / :meth:`set_state`;
+    parameters other than θ̂ (``pyro.param`` sites of the model) are stepped
+    by :class:`torch.optim.Adam` through :class:`~pyro.optim.PyroOptim`'s own
+    machinery, with the arguments ``others``.
+
+    **The algorithm** (docs/design.md §7). Each SVI step is one evaluation of
+    the ``num_particles``-particle ELBO and its gradient under the noise of
+    the current block (:class:`FixedNoise`, seed ``seed + block``). From an
+    accepted point, the Newton direction in the metric S (refined by
+    :func:`bfgs_update` when ``quasi_newton``) capped by a
+    :class:`TrustRegion`; then backtracking until :func:`sufficient_increase`
+    (at most 10 halvings). When the line search fails along the Newton
+    direction, the metric is reset to the guide's S and the radius to its
+    initial value; when it fails along that too, a gradient step is tried
+    before the block gives up. A block ends when the predicted gain
+    ``½ gᵀ S⁻¹ g`` is below ``tol`` nats (blocks after the first take at
+    least one step, so that each solution carries its own noise) or after
+    ``max_iter`` iterations (five times as many for the first block, which
+    travels from the start). After ``blocks`` blocks θ̂ is the mean of the
+    solutions of the blocks after the first (the first block's alone when
+    ``blocks == 1``), and one last evaluation estimates the ELBO there from
+    fresh noise (``eval_particles``) with its standard error. If the
+    estimate's independent draws vary by more than two nat² per latent
+    dimension -- a heavy tail (a funnel, say) that the sample average of
+    ``num_particles`` draws does not represent -- the blocks run again from
+    there with twice the particles, up to ``max_particles``, after which
+    the fit says so and is not converged. Then :attr:`outcome` is set, and
+    :func:`curvi.fit` stops.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from pyro.infer import SVI
+        from curvi import AmortizedLaplaceGuide
+
+        def model(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            with pyro.plate("groups", obs.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, 1.0))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Poisson(u.exp()), obs=obs)
+
+        pyro.clear_param_store()
+        obs = torch.poisson(torch.full((20, 5), 3.0))
+        guide = AmortizedLaplaceGuide(model, unit_plate="groups")
+        optim = LaplaceNewton(num_particles=8, blocks=2)
+        svi = SVI(model, guide, optim, optim.loss)
+        while optim.outcome is None:
+            svi.step(obs)
+        print(optim.outcome.message)
+
+    :param int num_particles: particles per evaluation (even when antithetic).
+    :param bool antithetic: antithetic particle pairs.
+    :param int blocks: noise blocks.
+    :param int max_iter: Newton iterations per block at most (five times as
+        many for the first).
+    :param float tol: predicted gain, in nats, that ends a block.
+    :param float max_step: initial (and smallest) trust radius in posterior
+        sds of q(θ).
+    :param float fallback_lr: step size of the gradient steps taken where S
+        is not positive definite or the Newton direction fails.
+    :param bool quasi_newton: refine S by BFGS updates (else each step uses
+        the guide's S at the current θ̂).
+    :param int eval_particles: particles of the final ELBO estimate (a
+        multiple of ``num_particles``; default ``4 · num_particles``).
+    :param int max_particles: the most particles per evaluation that the
+        heavy-tail rule may double ``num_particles`` to.
+    :param int seed: seed of the first block's noise.
+    :param dict others: :class:`torch.optim.Adam` arguments for parameters
+        other than θ̂; ``None`` raises a ValueError naming any such parameter.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_particles: int = 8,
+        antithetic: bool = True,
+        blocks: int = 3,
+        max_iter: int = 10,
+        tol: float = 0.01,
+        max_step: float = 2.0,
+        fallback_lr: float = 0.01,
+        quasi_newton: bool = True,
+        eval_particles: int | None = None,
+        max_particles: int = 128,
+        seed: int = 0,
+        others: dict | None = None,
+    ):
+        check_count("num_particles", num_particles, 1)
+        if not isinstance(antithetic, bool):
+            raise TypeError(f"antithetic must be True or False, got {antithetic!r}")
+        if antithetic and num_particles % 2:
+            raise ValueError(f"antithetic particles need an even num_particles, got {num_particles!r}")
+        check_count("blocks", blocks, 1)
+        check_count("max_iter", max_iter, 1)
+        check_positive("tol", tol, allow_zero=True)
+        check_positive("max_step", max_step, allow_inf=True)
+        check_positive("fallback_lr", fallback_lr)
+        if not isinstance(quasi_newton, bool):
+            raise TypeError(f"quasi_newton must be True or False, got {quasi_newton!r}")
+        eval_particles = 4 * num_particles if eval_particles is None else eval_particles
+        check_count("eval_particles", eval_particles, num_particles)
+        if eval_particles % num_particles:
+            raise ValueError(
+                f"eval_particles must be a multiple of num_particles={num_particles}, got {eval_particles!r}"
+            )
+        check_count("max_particles", max_particles, num_particles)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        if others is not None and not isinstance(others, dict):
+            raise TypeError(f"others must be a dict of torch.optim.Adam arguments or None, got {others!r}")
+        super().__init__(torch.optim.Adam, dict(others or {}))
+        self.has_others = others is not None
+        self.num_particles, self.antithetic, self.blocks = num_particles, antithetic, blocks
+        self.max_iter, self.tol, self.fallback_lr = max_iter, tol, fallback_lr
+        self.quasi_newton, self.eval_particles, self.seed = quasi_newton, eval_particles, int(seed)
+        self.max_particles = max_particles
+        self.region = TrustRegion(max_step)
+        self.loss = NewtonELBO(self)
+        self._reset()
+
+    # ------------------------------------------------------------------ state
+    def _reset(self):
+        self.block = 0
+        self.round = 0  # particle doublings so far
+        self.round_start = 0  # the first block of this round
+        self.round_end = self.blocks  # the block count at which this round ends
+        self.phase = "start"  # start | trial | finishing | done
+        self.iteration = 0
+        self.current = None  # the accepted Evaluation
+        self.metric = None  # the metric of the steps: S, refined by BFGS
+        self.trial = None  # (start θ̂, full step, fraction, halvings, NewtonStep, kind)
+        self.solutions, self.block_elbos, self.block_converged = [], [], []
+        self.num_evaluations, self.num_iterations, self.num_fallbacks = 0, 0, 0
+        self.outcome: FitOutcome | None = None
+        self.region.reset()
+
+    @property
+    def noise_seed(self) -> int:
+        """The seed of the current block's noise."""
+        return self.seed + self.block
+
+    def estimate_seed(self, chunk: int) -> int:
+        """The seed of a chunk of the final estimate (apart from the blocks')."""
+        return self.seed + 1_000_000 + 10_000 * self.round + chunk
+
+    @property
+    def finishing(self) -> bool:
+        """Whether the next evaluation is the final ELBO estimate."""
+        return self.phase == "finishing"
+
+    # ------------------------------------------------------------------- step
+    def __call__(self, params, *args, **kwargs) -> None:
+        """Take the step that the loss's last evaluation calls for."""
+        record = self.loss.last
+        if record is None:
+            raise ValueError(
+                "LaplaceNewton steps from what its own loss measured: use "
+                "SVI(model, guide, optim, optim.loss)"
+            )
+        self.loss.last = None
+        param = record.param
+        rest = [p for p in params if p is not param and p.grad is not None]
+        if rest:
+            if not self.has_others:
+                store = pyro.get_param_store()
+                names = [store.param_name(p) or "<unnamed>" for p in rest]
+                raise ValueError(
+                    f"LaplaceNewton steps only the guide's θ̂; the loss also has gradients "
+                    f"for {names}: pass Adam arguments for them as others="
+                )
+            super().__call__(rest, *args, **kwargs)
+        if self.phase == "done":
+            raise ValueError("LaplaceNewton has finished; make a new one to fit again")
+        self.num_evaluations += 1
+        with torch.no_grad():
+            if self.phase == "finishing":
+                self._finish(record)
+            elif self.phase == "start":
+                self._start_block(param, record)
+            else:
+                self._judge_trial(param, record)
+
+    def _start_block(self, param, record):
+        self.current, self.iteration = record, 0
+        if self.metric is None or not self.quasi_newton:
+            self.metric = record.precision
+        self._plan(param)
+
+    def _plan(self, param):
+        """From the accepted point: end the block, or propose a step."""
+        first = self.block == 0
+        limit = 5 * self.max_iter if first else self.max_iter
+        current = self.current
+        step = newton_step(-current.grad, self.metric, max_step=self.region.radius,
+                           fallback_lr=self.fallback_lr)
+        small = 0.5 * step.decrement**2 < self.tol and (first or self.iteration > 0)
+        if not step.fallback and not step.clipped and small:
+            return self._end_block(param, converged=True)
+        if self.iteration >= limit:
+            return self._end_block(param, converged=False)
+        self._propose(param, step, "newton")
+
+    def _propose(self, param, step, kind):
+        self.trial = (param.detach().clone(), step, 1.0, 0, kind)
+        self.phase = "trial"
+        param.add_(step.step.to(param.dtype))
+
+    def _judge_trial(self, param, record):
+        start, step, fraction, halvings, kind = self.trial
+        current = self.current
+        predicted = (current.grad * step.step).sum().item()
+        # rounding error of the summed log density (float32 resolves a
+        # 10⁵-term ELBO only to ~0.01 nat)
+        floor = 16 * torch.finfo(param.dtype).eps * abs(current.value)
+        if sufficient_increase(current.value, record.value, fraction, predicted, floor):
+            return self._accept(param, record, step, fraction, kind)
+        if halvings < 10:
+            fraction *= 0.5
+            self.trial = (start, step, fraction, halvings + 1, kind)
+            param.copy_(start + fraction * step.step.to(param.dtype))
+            return
+        param.copy_(start)
+        # the line search failed along this direction: reset the metric to
+        # the guide's S, then try the gradient, before giving up the block
+        if kind == "newton" and (self.quasi_newton and self.metric is not current.precision):
+            self.metric = current.precision
+            self.region.reset()
+            step = newton_step(-current.grad, self.metric, max_step=self.region.radius,
+                               fallback_lr=self.fallback_lr)
+            return self._propose(param, step, "reset")
+        if kind != "gradient":
+            self.region.reset()
+            step = newton_step(-current.grad, None, max_step=self.region.radius,
+                               fallback_lr=self.fallback_lr)
+            self.num_fallbacks += 1
+            return self._propose(param, step, "gradient")
+        self._end_block(param, converged=False)
+
+    def _accept(self, param, record, step, fraction, kind):
+        self.region.update(fraction, step.clipped)
+        self.num_fallbacks += int(step.fallback and kind != "gradient")
+        current = self.current
+        if step.fallback or step.clipped or kind == "gradient" or not self.quasi_newton:
+            # a gradient step, or far from the optimum: the guide's S at the new
+            # point (BFGS would accumulate the curvature of far regions)
+            self.metric = record.precision
+        else:
+            self.metric = bfgs_update(self.metric, fraction * step.step, current.grad - record.grad)
+        self.current = record
+        self.iteration += 1
+        self.num_iterations += 1
+        self._plan(param)
+
+    def _averaged(self):
+        """The solutions averaged: this round's blocks after its first (which
+        travels from where the round started), or its only one."""
+        solutions = self.solutions[self.round_start :]
+        return solutions[1:] if len(solutions) > 1 else solutions
+
+    def _end_block(self, param, converged):
+        self.solutions.append(param.detach().clone())
+        self.block_elbos.append(self.current.value)
+        if self.block > self.round_start or self.blocks == 1:
+            self.block_converged.append(converged)
+        self.block += 1
+        self.trial = None
+        if self.block < self.round_end:
+            self.phase = "start"
+            return
+        param.copy_(torch.stack(self._averaged()).mean(0))
+        self.phase = "finishing"
+
+    def _finish(self, record):
+        """From the final estimate: the outcome, or, when the draws' ELBOs
+        vary by more than two nat² per latent dimension (a heavy tail that K
+        particles do not average), another round with twice the particles."""
+        heavy = not record.tail <= 2.0
+        if heavy and 2 * self.num_particles <= self.max_particles:
+            self.num_particles *= 2
+            self.eval_particles *= 2
+            self.loss.num_particles = self.num_particles
+            self.round += 1
+            self.round_start, self.round_end = self.block, self.block + self.blocks
+            self.block_converged = []
+            self.region.reset()
+            self.phase = "start"
+            return
+        averaged = self._averaged()
+        theta = torch.stack(averaged).mean(0)
+        theta_se = math.nan
+        S = record.precision
+        if len(averaged) > 1:
+            spread = torch.stack(averaged) - theta
+            mean_sq = ((spread @ S) * spread).sum().item() / (len(averaged) - 1)
+            theta_se = math.sqrt(max(mean_sq, 0.0) / len(averaged))
+        converged = all(self.block_converged) and not heavy
+        status = "converged" if converged else "not converged"
+        message = (
+            f"{status}: ELBO {record.value:.6g} ± {record.se:.2g} (MC SE, {self.eval_particles} "
+            f"particles); θ̂ MC error {theta_se:.2g} posterior sds; {self.block} blocks, "
+            f"{self.num_iterations} Newton iterations, {self.num_evaluations} evaluations"
+            + (f", {self.num_fallbacks} gradient fallbacks" if self.num_fallbacks else "")
+            + (f"; {self.num_particles} particles after {self.round} doublings" if self.round else "")
+            + (f"; the draws' ELBOs are heavy-tailed ({record.tail:.3g} nat² per latent "
+               f"dimension with max_particles={self.max_particles}): the estimate and θ̂ "
+               "are unreliable" if heavy else "")
+        )
+        self.outcome = FitOutcome(converged, message, record.value, record.se,
+                                  {"theta": theta, "theta_se": theta_se,
+                                   "block_elbos": list(self.block_elbos),
+                                   "num_iterations": self.num_iterations,
+                                   "num_fallbacks": self.num_fallbacks,
+                                   "num_particles": self.num_particles,
+                                   "tail": record.tail})
+        self.phase = "done"
+
+    # ------------------------------------------------------------ checkpoints
+    _STATE = ("block", "round", "round_start", "round_end", "num_particles", "eval_particles", "phase", "iteration", "current", "metric", "trial", "solutions",
+              "block_elbos", "block_converged", "num_evaluations", "num_iterations",
+              "num_fallbacks", "outcome")
+
+    def get_state(self) -> dict:
+        """The state of the Newton iterations and of the ``others`` optimiser."""
+        newton = {name: getattr(self, name) for name in self._STATE}
+        newton["current"] = None if self.current is None else tuple(self.current)
+        newton["radius"] = self.region.radius
+        return {"newton": newton, "others": super().get_state()}
+
+    def set_state(self, state_dict: dict) -> None:
+        """Restore :meth:`get_state`."""
+        if set(state_dict) != {"newton", "others"}:
+            raise ValueError("not a LaplaceNewton state (expected keys 'newton' and 'others')")
+        newton = dict(state_dict["newton"])
+        self.region.radius = newton.pop("radius")
+        current = newton.pop("current")
+        for name, value in newton.items():
+            setattr(self, name, value)
+        self.current = None if current is None else Evaluation(*current)
+        self.loss.num_particles = self.num_particles
+        if self.trial is not None and self.trial[1] is not None:
+            self.trial = (self.trial[0], NewtonStep(*self.trial[1]), *self.trial[2:])
+        super().set_state(state_dict["others"])
+
+
+def fit_newton(model: Callable, guide: Callable, *args, checkpoint=None, callback=None,
+               progress: bool = False, **kwargs) -> FitResult:
+    """:func:`curvi.fit` with :class:`LaplaceNewton`: sample-average Newton.
+
+    Keyword arguments that :class:`LaplaceNewton` takes (``num_particles``,
+    ``antithetic``, ``blocks``, ``max_iter``, ``tol``, ``max_step``,
+    ``fallback_lr``, ``quasi_newton``, ``eval_particles``, ``seed``,
+    ``others``) configure it; ``checkpoint``, ``callback`` and ``progress``
+    go to :func:`curvi.fit`; the rest go to the model and guide. The result
+    is :func:`curvi.fit`'s, with the final ELBO and its Monte Carlo standard
+    error, and in ``info`` the final θ̂ (``theta``), its Monte Carlo error in
+    posterior sds (``theta_se``: the ELBO lost to it is about
+    ``theta_se² / 2`` nats), each block's ELBO, the Newton iterations and
+    the gradient fallbacks.
 
     Antithetic particles matter: the reparameterised gradient's noise is
     ``−S δ_θ`` to first order, so without them each block's solution sits
@@ -493,181 +866,14 @@ def fit_newton(model, guide, *args, num_particles=32, antithetic=True, blocks=3,
         obs = torch.poisson(torch.full((50, 5), 3.0))
         guide = AmortizedLaplaceGuide(model, unit_plate="groups")
         result = fit_newton(model, guide, obs, num_particles=16, blocks=3)
-        print(result.message)  # ELBO ... ± ...
-
-    :param model: a Pyro model with one unit plate.
-    :param guide: an :class:`~curvi.guides.AmortizedLaplaceGuide` (called
-        once here if it has not been).
-    :param int num_particles: particles per block (even when antithetic).
-    :param bool antithetic: antithetic particle pairs.
-    :param int blocks: noise refreshes.
-    :param bool quasi_newton: refine S by BFGS updates (else every step
-        uses the guide's S at the current θ̂).
-    :param int max_iter: Newton iterations per block at most (five times as
-        many for the first).
-    :param float tol: predicted gain, in nats, that ends a block.
-    :param float max_step: initial (and smallest) trust radius in posterior
-        sds of q(θ); it doubles after every full step it clipped (far from
-        the optimum) and shrinks back when the line search backtracks.
-    :param float fallback_lr: step size of the gradient fallback.
-    :param int eval_particles: particles of the final ELBO estimate (a
-        multiple of ``num_particles``).
-    :param int seed: seed of the first block; the final estimate uses
-        ``seed + blocks`` onwards.
-    :param callback: ``callback(block, iteration, elbo)`` after every
-        accepted iteration; a true return value stops the fit.
-    :returns: a :class:`NewtonFit`.
+        print(result.message)  # converged: ELBO ... ± ...
     """
-    _check_count("num_particles", num_particles, 1)
-    if antithetic and num_particles % 2:
-        raise ValueError(f"antithetic particles need an even num_particles, got {num_particles!r}")
-    _check_count("blocks", blocks, 1)
-    _check_count("max_iter", max_iter, 1)
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    _check_positive("max_step", max_step, allow_inf=True)
-    _check_positive("fallback_lr", fallback_lr)
-    eval_particles = 4 * num_particles if eval_particles is None else eval_particles
-    _check_count("eval_particles", eval_particles, num_particles)
-    if eval_particles % num_particles:
-        raise ValueError(
-            f"eval_particles must be a multiple of num_particles={num_particles}, got {eval_particles!r}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable or None, got {callback!r}")
-    if not hasattr(guide, "loc_global_unconstrained"):
-        with poutine.block():  # not under no_grad: the set-up's laplace_mode differentiates
-            guide(*args, **kwargs)
-    param = _guide_param(guide)
-    loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
-                      max_plate_nesting=_plate_nesting(guide))
-
-    def evaluate(block_seed):
-        """ELBO (sample average) and its gradient at the current θ̂."""
-        param.grad = None
-        with FixedNoise(block_seed, antithetic=antithetic):
-            values = _particle_values(loss, model, guide, args, kwargs)
-        value = values.mean()
-        (grad,) = torch.autograd.grad(value, param)
-        return value.item(), grad, guide.last_global_precision
-
-    solutions, block_elbos, block_precisions = [], [], []
-    evaluations, fallbacks, all_converged, stopped = 0, 0, True, False
-    curvature = None  # the metric of the steps: S, refined by BFGS updates
-    radius = max_step  # the trust radius: grows while full clipped steps succeed
-    for b in range(blocks):
-        value, grad, S = evaluate(seed + b)
-        evaluations += 1
-        if curvature is None or not quasi_newton:
-            curvature = S
-        converged = False
-        for it in range(max_iter if b > 0 else 5 * max_iter):
-            step = newton_step(-grad, curvature, max_step=radius, fallback_lr=fallback_lr)
-            fallbacks += int(step.fallback)
-            # a refreshed block takes at least one step: its solution must
-            # reflect its own noise, or averaging and theta_se mean nothing
-            small = 0.5 * step.decrement**2 < tol and (b == 0 or it > 0)
-            if not step.fallback and not step.clipped and small:
-                converged = True
-                break
-            start = param.detach().clone()
-            t, accepted = 1.0, False
-            # rounding error of the summed log density: in float32 a 10⁵-term
-            # ELBO cannot resolve gains below ~0.01 nat
-            floor = 16 * torch.finfo(param.dtype).eps * abs(value)
-            predicted = (grad * step.step).sum().item()
-            for _ in range(10):
-                with torch.no_grad():
-                    param.copy_(start + t * step.step)
-                new_value, new_grad, new_S = evaluate(seed + b)
-                evaluations += 1
-                if math.isfinite(new_value) and new_value >= value + 0.25 * t * predicted - floor:
-                    accepted = True
-                    break
-                t *= 0.5
-            if not accepted:
-                with torch.no_grad():
-                    param.copy_(start)
-                break
-            # far from the optimum the radius doubles after each full step it
-            # clipped, so the distance is covered in logarithmically many
-            # steps; a backtracked step shrinks it back towards max_step
-            if t == 1.0 and step.clipped:
-                radius = 2.0 * radius
-            elif t < 1.0:
-                radius = max(max_step, radius * t)
-            if step.fallback or step.clipped:
-                # a gradient step, or far from the optimum: the guide's S at the
-                # new point (BFGS would accumulate the curvature of far regions)
-                curvature = new_S
-            elif quasi_newton:
-                curvature = _bfgs_update(curvature, t * step.step, grad - new_grad)
-            else:
-                curvature = new_S
-            value, grad, S = new_value, new_grad, new_S
-            if callback is not None and callback(b, it, value):
-                stopped = True
-                break
-        if not converged and not stopped:
-            step = newton_step(-grad, curvature, max_step=math.inf)
-            converged = not step.fallback and 0.5 * step.decrement**2 < tol
-        solutions.append(param.detach().clone())
-        block_elbos.append(value)
-        block_precisions.append(S)
-        if b > 0 or blocks == 1:
-            all_converged = all_converged and converged
-        if stopped:
-            break
-
-    averaged = solutions[1:] if len(solutions) > 1 else solutions
-    theta = torch.stack(averaged).mean(0)
-    theta_se = math.nan
-    S = block_precisions[-1]
-    if len(averaged) > 1 and S is not None:
-        spread = torch.stack(averaged) - theta
-        mean_sq = ((spread @ S) * spread).sum(-1).sum().item() / (len(averaged) - 1)
-        theta_se = math.sqrt(mean_sq / len(averaged))
-    with torch.no_grad():
-        param.copy_(theta)
-        values = []
-        for c in range(eval_particles // num_particles):
-            with FixedNoise(seed + blocks + c, antithetic=antithetic):
-                values.append(_particle_values(loss, model, guide, args, kwargs))
-        values = torch.cat(values)
-    if antithetic:
-        half = num_particles // 2
-        units = torch.cat([(v[:half] + v[half:]) / 2 for v in values.split(num_particles)])
-    else:
-        units = values
-    elbo = units.mean().item()
-    se = units.std().item() / math.sqrt(units.numel()) if units.numel() > 1 else math.nan
-    status = "stopped by callback" if stopped else ("converged" if all_converged else "not converged")
-    message = (f"ELBO {elbo:.6g} ± {se:.2g} (MC SE, {eval_particles} particles); θ̂ MC error "
-               f"{theta_se:.2g} posterior sds; {len(solutions)} blocks, {evaluations} evaluations, "
-               f"{status}")
-    return NewtonFit(elbo, se, theta.clone(), theta_se, block_elbos, evaluations, fallbacks,
-                     all_converged, message)
+    options = {name: kwargs.pop(name) for name in _NEWTON_OPTIONS if name in kwargs}
+    optim = LaplaceNewton(**options)
+    steps = 1_000_000  # never the binding limit: the optimiser stops the fit
+    return fit(model, guide, *args, optim=optim, steps=steps, checkpoint=checkpoint,
+               callback=callback, progress=progress, **kwargs)
 
 
-def _plate_nesting(guide):
-    """The model's plate nesting from the guide's view of it (saves
-    Trace_ELBO a guessing run of model and guide); ``inf`` (guess) without one."""
-    view = getattr(guide, "view", None)
-    return math.inf if view is None else view.max_plate_nesting
-
-
-def _bfgs_update(H, s, y):
-    """BFGS update of a Hessian approximation ``H`` of the loss (−ELBO) from a
-    step ``s`` and the change ``y`` of the loss gradient; skipped (``H``
-    kept) unless the curvature ``yᵀs`` along the step is clearly positive."""
-    if H is None:
-        return H
-    ys = (y * s).sum()
-    Hs = H @ s
-    sHs = (s * Hs).sum()
-    if not (ys > 1e-8 * sHs and sHs > 0):
-        return H
-    H = H - torch.outer(Hs, Hs) / sHs + torch.outer(y, y) / ys
-    return 0.5 * (H + H.T)
+_NEWTON_OPTIONS = ("num_particles", "antithetic", "blocks", "max_iter", "tol", "max_step",
+                   "fallback_lr", "quasi_newton", "eval_particles", "max_particles", "seed", "others")

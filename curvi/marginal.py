@@ -1,6 +1,6 @@
 """Laplace-marginal inference: the unit latents integrated out by Laplace's method.
 
-For a model with globals θ and unit latents y (DESIGN §4)::
+For a model with globals θ and unit latents y (docs/design.md §5)::
 
     log p̃(θ, z) = log p(θ, ŷ(θ), z) + (N k / 2) log 2π − ½ Σᵢ log det(−Dᵢ(θ, ŷ(θ)))
 

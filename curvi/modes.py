@@ -8,7 +8,7 @@ model's terms cannot be split by unit), and a step cap.
 
 :func:`implicit_modes` then takes one differentiable Newton step at the
 solution, ``ŷ = ŷ* + Dᵢ⁻¹ ∇_y log p(θ, ŷ*)`` with the precision block ``Dᵢ``
-detached (DESIGN §3): its value is ``ŷ*`` refined by one more step, its
+detached (docs/design.md §4.3): its value is ``ŷ*`` refined by one more step, its
 derivative with respect to θ is the implicit-function one, ``−Dᵢ⁻¹ Bᵢ``.
 """
 

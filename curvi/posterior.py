@@ -8,7 +8,9 @@ held as its mean and one :class:`~curvi.arrowhead.ArrowheadPrecision` ``P``
 whose Schur complement is ``S`` and whose ``Mᵢ = Dᵢ⁻¹Bᵢ`` (docs/design.md
 §2). Everything else -- draws, densities, the site distributions, the
 marginal variances -- comes from ``P``'s factors. The guides publish it in
-their trace (:func:`curvi.guides.laplace_gaussian`).
+their trace: the ``infer`` dict of their global site holds it under the key
+``"laplace_gaussian"``, and :func:`laplace_gaussian` (also importable from
+:mod:`curvi.guides`) reads it from a guide trace.
 
 :class:`LaplacePosterior` is what the guides' ``get_posterior`` returns: a
 :class:`LaplaceGaussian` over all units and the
@@ -20,6 +22,7 @@ dense covariance).
 from __future__ import annotations
 
 import torch
+from pyro.poutine.trace_struct import Trace
 
 from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
 
@@ -29,7 +32,7 @@ class LaplaceGaussian:
     one batch, in the arrowhead factorisation.
 
     The one value a Laplace guide computes per call (published in its
-    trace, :func:`curvi.guides.laplace_gaussian`), and what
+    trace, :func:`laplace_gaussian`), and what
     :class:`LaplacePosterior` reads out. ``precision`` is the precision of
     exactly the Gaussian the guide samples: its Schur complement is the
     precision ``S`` of q(θ) actually used (under a subsampled unit plate the
@@ -62,6 +65,10 @@ class LaplaceGaussian:
     :ivar ArrowheadPrecision precision: ``P``.
     :ivar bool subsampled: whether the unit plate was subsampled.
     :ivar units: the unit indices of the batch, or ``None``.
+    :ivar torch.Tensor global_precision: ``S``, the precision of q(θ),
+        ``(p, p)`` (``precision.schur``; differentiable).
+    :ivar torch.Tensor local_precision: the ``Dᵢ``, ``(n, k, k)``.
+    :ivar torch.Tensor M: the ``Mᵢ = Dᵢ⁻¹Bᵢ``, ``(n, k, p)``.
     """
 
     def __init__(self, theta_hat: torch.Tensor, y_hat: torch.Tensor, precision: ArrowheadPrecision,
@@ -141,6 +148,49 @@ class LaplaceGaussian:
         """Marginal variances ``(var_theta (p,), var_y (n, k))``:
         the diagonals of ``S⁻¹`` and of ``Dᵢ⁻¹ + Mᵢ S⁻¹ Mᵢᵀ``."""
         return self.precision.marginal_variances()
+
+
+#: the key of the global auxiliary site's ``infer`` dict that holds the
+#: call's :class:`~curvi.posterior.LaplaceGaussian`
+INFER_KEY = "laplace_gaussian"
+
+
+def laplace_gaussian(guide_trace: Trace) -> LaplaceGaussian | None:
+    """The :class:`~curvi.posterior.LaplaceGaussian` a Laplace guide drew
+    from in ``guide_trace`` (with its graph), or ``None`` when the trace has
+    no Laplace guide site.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+
+        def model(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            with pyro.plate("groups", obs.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, 1.0))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Normal(u, 0.5), obs=obs)
+
+        obs = torch.randn(6, 3)
+        from curvi import AmortizedLaplaceGuide
+        guide = AmortizedLaplaceGuide(model, unit_plate="groups")
+        trace = pyro.poutine.trace(guide).get_trace(obs)
+        q = laplace_gaussian(trace)
+        q.theta_hat, q.global_precision, q.y_hat.shape, q.subsampled   # (1,), (1, 1), (6, 1), False
+
+    :param pyro.poutine.Trace guide_trace: a trace of the guide.
+    :raises ValueError: when the trace holds the sites of more than one Laplace guide.
+    """
+    found = [
+        (name, site["infer"][INFER_KEY]) for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and INFER_KEY in (site.get("infer") or {})
+    ]
+    if len(found) > 1:
+        raise ValueError(
+            f"the trace holds the Gaussians of {len(found)} Laplace guides (sites "
+            f"{[name for name, _ in found]}); read the site's infer[{INFER_KEY!r}] directly"
+        )
+    return found[0][1] if found else None
 
 
 class LaplacePosterior:

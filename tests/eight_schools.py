@@ -63,6 +63,9 @@ import torch
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
+
+from curvi.guides import laplace_gaussian
 
 __all__ = ["Y", "SIGMA", "NUM_SCHOOLS", "LOG_EVIDENCE", "BEST_GAUSSIAN_ELBO",
            "BEST_GAUSSIAN_MEAN", "BEST_GAUSSIAN_COV", "AMORTIZED_GUIDE_BEST_ELBO",
@@ -239,20 +242,15 @@ def reference_values():
 
 def _amortized_guide_parts(guide, theta_hat, y, sigma):
     """(θ̂, ŷ, S, M, D) of ``guide`` with its mean set to ``theta_hat``."""
-    import pyro.poutine as poutine
 
     with torch.no_grad():
         guide.loc_global_unconstrained.copy_(torch.as_tensor(theta_hat, dtype=torch.float64))
     if getattr(guide, "global_precision", "joint") == "marginal":
         guide.marginal_count.zero_()  # the marginal curvature at θ̂ itself, not a cached one
-    guide.record_gaussian = True
-    try:
-        with poutine.block(), torch.no_grad():
-            guide(y, sigma)
-    finally:
-        guide.record_gaussian = False
-    gp = guide.last_gaussian
-    return tuple(t.detach() for t in (gp.theta_hat, gp.y_hat[:, 0], gp.S, gp.M[:, 0, :], gp.D[:, 0, 0]))
+    with poutine.block(), torch.no_grad():
+        trace = poutine.trace(guide).get_trace(y, sigma)
+    q = laplace_gaussian(trace).detach()
+    return q.theta_hat, q.y_hat[:, 0], q.global_precision, q.M[:, 0, :], q.local_precision[:, 0, 0]
 
 
 def amortized_guide_elbo(guide, theta_hat, n=64):

@@ -142,7 +142,7 @@ def test_conjugate_normal_posterior_and_trace_length():
     ).log_prob(x)
 
     assert isinstance(result, FitResult)
-    assert len(result.elbo) == result.steps == 1500
+    assert len(result.elbo) == result.num_evaluations == 1500
     assert not result.converged and result.message == "reached steps=1500"
     with torch.no_grad():
         assert abs(guide.median()["mu"] - post_mean) < 0.25 * post_sd
@@ -161,9 +161,9 @@ def test_converges_early_on_an_easy_problem():
         optim=pyro.optim.Adam({"lr": 0.05}),
     )
     assert result.converged
-    assert result.steps < 3000 and result.steps % 50 == 0
-    assert len(result.elbo) == result.steps
-    assert result.message == f"converged after {result.steps} steps"
+    assert result.num_evaluations < 3000 and result.num_evaluations % 50 == 0
+    assert len(result.elbo) == result.num_evaluations
+    assert result.message == f"converged after {result.num_evaluations} evaluations"
     with torch.no_grad():
         exact = x.sum() / (len(x) + 1 / 100)
         assert abs(guide.median()["mu"] - exact) < 0.5 * (len(x) + 1 / 100) ** -0.5
@@ -171,13 +171,13 @@ def test_converges_early_on_an_easy_problem():
 
 def test_flat_noise_converges_at_the_first_check():
     result = fit(noop, noop, steps=1000, loss=noise_loss(slope=0.0), progress=False)
-    assert result.converged and result.steps == 100
+    assert result.converged and result.num_evaluations == 100
 
 
 def test_noise_with_rising_trend_does_not_stop():
     # 0.05 nats/step = 2.5 nats per window against noise of sd 1 (2 * se = 0.4)
     result = fit(noop, noop, steps=1000, loss=noise_loss(slope=0.05), progress=False)
-    assert not result.converged and result.steps == 1000
+    assert not result.converged and result.num_evaluations == 1000
     assert result.message == "reached steps=1000"
 
 
@@ -205,8 +205,8 @@ def test_callback_sees_every_step_and_can_stop():
     result = fit(noop, noop, steps=100, loss=noise_loss(0.1), callback=callback, progress=False)
     assert [s for s, _ in seen] == list(range(1, 13))
     assert [e for _, e in seen] == result.elbo
-    assert result.steps == 12 and not result.converged
-    assert result.message == "stopped by callback after 12 steps"
+    assert result.num_evaluations == 12 and not result.converged
+    assert result.message == "stopped by callback after 12 evaluations"
 
 
 def test_progress_bar_shows_smoothed_elbo(capsys):
@@ -219,7 +219,7 @@ def test_result_prints_readably():
     result = fit(noop, noop, steps=30, window=5, tol=None, loss=noise_loss(0.0), progress=False)
     text, rep = str(result), repr(result)
     assert "reached steps=30" in text and "final_elbo" in text and "(30 values)" in text
-    assert rep.startswith("FitResult(converged=False, steps=30,") and "<30 values>" in rep
+    assert rep.startswith("FitResult(converged=False, num_evaluations=30,") and "<30 values>" in rep
 
 
 # ---------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(name, tmp_path):
     guide = fresh(make_guide, seed=123)  # new process, different seed
     resumed = run(guide, 30, checkpoint=path, checkpoint_every=7)
     assert resumed.elbo == expected.elbo
-    assert resumed.steps == 30 and len(resumed.elbo) == 30
+    assert resumed.num_evaluations == 30 and len(resumed.elbo) == 30
     assert resumed.message == f"reached steps=30 (resumed from {path} at step 20)"
     assert_same_state(state(guide), expected_state)
     if name == "BufferGuide":
@@ -327,7 +327,7 @@ def test_resuming_a_converged_fit_takes_no_steps(tmp_path):
     assert first.converged
     again = fit(noop, noop, steps=1000, loss=noise_loss(0.0), checkpoint=path, progress=False)
     assert again.converged and again.elbo == first.elbo
-    assert again.message == f"converged after 100 steps (resumed from {path} at step 100)"
+    assert again.message == f"converged after 100 evaluations (resumed from {path} at step 100)"
 
 
 # ---------------------------------------------------------------------------
@@ -361,22 +361,23 @@ def test_non_finite_loss_keeps_and_saves_the_last_good_step(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "options, match",
+    "options, error, match",
     [
-        ({"steps": 0}, "steps must be an integer >= 1"),
-        ({"steps": 2.5}, "steps must be an integer >= 1"),
-        ({"window": 1}, "window must be an integer >= 2"),
-        ({"checkpoint_every": 0}, "checkpoint_every must be an integer >= 1"),
-        ({"tol": -1.0}, "tol must be"),
-        ({"tol": math.nan}, "tol must be"),
-        ({"optim": torch.optim.Adam}, "optim must be a pyro.optim.PyroOptim"),
-        ({"checkpoint": 3}, "checkpoint must be a file path"),
-        ({"checkpoint": "/no/such/directory/fit.pt"}, "checkpoint directory .* does not exist"),
-        ({"callback": "stop"}, "callback must be callable"),
+        ({"steps": 0}, ValueError, "steps must be an integer >= 1"),
+        ({"steps": 2.5}, TypeError, "steps must be an integer >= 1"),
+        ({"window": 1}, ValueError, "window must be an integer >= 2"),
+        ({"checkpoint_every": 0}, ValueError, "checkpoint_every must be an integer >= 1"),
+        ({"tol": -1.0}, ValueError, "tol must be"),
+        ({"tol": math.nan}, ValueError, "tol must be"),
+        ({"tol": "0.1"}, TypeError, "tol must be"),
+        ({"optim": torch.optim.Adam}, TypeError, "optim must be a pyro.optim.PyroOptim"),
+        ({"checkpoint": 3}, TypeError, "checkpoint must be a file path"),
+        ({"checkpoint": "/no/such/directory/fit.pt"}, ValueError, "checkpoint directory .* does not exist"),
+        ({"callback": "stop"}, TypeError, "callback must be callable"),
     ],
 )
-def test_bad_options(options, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_options(options, error, match):
+    with pytest.raises(error, match=match):
         fit(noop, noop, **{"steps": 10, "progress": False, **options})
 
 
@@ -454,3 +455,44 @@ def test_a_rise_inside_the_first_window_is_not_mistaken_for_noise():
     assert not elbo_converged(trace, window=50)
     settled = [-140 + rng.gauss(0, 2.0) for _ in range(100)]
     assert elbo_converged(settled, window=50)
+
+
+def trace_loss(values):
+    """A loss callable for SVI that returns -values[step], touching no parameters."""
+    count = [0]
+
+    def loss(model, guide, *args, **kwargs):
+        count[0] += 1
+        return torch.tensor(-values[count[0] - 1])
+
+    return loss
+
+
+def test_a_fall_by_orders_of_magnitude_is_divergence_not_convergence():
+    """The ELBO falls from about −40 to −1e6 and sits there: the fit stops as
+    diverged, with a warning, whatever the stopping tolerance."""
+    rng = random.Random(0)
+    values = [-40.0 + rng.gauss(0, 1) for _ in range(100)] + [-1e6 + rng.gauss(0, 1e3) for _ in range(900)]
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        result = fit(noop, noop, steps=1000, tol=None, loss=trace_loss(values), progress=False)
+    assert not result.converged and result.num_evaluations == 150
+    assert result.message.startswith("diverged: the windowed mean ELBO fell from -39.9")
+
+
+def test_settling_below_the_best_window_is_not_convergence():
+    """A drop of 30 nats that then sits still: the windows agree, but the fit
+    is not converged (the optimiser left a better region) and says so."""
+    rng = random.Random(0)
+    rising = [-100.0 + 0.1 * i + rng.gauss(0, 0.5) for i in range(100)]
+    values = rising + [-130.0 + rng.gauss(0, 0.5) for _ in range(400)]
+    result = fit(noop, noop, steps=500, loss=trace_loss(values), progress=False)
+    assert not result.converged and result.num_evaluations == 200
+    assert "below its best windowed mean -92" in result.message
+
+
+def test_the_final_elbo_carries_its_monte_carlo_standard_error():
+    rng = random.Random(3)
+    values = [-10.0 + rng.gauss(0, 2.0) for _ in range(2000)]
+    result = fit(noop, noop, steps=2000, window=400, tol=None, loss=trace_loss(values), progress=False)
+    assert result.final_elbo_se == pytest.approx(2.0 / math.sqrt(400), rel=0.2)
+    assert abs(result.final_elbo + 10.0) < 4 * result.final_elbo_se
