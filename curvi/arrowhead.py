@@ -402,7 +402,7 @@ class ArrowheadPrecision:
 
         Usage::
 
-            P = ArrowheadPrecision(torch.eye(2), torch.ones(3, 1, 2), 4 * torch.ones(3, 1, 1))
+            P = ArrowheadPrecision(4 * torch.eye(2), torch.ones(3, 1, 2), 4 * torch.ones(3, 1, 1))
             Q = P.with_schur(2 * torch.eye(2))
             Q.schur, Q.M.equal(P.M)   # 2 I, True
 
@@ -662,7 +662,7 @@ class ArrowheadPrecision:
 
         Usage::
 
-            P = ArrowheadPrecision(torch.eye(2), torch.ones(3, 1, 2),
+            P = ArrowheadPrecision(10 * torch.eye(2), torch.ones(3, 1, 2),
                                    2 * torch.ones(3, 1, 1))
             P.conditional_mean(torch.ones(5, 2)).shape   # (5, 3, 1), all -1
 
@@ -714,7 +714,7 @@ class ArrowheadPrecision:
 
         Usage::
 
-            P = ArrowheadPrecision(torch.eye(2), torch.ones(3, 1, 2),
+            P = ArrowheadPrecision(4 * torch.eye(2), torch.ones(3, 1, 2),
                                    4 * torch.ones(3, 1, 1))
             cov_theta, cov_y_theta, cov_y = P.covariance_blocks()
             cov_y.shape   # (3, 1, 1)
@@ -805,16 +805,6 @@ class PrecisionCholeskyNormal(TorchDistribution):
     def covariance_matrix(self) -> torch.Tensor:
         cov = torch.cholesky_inverse(self._unbroadcasted_precision_tril)
         return cov.expand(self.batch_shape + self.event_shape * 2)
-
-    @property
-    def scale_tril(self) -> torch.Tensor:
-        """A square root ``L⁻ᵀ`` of the covariance (upper triangular, despite
-        the name), computed on access: ``loc + scale_tril ε`` is
-        :meth:`rsample_from_noise` ``(ε)``, for code written for
-        :class:`~torch.distributions.MultivariateNormal`'s ``scale_tril``."""
-        L = self._unbroadcasted_precision_tril
-        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-        return torch.linalg.solve_triangular(L.mT, eye, upper=True)
 
     @property
     def mean(self) -> torch.Tensor:

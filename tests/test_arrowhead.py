@@ -326,12 +326,11 @@ def test_precision_cholesky_normal_matches_the_dense_normal():
     assert_rel(q.precision_matrix, reference.precision_matrix)
     assert_rel(q.covariance_matrix, reference.covariance_matrix)
     assert_rel(q.variance, reference.variance)
-    # draws: loc + L⁻ᵀ ε, the same through scale_tril (for code written for MultivariateNormal)
+    # draws: loc + L⁻ᵀ ε, the particles folded into one solve
     eps = torch.randn(4, 5, 1, 3, generator=gen, dtype=DTYPE)
     expected = loc + torch.linalg.solve_triangular(L.mT.expand(4, 5, 1, 3, 3), eps.unsqueeze(-1),
                                                    upper=True).squeeze(-1)
     assert_rel(q.rsample_from_noise(eps), expected)
-    assert_rel(loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1), expected)
     # expanded (as under a plate): the same density, the factor not copied
     wide = PrecisionCholeskyNormal(loc[0], L).expand((6, 5, 1))
     assert wide.batch_shape == (6, 5, 1) and wide._unbroadcasted_precision_tril is L
