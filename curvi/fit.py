@@ -315,7 +315,9 @@ def fit(
 
     watch = _Watch(window, tol if not decides else None)
     reason = _stop_reason(optim, watch, elbo, decides)
-    bar = tqdm(total=steps, initial=len(elbo), disable=not progress, desc="fit", unit="step")
+    # an optimiser that decides when it is done has no known total
+    bar = tqdm(total=None if decides else steps, initial=len(elbo), disable=not progress,
+               desc="fit", unit="step")
     first_call = True
     try:
         while reason is None and len(elbo) < steps:
