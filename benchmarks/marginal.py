@@ -103,7 +103,7 @@ def run_curvi(x, y):
     b, sd, L = fit.params["beta"], fit.params["sd"], fit.params["L"]
     return {"seconds": seconds, "loglik": fit.log_likelihood, "b0": b[0].item(),
             "b1": b[1].item(), "sd0": sd[0].item(), "sd1": sd[1].item(),
-            "corr": L[1, 0].item(), "note": f"{fit.nit} L-BFGS iterations, {fit.nfev} evaluations"
+            "corr": L[1, 0].item(), "note": f"{fit.num_iterations} L-BFGS iterations, {fit.num_evaluations} evaluations"
             + ("" if fit.converged else "; NOT converged")}
 
 

@@ -411,8 +411,9 @@ def _hessian_rows(objective, x, R, diag_from=None):
             else:
                 rows = torch.zeros_like(R)
         return gq.detach(), rows, ldj.detach(), S
-    except RuntimeError:
-        pass
+    except RuntimeError as error:  # no batching rule for an op: the stacked path below
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
     n = R.shape[0]
     with torch.enable_grad():
         xe = _stacked_leaf(x, n)

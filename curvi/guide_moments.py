@@ -163,7 +163,9 @@ class Curvature:
             eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
             try:
                 (H,) = torch.autograd.grad(grad, x, eye, is_grads_batched=True, retain_graph=True)
-            except RuntimeError:  # an op without a batching rule: one row at a time
+            except RuntimeError as error:  # an op without a batching rule: one row at a time
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise
                 H = torch.stack([torch.autograd.grad(grad, x, e, retain_graph=True)[0] for e in eye])
         H = 0.5 * (H + H.T)
         return cls(value.detach(), grad.detach(), dense=H.detach(), layout=layout)

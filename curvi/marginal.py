@@ -28,6 +28,16 @@ from .model import ModelView
 from .modes import ModeResult, implicit_modes, solve_modes, warn_unconverged
 
 
+class NoLaplaceApproximation(ValueError):
+    """A unit's Hessian block is not negative definite at its conditional
+    mode, so the Laplace approximation of its integral does not exist there.
+
+    The one error the Laplace marginal's callers treat as "reject this θ"
+    (an optimiser's trial point, a NUTS proposal): any other error -- a
+    shape bug in the user's model, say -- propagates with its traceback.
+    """
+
+
 def laplace_log_marginal(view, theta, y_start, *, units=None, xtol=None, max_iter=50,
                          create_graph=None):
     """The Laplace approximation of ``log p(θ, z)`` with the units integrated out.
@@ -60,8 +70,9 @@ def laplace_log_marginal(view, theta, y_start, *, units=None, xtol=None, max_ite
         ``pyro.param`` leaves the model reads.
     :returns: ``(value, modes)``, the scalar log marginal and the
         :class:`~curvi.modes.ModeResult`.
-    :raises ValueError: when a unit's Hessian block is not negative definite
-        at its mode (the Laplace approximation does not exist there).
+    :raises NoLaplaceApproximation: (a ValueError) when a unit's Hessian
+        block is not negative definite at its mode (the Laplace
+        approximation does not exist there).
     """
     create_graph = theta.requires_grad if create_graph is None else create_graph
     result = solve_modes(view, theta, y_start, units=units, xtol=xtol, max_iter=max_iter)
@@ -72,7 +83,7 @@ def laplace_log_marginal(view, theta, y_start, *, units=None, xtol=None, max_ite
     if (info > 0).any():
         bad = (info > 0).nonzero().flatten()
         bad = bad if units is None else units[bad]
-        raise ValueError(
+        raise NoLaplaceApproximation(
             f"the Hessian of {bad.numel()} units is not negative definite at their "
             f"conditional modes (units {bad[:10].tolist()}): no Laplace approximation there"
         )
@@ -217,7 +228,7 @@ def maximise_laplace(view, params, theta_fn, *, y_start=None, max_eval=200, crea
             value, result = laplace_log_marginal(
                 view, theta_fn(), predictor(x), xtol=xtol, create_graph=create_graph
             )
-        except ValueError:  # no Laplace approximation at this trial point
+        except NoLaplaceApproximation:  # reject this trial point
             return torch.tensor(math.inf, dtype=x.dtype)
         predictor.update(x, result.y)
         (-value).backward()
@@ -344,7 +355,7 @@ class LaplaceMarginal:
             value, result = laplace_log_marginal(
                 view, theta, self._modes, xtol=self.xtol, max_iter=self.max_iter
             )
-        except ValueError:  # no Laplace approximation at this θ: reject it
+        except NoLaplaceApproximation:  # reject this θ
             pyro.factor("laplace_log_likelihood", theta.new_tensor(-math.inf))
             return values
         warn_unconverged(result)

@@ -39,17 +39,18 @@ class LaplaceFit:
     :ivar dict modes: conditional modes of the local sites at the estimates.
     :ivar bool converged: whether the gradient fell below the tolerance.
     :ivar str message: how the optimiser stopped.
-    :ivar int nit: L-BFGS iterations.
-    :ivar int nfev: evaluations of the Laplace log likelihood.
+    :ivar int num_iterations: L-BFGS iterations.
+    :ivar int num_evaluations: evaluations of the Laplace log likelihood (and its gradient).
     :ivar int num_observations: observed elements (for BIC).
     """
 
     def __init__(self, params, log_likelihood, std_errors, covariance, modes, converged,
-                 message, nit, nfev, num_observations, constraints):
+                 message, num_iterations, num_evaluations, num_observations, constraints):
         #: free (unconstrained) dimensions: a 2×2 correlation Cholesky factor counts 1
         self.params, self.log_likelihood, self.std_errors = params, log_likelihood, std_errors
         self.covariance, self.modes = covariance, modes
-        self.converged, self.message, self.nit, self.nfev = converged, message, nit, nfev
+        self.converged, self.message = converged, message
+        self.num_iterations, self.num_evaluations = num_iterations, num_evaluations
         self.num_observations, self._constraints = num_observations, constraints
 
     @property

@@ -7,7 +7,7 @@ import pyro
 import pyro.distributions as dist
 
 from curvi import ModelView
-from curvi.marginal import laplace_log_marginal, laplace_mode
+from curvi.marginal import NoLaplaceApproximation, laplace_log_marginal, laplace_mode
 from fd import central_gradient
 from models import MODELS, make_gaussian
 from test_model import random_point
@@ -66,8 +66,27 @@ def test_no_laplace_approximation_at_a_non_concave_unit():
             pyro.factor("two_humps", u**2 - u**4)
 
     view = ModelView(model, unit_plate="groups")
-    with pytest.raises(ValueError, match="2 units is not negative definite"):
+    with pytest.raises(NoLaplaceApproximation, match="2 units is not negative definite"):
         laplace_log_marginal(view, torch.tensor([0.0]), torch.zeros(2, 1))
+    assert issubclass(NoLaplaceApproximation, ValueError)
+
+
+def test_a_users_own_error_in_the_model_surfaces_from_the_marginal():
+    """Only a missing Laplace approximation rejects θ (log density −inf): a
+    ValueError of the user's own model propagates with its traceback."""
+    def model(obs):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("groups", obs.shape[0], dim=-2):
+            u = pyro.sample("u", dist.Normal(mu, 1.0))
+            if u.requires_grad and mu.item() > 4.0:  # inside the Laplace evaluation
+                raise ValueError("a bug in the user's model")
+            with pyro.plate("obs", obs.shape[1], dim=-1):
+                pyro.sample("z", dist.Poisson(u.exp()), obs=obs)
+
+    marginal = LaplaceMarginal(model, unit_plate="groups")
+    conditioned = pyro.poutine.condition(marginal, data={"mu": torch.tensor(5.0, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="a bug in the user's model"):
+        pyro.poutine.trace(conditioned).get_trace(OBS)
 
 
 # ----------------------------------------------------------- LaplaceMarginal
