@@ -1,27 +1,37 @@
 """Benchmark: natural-gradient and Newton optimisers against Pyro's Adam.
 
-Two parts, each described in its module:
+Three parts, each described in its module:
 
 * ``logistic`` (``benchmarks/natural_logistic.py``) -- the Bayesian learning
   rule (``curvi.NaturalGradient``) for a full-covariance Gaussian guide on
   logistic regression: Pima (real, bundled) and simulated d = 50, n = 2 000;
-* ``hierarchical`` (``benchmarks/natural_hierarchical.py``) -- Newton steps
-  for ``AmortizedLaplaceGuide`` (``LaplaceNewton`` in SVI and the
-  sample-average ``fit_newton``) on the hierarchical logistic model of
-  ``benchmarks/common.py`` at 10 000 groups, and the ≤ 2 s timing target;
-  NumPyro's NUTS for scale when NumPyro is installed.
+* ``hierarchical`` (``benchmarks/natural_hierarchical.py``) -- sample-average
+  Newton for ``AmortizedLaplaceGuide`` (``curvi.fit`` with no options, and
+  ``fit_newton`` with one block) against Adam on the hierarchical logistic
+  model of ``benchmarks/common.py`` at 10 000 groups; the default path's
+  targets (≤ 2 s to within 0.1 nat; a second fit changes the ELBO by
+  < 0.5 nat); NumPyro's NUTS for scale when NumPyro is installed;
+* ``scaling`` (``benchmarks/natural_scaling.py``) -- the default
+  ``curvi.fit`` of that guide at 10⁴, 10⁵ and 10⁶ groups, each size in its
+  own process with a time limit: set-up and fit seconds, evaluations
+  (target: independent of the number of groups), ≤ 20 s at 10⁵ and
+  ≤ 4 minutes at 10⁶.
 
-Both report iterations and seconds to within 1 and 0.1 nat of the optimal
-ELBO, with 1 and 8 particles, against Adam at several learning rates (all
-listed; the best in bold or named).
+The first two report evaluations and seconds to within 1 and 0.1 nat of
+the optimal ELBO against Adam with 1 and 8 particles at several learning
+rates (all listed; the best in bold or named).
 
 Usage::
 
-    python benchmarks/natural.py --threads 2                 # both parts -> benchmarks/results/natural.md
-    python benchmarks/natural.py --part logistic --quick     # Pima only, fewer iterations; printed only
+    python benchmarks/natural.py --threads 2                     # all parts -> benchmarks/results/natural.md
+    python benchmarks/natural.py --threads 2 --part hierarchical # one part; the others' sections kept
+    python benchmarks/natural.py --threads 2 --part scaling --sizes 10000 100000 1000000
+    python benchmarks/natural.py --part logistic --quick         # Pima only, fewer iterations; printed only
+    python benchmarks/natural.py --part scaling --sizes 300 1000 --out /tmp/natural.md   # a check
 
-Running one part rewrites that part's section of the results file and
-keeps the other's.
+Running one part rewrites that part's section of the results file
+(``--out``, default ``benchmarks/results/natural.md``) and keeps the
+others'.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).parent / "results" / "natural.md"
-PARTS = ("logistic", "hierarchical")
+PARTS = ("logistic", "hierarchical", "scaling")
 
 
 def main():
@@ -45,6 +55,7 @@ def main():
     parser.add_argument("--part", choices=PARTS + ("all",), default="all")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="logistic: Pima only, short runs; nothing written")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
     logistic = parser.add_argument_group("logistic")
     logistic.add_argument("--adam-lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1])
     logistic.add_argument("--hessian-lrs", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 1.0])
@@ -59,13 +70,18 @@ def main():
     hier.add_argument("--hier-adam-lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03])
     hier.add_argument("--hier-max-iters", type=int, default=400)
     hier.add_argument("--hier-max-seconds", type=float, default=40.0)
-    hier.add_argument("--newton-iters", type=int, default=40)
     hier.add_argument("--starts", nargs="+", choices=["mode", "prior"], default=["mode", "prior"])
     hier.add_argument("--ref-particles", type=int, default=128)
     hier.add_argument("--ref-blocks", type=int, default=4)
     hier.add_argument("--gap-particles", type=int, default=32)
     hier.add_argument("--gap-chunks", type=int, default=2)
-    hier.add_argument("--repeats", type=int, default=3)
+    hier.add_argument("--repeats", type=int, default=3, help="runs of the default path per dtype")
+    scaling = parser.add_argument_group("scaling")
+    scaling.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                         help="numbers of groups")
+    scaling.add_argument("--scaling-repeats", type=int, default=1, help="runs per size (the median shown)")
+    scaling.add_argument("--scaling-timeout", type=float, default=900.0,
+                         help="seconds per size (its own process) before it is reported as over time")
     args = parser.parse_args()
     if args.quick:
         args.max_iters, args.eval_particles, args.ref_samples = 1000, 1000, 16
@@ -82,6 +98,10 @@ def main():
             import natural_logistic
 
             text, summary = natural_logistic.run(args)
+        elif part == "scaling":
+            import natural_scaling
+
+            text, summary = natural_scaling.run(args)
         else:
             import natural_hierarchical
 
@@ -98,7 +118,8 @@ def main():
         print("\n" + sections[part], flush=True)
     if args.quick:
         return
-    old = RESULTS.read_text() if RESULTS.exists() else ""
+    out = args.out
+    old = out.read_text() if out.exists() else ""
     for part in PARTS:
         if part not in sections:
             found = re.search(rf"<!-- part: {part} -->.*?<!-- end: {part} -->", old, re.S)
@@ -107,12 +128,12 @@ def main():
     reading = re.search(r"\n## Reading\n.*", old, re.S)  # hand-written commentary, kept
     text = ("# Natural-gradient and Newton optimisers against Adam\n\n"
             "Set-up of each part in its module's docstring (`benchmarks/natural_logistic.py`, "
-            "`benchmarks/natural_hierarchical.py`).\n\n"
+            "`benchmarks/natural_hierarchical.py`, `benchmarks/natural_scaling.py`).\n\n"
             + "\n\n".join(sections[p] for p in PARTS if p in sections) + "\n"
             + (reading.group(0) if reading else ""))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(f"written to {RESULTS}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":
