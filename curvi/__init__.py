@@ -1,7 +1,7 @@
 """curvi: curvature-aware variational inference for Pyro."""
 
 from .natural_gradient import NaturalGradient
-from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, RepairReport
+from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, PrecisionCholeskyNormal, RepairReport
 from .eigen import EigenResult, coordinate_names, eigen
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
 from .fit import FitOutcome, FitResult, elbo_converged, fit
@@ -22,7 +22,7 @@ from .laplace_newton import (
     particle_elbos,
 )
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
-from .posterior import LaplacePosterior
+from .posterior import LaplaceGaussian, LaplacePosterior, laplace_gaussian
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor
 from .taylor_cv import TaylorCV_ELBO
 
@@ -42,6 +42,7 @@ __all__ = [
     "GradientVariance",
     "Jitter",
     "LaplaceFit",
+    "LaplaceGaussian",
     "LaplaceGuide",
     "LaplaceMarginal",
     "LaplaceMode",
@@ -53,6 +54,7 @@ __all__ = [
     "ModeResult",
     "ModelView",
     "NewtonStep",
+    "PrecisionCholeskyNormal",
     "RepairReport",
     "SoftAbs",
     "SoftplusFloor",
@@ -68,6 +70,7 @@ __all__ = [
     "gradient",
     "gradient_variance",
     "implicit_modes",
+    "laplace_gaussian",
     "laplace_log_marginal",
     "laplace_mle",
     "laplace_mode",

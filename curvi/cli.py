@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .demo import run_demo
+
 
 def main(argv=None):
     """Entry point of the ``curvi`` console script."""
@@ -22,8 +24,6 @@ def main(argv=None):
     if args.command == "demo":
         if args.steps < 1 or args.draws < 2:
             parser.error("--steps must be >= 1 and --draws >= 2")
-        from .demo import run_demo
-
         run_demo(
             steps=args.steps, num_draws=args.draws, out=None if args.no_plot else args.out,
             seed=args.seed, progress=not args.quiet,

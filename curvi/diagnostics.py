@@ -13,6 +13,7 @@ landing can be read off.
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import torch
@@ -107,7 +108,6 @@ def gradient_variance(model, guide, loss, *args, num_draws: int = 100, seed: int
         raise TypeError(f"loss must have loss_and_grads(), got {type(loss).__name__}")
     if not isinstance(num_draws, int) or num_draws < 2:
         raise ValueError(f"num_draws must be an integer >= 2, got {num_draws!r}")
-    import time
 
     rng = get_rng_state()
     store = pyro.get_param_store()

@@ -60,6 +60,12 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import transforms as T
 
+from pyro.distributions.transforms import AffineCoupling, Permute, SplineCoupling
+from pyro.distributions.transforms.planar import ConditionedPlanar
+from pyro.distributions.transforms.radial import ConditionedRadial
+from pyro.nn import DenseNN
+from pyro.nn.dense_nn import ConditionalDenseNN
+
 __all__ = ["FlowHessian", "log_density_hessian"]
 
 
@@ -288,8 +294,6 @@ def _pullback(t, inverted, forward, x, g, H, nu, state=None):  # noqa: C901
     """Gradient, Hessian at x of ``F(m(x)) + nu·log|det J_m(x)|`` given those of F
     at ``m(x)``, with ``m`` the transform applied forward or inverted; also
     returns ``nu·log|det J_m(x)|`` per point."""
-    from pyro.distributions.transforms import AffineCoupling, Permute, SplineCoupling
-
     m = _map(t, inverted, forward)
     if type(t) is Permute and t.dim == -1:
         return _permute_pullback(t.permutation, inverted != forward, g, H)
@@ -305,8 +309,6 @@ def _pullback(t, inverted, forward, x, g, H, nu, state=None):  # noqa: C901
 
 
 def _analytic_affine(t):
-    from pyro.distributions.transforms import AffineCoupling
-
     return (type(t) is AffineCoupling and t.dim == -1 and _is_dense_nn(t.nn) and _activation_ok(t.nn.f)
             and len(t.nn.param_dims) == 2 and t.nn.param_dims[0] == t.nn.param_dims[1])
 
@@ -512,8 +514,6 @@ def _implicit_pullback(f, y, g, H, nu):
 # --------------------------------------------------------- planar and radial
 def _planar_params(t):
     """(bias, û, w) of a Pyro (Conditioned)Planar, else None."""
-    from pyro.distributions.transforms.planar import ConditionedPlanar
-
     if not isinstance(t, ConditionedPlanar) or type(t)._call is not ConditionedPlanar._call:
         return None
     bias, u, w = t._params() if callable(t._params) else t._params
@@ -522,8 +522,6 @@ def _planar_params(t):
 
 def _radial_params(t):
     """(x₀, α, β) of a Pyro (Conditioned)Radial, else None."""
-    from pyro.distributions.transforms.radial import ConditionedRadial
-
     if not isinstance(t, ConditionedRadial) or type(t)._call is not ConditionedRadial._call:
         return None
     x0, alpha_prime, beta_prime = t._params() if callable(t._params) else t._params
@@ -834,9 +832,6 @@ def _activation_derivatives(f, a):
 
 
 def _is_dense_nn(net):
-    from pyro.nn import DenseNN
-    from pyro.nn.dense_nn import ConditionalDenseNN
-
     return (isinstance(net, DenseNN) and type(net).forward is DenseNN.forward
             and type(net)._forward is ConditionalDenseNN._forward)
 

@@ -23,7 +23,7 @@ with :func:`laplace_gaussian`.
 * :class:`LaplaceGuide` learns θ̂ and every ŷᵢ.
 * :class:`AmortizedLaplaceGuide` learns θ̂ only; ŷ(θ̂) are the units'
   conditional modes, and the ELBO gradient is the total derivative through
-  them while P is the partial Hessian at (θ̂, ŷ(θ̂)) (docs/design.md §3).
+  them while P is the partial Hessian at (θ̂, ŷ(θ̂)) (docs/design.md §4.4).
 
 **Subsampling.** Under ``pyro.plate(unit_plate, N, subsample_size=n)`` the
 Hessian is taken on the n units of the batch: each unit's blocks are exact,
@@ -432,7 +432,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
     without a graph, then one differentiable Newton step so that the ELBO
     gradient with respect to θ̂ is the total derivative through ŷ(θ̂)
     (implicit function theorem) and through the precision. The precision is
-    the *partial* Hessian at (θ̂, ŷ(θ̂)) (docs/design.md §3). Units whose solve does
+    the *partial* Hessian at (θ̂, ŷ(θ̂)) (docs/design.md §4.4). Units whose solve does
     not converge are named in a :class:`~curvi.modes.ModeConvergenceWarning`.
 
     Usage::
@@ -467,7 +467,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         final implicit step makes the modes accurate to about ``xtol²``).
     :param int max_iter: Newton iteration cap per call.
     :param str global_precision: the precision of q(θ). ``"joint"`` (default,
-        docs/design.md §3): the Schur complement of the partial Hessian of log p at
+        docs/design.md §4.6): the Schur complement of the partial Hessian of log p at
         (θ̂, ŷ(θ̂)). ``"marginal"``: the negative Hessian of the Laplace log
         marginal of θ at θ̂ (:func:`~curvi.marginal.laplace_hessian`), as TMB
         and INLA use for θ. In centred hierarchies (funnels) the joint
