@@ -30,12 +30,11 @@ import math
 from typing import NamedTuple
 
 import torch
+from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import _standard_normal
 
-from pyro.distributions.torch_distribution import TorchDistribution
-
-from curvi.repair import as_repair
+from curvi.repair import Jitter, SpectralRepair, as_repair
 
 __all__ = [
     "ArrowheadCholesky",
@@ -59,16 +58,12 @@ def _check_blocks(A, B, D):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != dim:
-            raise ValueError(
-                f"{name}: expected a {dim}-dimensional tensor, given shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name}: expected a {dim}-dimensional tensor, given shape {tuple(t.shape)}")
     p, (N, k, p_b) = A.shape[0], B.shape
     if A.shape != (p, p):
         raise ValueError(f"A: expected a square (p, p) matrix, given shape {tuple(A.shape)}")
     if p_b != p:
-        raise ValueError(
-            f"B: expected shape (N, k, p) = (N, k, {p}) to match A, given {tuple(B.shape)}"
-        )
+        raise ValueError(f"B: expected shape (N, k, p) = (N, k, {p}) to match A, given {tuple(B.shape)}")
     if D.shape != (N, k, k):
         raise ValueError(
             f"D: expected shape (N, k, k) = {(N, k, k)} from B of shape "
@@ -96,13 +91,9 @@ def _check_pair(v, p, N, k, name="v"):
         raise ValueError(f"{name}: expected a pair (v_theta, v_y), given {type(v).__name__}")
     v_theta, v_y = v
     if v_theta.dim() < 1 or v_theta.shape[-1] != p:
-        raise ValueError(
-            f"{name}[0] (theta part): expected shape (..., {p}), given {tuple(v_theta.shape)}"
-        )
+        raise ValueError(f"{name}[0] (theta part): expected shape (..., {p}), given {tuple(v_theta.shape)}")
     if v_y.dim() < 2 or v_y.shape[-2:] != (N, k):
-        raise ValueError(
-            f"{name}[1] (y part): expected shape (..., {N}, {k}), given {tuple(v_y.shape)}"
-        )
+        raise ValueError(f"{name}[1] (y part): expected shape (..., {N}, {k}), given {tuple(v_y.shape)}")
     return v_theta, v_y
 
 
@@ -155,7 +146,7 @@ def _block_diag(D):
     return (D[:, :, None, :] * eye_n[:, None, :, None]).reshape(N * k, N * k)
 
 
-def arrowhead_to_dense(A, B, D):
+def arrowhead_to_dense(A: torch.Tensor, B: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """
     The dense ``(p + N k, p + N k)`` matrix ``[[A, Bᵀ], [B, blockdiag(D)]]``
     in the ``(θ, y)`` ordering. For tests and small problems only.
@@ -177,7 +168,9 @@ def arrowhead_to_dense(A, B, D):
     return torch.cat([top, bottom], dim=-2)
 
 
-def arrowhead_matvec(A, B, D, v):
+def arrowhead_matvec(
+    A: torch.Tensor, B: torch.Tensor, D: torch.Tensor, v: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     The product ``P v`` of the arrowhead ``P = [[A, Bᵀ], [B, D]]`` with a
     vector pair, batched over ``v``'s leading dimensions.
@@ -232,7 +225,7 @@ class ArrowheadCholesky(NamedTuple):
     W: torch.Tensor
     L_S: torch.Tensor
 
-    def to_dense(self):
+    def to_dense(self) -> torch.Tensor:
         """
         The dense lower-triangular factor ``L`` in the ``(y, θ)`` ordering
         (see the class docstring), so that ``L Lᵀ`` is ``P`` with its
@@ -331,7 +324,14 @@ class ArrowheadPrecision:
         :func:`curvi.repair.as_repair`.
     """
 
-    def __init__(self, A, B, D, *, repair=None):
+    def __init__(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        D: torch.Tensor,
+        *,
+        repair: SpectralRepair | Jitter | str | None = None,
+    ):
         self._p, self._N, self._k = _check_blocks(A, B, D)
         _check_finite(A=A, B=B, D=D)
         self._repair = as_repair(repair)
@@ -390,7 +390,7 @@ class ArrowheadPrecision:
         new._store(A, B, D, S, cholesky, self._report, M)
         return new
 
-    def with_schur(self, S: torch.Tensor, *, cross_scale: float = 1.0) -> "ArrowheadPrecision":
+    def with_schur(self, S: torch.Tensor, *, cross_scale: float = 1.0) -> ArrowheadPrecision:
         """
         The arrowhead precision with the same local blocks ``D``, cross blocks
         ``cross_scale · B`` and Schur complement ``S`` (so
@@ -421,15 +421,13 @@ class ArrowheadPrecision:
             W = cross_scale * W
         M = None if self._M is None else cross_scale * self._M
         BtDinvB = _sym(torch.einsum("nkp,nkq->pq", W, W))
-        return self._new(S + BtDinvB, cross_scale * self._B, self._D, S,
-                         ArrowheadCholesky(L_D, W, L_S), M)
+        return self._new(S + BtDinvB, cross_scale * self._B, self._D, S, ArrowheadCholesky(L_D, W, L_S), M)
 
-    def detach(self) -> "ArrowheadPrecision":
+    def detach(self) -> ArrowheadPrecision:
         """The same precision with every block and factor detached from the graph."""
         cholesky = ArrowheadCholesky(*(t.detach() for t in self._cholesky))
         M = None if self._M is None else self._M.detach()
-        return self._new(self._A.detach(), self._B.detach(), self._D.detach(), self._S.detach(),
-                         cholesky, M)
+        return self._new(self._A.detach(), self._B.detach(), self._D.detach(), self._S.detach(), cholesky, M)
 
     # -- read-outs ----------------------------------------------------------
 
@@ -472,12 +470,12 @@ class ArrowheadPrecision:
         return self._A.device
 
     @property
-    def repair(self):
+    def repair(self) -> SpectralRepair | Jitter | None:
         """The repair object, or ``None``."""
         return self._repair
 
     @property
-    def report(self):
+    def report(self) -> RepairReport | None:
         """A :class:`RepairReport`, or ``None`` when no repair was asked for."""
         return self._report
 
@@ -502,10 +500,7 @@ class ArrowheadPrecision:
 
     def __repr__(self):
         repair = "" if self._repair is None else f", repair={self._repair!r}"
-        return (
-            f"ArrowheadPrecision(num_units={self._N}, local_dim={self._k}, "
-            f"global_dim={self._p}{repair})"
-        )
+        return f"ArrowheadPrecision(num_units={self._N}, local_dim={self._k}, global_dim={self._p}{repair})"
 
     # -- linear algebra -----------------------------------------------------
 
@@ -533,7 +528,7 @@ class ArrowheadPrecision:
         log_diag = L_D.diagonal(dim1=-2, dim2=-1).log().sum()
         return 2 * (log_diag + L_S.diagonal().log().sum())
 
-    def matvec(self, v):
+    def matvec(self, v: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """
         ``P v`` for a pair ``v = (v_theta, v_y)``; see :func:`arrowhead_matvec`.
 
@@ -547,7 +542,7 @@ class ArrowheadPrecision:
         """
         return arrowhead_matvec(self._A, self._B, self._D, v)
 
-    def solve(self, b):
+    def solve(self, b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """
         ``P⁻¹ b`` for a pair ``b``, by block elimination: with ``cᵢ = Lᵢ⁻¹ b_y,i``,
         ``x_θ = S⁻¹ (b_θ − Σ Wᵢᵀ cᵢ)`` and ``x_y,i = Lᵢ⁻ᵀ (cᵢ − Wᵢ x_θ)``.
@@ -583,7 +578,7 @@ class ArrowheadPrecision:
 
     # -- Gaussian N(loc, P⁻¹) -----------------------------------------------
 
-    def sample(self, eps):
+    def sample(self, eps: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Reparameterised draw ``δ ~ N(0, P⁻¹)`` from a standard-normal pair
         ``eps``: ``δ_θ = L_S⁻ᵀ ε_θ``, ``δ_y,i = −Mᵢ δ_θ + Lᵢ⁻ᵀ ε_y,i``
@@ -606,7 +601,9 @@ class ArrowheadPrecision:
         delta_y = self.conditional_mean(delta_theta) + _tri_solve(L_D, eps_y, transpose=True)
         return delta_theta, delta_y
 
-    def log_prob(self, x, loc=None):
+    def log_prob(
+        self, x: tuple[torch.Tensor, torch.Tensor], loc: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """
         Log density of ``N(loc, P⁻¹)`` at ``x``, with all constants.
 
@@ -671,12 +668,11 @@ class ArrowheadPrecision:
         """
         if delta_theta.dim() < 1 or delta_theta.shape[-1] != self._p:
             raise ValueError(
-                f"delta_theta: expected shape (..., {self._p}), "
-                f"given {tuple(delta_theta.shape)}"
+                f"delta_theta: expected shape (..., {self._p}), given {tuple(delta_theta.shape)}"
             )
         return -torch.einsum("nkp,...p->...nk", self.M, delta_theta)
 
-    def conditional_local(self, delta_theta: torch.Tensor) -> "PrecisionCholeskyNormal":
+    def conditional_local(self, delta_theta: torch.Tensor) -> PrecisionCholeskyNormal:
         """
         Conditional of the units' offsets ``δ_y`` given ``δ_θ``: independent
         ``N(−Mᵢ δ_θ, Dᵢ⁻¹)`` per unit, in terms of the factors ``Lᵢ`` of the ``Dᵢ``.
@@ -772,7 +768,7 @@ class PrecisionCholeskyNormal(TorchDistribution):
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, loc: torch.Tensor, precision_tril: torch.Tensor, validate_args=None):
+    def __init__(self, loc: torch.Tensor, precision_tril: torch.Tensor, validate_args: bool | None = None):
         if loc.dim() < 1 or precision_tril.dim() < 2 or precision_tril.shape[-2:] != (loc.shape[-1],) * 2:
             raise ValueError(
                 f"precision_tril: expected shape (..., {loc.shape[-1]}, {loc.shape[-1]}) for loc of "
@@ -783,7 +779,9 @@ class PrecisionCholeskyNormal(TorchDistribution):
         self._unbroadcasted_precision_tril = precision_tril
         super().__init__(batch_shape, loc.shape[-1:], validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: PrecisionCholeskyNormal | None = None
+    ) -> PrecisionCholeskyNormal:
         new = self._get_checked_instance(PrecisionCholeskyNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
@@ -820,7 +818,7 @@ class PrecisionCholeskyNormal(TorchDistribution):
         ``loc + L⁻ᵀ eps``, linear in ``eps``."""
         return self.loc + _tri_solve(self._unbroadcasted_precision_tril, eps, transpose=True)
 
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
         return self.rsample_from_noise(eps)

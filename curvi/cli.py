@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from .demo import run_demo
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvi`` console script."""
     parser = argparse.ArgumentParser(prog="curvi", description="curvature-aware VI for Pyro")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -25,8 +26,11 @@ def main(argv=None):
         if args.steps < 1 or args.draws < 2:
             parser.error("--steps must be >= 1 and --draws >= 2")
         run_demo(
-            steps=args.steps, num_draws=args.draws, out=None if args.no_plot else args.out,
-            seed=args.seed, progress=not args.quiet,
+            steps=args.steps,
+            num_draws=args.draws,
+            out=None if args.no_plot else args.out,
+            seed=args.seed,
+            progress=not args.quiet,
         )
     return 0
 

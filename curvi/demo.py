@@ -10,10 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 import pyro
 import pyro.distributions as dist
+import torch
 
 from .datasets import CBPP_GLMMTMB, CBPP_NUTS, load_cbpp
 from .fit import fit
@@ -22,7 +21,9 @@ from .guides import AmortizedLaplaceGuide
 FIXED_EFFECTS = ("(Intercept)", "period2", "period3", "period4")
 
 
-def cbpp_model(design, herd, size, incidence=None):
+def cbpp_model(
+    design: torch.Tensor, herd: torch.Tensor, size: torch.Tensor, incidence: torch.Tensor | None = None
+) -> None:
     """``incidence/size ~ period + (1 | herd)`` as a Pyro model, long format.
 
     Usage::
@@ -42,7 +43,14 @@ def cbpp_model(design, herd, size, incidence=None):
         pyro.sample("incidence", dist.Binomial(size, logits=logits), obs=incidence)
 
 
-def run_demo(*, steps=3000, num_draws=20_000, out="cbpp_posterior.png", seed=0, progress=True):
+def run_demo(
+    *,
+    steps: int = 3000,
+    num_draws: int = 20_000,
+    out: str | Path | None = "cbpp_posterior.png",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
     """Fit the cbpp GLMM, print the posterior summary and write a PNG.
 
     Usage::
@@ -92,8 +100,7 @@ def _report(summary, result, seconds, num_obs, num_herds, num_draws):
     reference, nuts = _references()
     lines = [
         "cbpp (lme4): binomial GLMM  incidence/size ~ period + (1 | herd)",
-        f"{num_obs} observations, {num_herds} herds; priors beta ~ Normal(0, 2.5), "
-        "herd sd ~ HalfNormal(1)",
+        f"{num_obs} observations, {num_herds} herds; priors beta ~ Normal(0, 2.5), herd sd ~ HalfNormal(1)",
         f"AmortizedLaplaceGuide trained by the ELBO (curvi.fit's default, sample-average "
         f"Newton) in {seconds:.1f} s: {result.message}",
         "",

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import NamedTuple
-
-import torch
 
 import pyro
 import pyro.poutine as poutine
-from pyro.infer import JitTrace_ELBO, JitTraceGraph_ELBO, Trace_ELBO, TraceGraph_ELBO
+import torch
+from pyro.infer import ELBO, JitTrace_ELBO, JitTraceGraph_ELBO, Trace_ELBO, TraceGraph_ELBO
 from pyro.infer.tracegraph_elbo import _construct_baseline
 from pyro.util import get_rng_state, set_rng_state
 
@@ -47,7 +47,7 @@ class ParameterStats(NamedTuple):
 class GradientVariance(NamedTuple):
     """The result of :func:`gradient_variance`."""
 
-    params: dict  # name -> ParameterStats
+    params: dict[str, ParameterStats]  # name -> ParameterStats
     num_draws: int
     seconds: float
 
@@ -65,7 +65,9 @@ class GradientVariance(NamedTuple):
         return "\n".join(rows)
 
 
-def gradient_variance(model, guide, loss, *args, num_draws: int = 100, seed: int = 0, **kwargs) -> GradientVariance:
+def gradient_variance(
+    model: Callable, guide: Callable, loss: ELBO, *args, num_draws: int = 100, seed: int = 0, **kwargs
+) -> GradientVariance:
     """Mean, variance and signal-to-noise ratio of a loss's gradient estimate.
 
     The estimate is drawn ``num_draws`` times at the current parameters
@@ -143,7 +145,15 @@ def gradient_variance(model, guide, loss, *args, num_draws: int = 100, seed: int
     return GradientVariance(params, num_draws, seconds)
 
 
-def compare_gradient_variance(model, guide, losses: dict, *args, num_draws: int = 100, seed: int = 0, **kwargs) -> str:
+def compare_gradient_variance(
+    model: Callable,
+    guide: Callable,
+    losses: dict[str, ELBO],
+    *args,
+    num_draws: int = 100,
+    seed: int = 0,
+    **kwargs,
+) -> str:
     """A side-by-side table of the gradient variance of several losses at the
     guide's current parameters (the same seeds for each).
 
@@ -156,7 +166,10 @@ def compare_gradient_variance(model, guide, losses: dict, *args, num_draws: int 
         for name, loss in losses.items()
     }
     first = next(iter(results.values())).total_variance
-    rows = ["| loss | total variance | variance reduction vs first | median SNR | s / draw |", "|---|---:|---:|---:|---:|"]
+    rows = [
+        "| loss | total variance | variance reduction vs first | median SNR | s / draw |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
         snr = torch.cat([s.snr for s in r.params.values()])
         ratio = first / r.total_variance if r.total_variance > 0 else math.inf
@@ -167,7 +180,7 @@ def compare_gradient_variance(model, guide, losses: dict, *args, num_draws: int 
     return "\n".join(rows)
 
 
-def surrogate_terms(loss, model, guide, *args, **kwargs) -> dict:
+def surrogate_terms(loss: ELBO, model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
     """The surrogate ELBO a loss differentiates, term by term, for one draw.
 
     Returns ``name -> tensor`` (still attached to the graph); ``backward()``

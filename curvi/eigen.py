@@ -26,10 +26,17 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .arrowhead import arrowhead_matvec
+from .hessian import ArrowheadHessian
+from .model import ModelView
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = ["EigenResult", "coordinate_names", "eigen"]
 
@@ -45,8 +52,19 @@ class EigenResult:
     used; 0 for a dense matrix).
     """
 
-    def __init__(self, eigenvalues, eigenvectors, residuals, ranks, *, dim, names=None,
-                 method="dense", converged=True, num_matvecs=0):
+    def __init__(
+        self,
+        eigenvalues: torch.Tensor,
+        eigenvectors: torch.Tensor,
+        residuals: torch.Tensor,
+        ranks: torch.Tensor,
+        *,
+        dim: int,
+        names: Sequence[str] | None = None,
+        method: str = "dense",
+        converged: bool = True,
+        num_matvecs: int = 0,
+    ):
         self.eigenvalues, self.eigenvectors, self.residuals = eigenvalues, eigenvectors, residuals
         self.ranks, self.dim, self.names = ranks, dim, names
         self.method, self.converged, self.num_matvecs = method, converged, num_matvecs
@@ -65,7 +83,9 @@ class EigenResult:
         """Indices of the eigenpairs by decreasing |λ|, stiffest first."""
         return torch.argsort(self.eigenvalues.abs(), descending=True)
 
-    def components(self, index, top=5, *, names=None):
+    def components(
+        self, index: int, top: int = 5, *, names: Sequence[str] | None = None
+    ) -> list[tuple[str, float]]:
         """The ``top`` largest entries of eigenvector ``index`` as
         ``[(name, weight), ...]``, by decreasing |weight|.
 
@@ -79,7 +99,13 @@ class EigenResult:
         order = torch.argsort(v.abs(), descending=True)[:top]
         return [(names[i], float(v[i])) for i in order.tolist()]
 
-    def plot(self, ax=None, *, names=None, top=5):
+    def plot(
+        self,
+        ax: Axes | tuple[Axes, Axes] | None = None,
+        *,
+        names: Sequence[str] | None = None,
+        top: int = 5,
+    ) -> tuple[Axes, Axes | None]:
         """Plot the spectrum and the leading components of the stiffest and
         sloppiest directions, labelled by coordinate names.
 
@@ -125,16 +151,20 @@ class EigenResult:
         for i, label in ((i_stiff, "stiff"), (i_sloppy, "sloppy")):
             text = label
             if ax_comp is None:
-                text += ": " + " ".join(f"{w:+.2f}·{n}" for n, w in self.components(i, min(top, 3), names=names))
-            ax_spec.annotate(text, (int(ranks[i]), float(lam[i])), textcoords="offset points",
-                             xytext=(6, 6), fontsize=8)
+                text += ": " + " ".join(
+                    f"{w:+.2f}·{n}" for n, w in self.components(i, min(top, 3), names=names)
+                )
+            ax_spec.annotate(
+                text, (int(ranks[i]), float(lam[i])), textcoords="offset points", xytext=(6, 6), fontsize=8
+            )
         if ax_comp is not None:
             pos, ticks = 0, []
             for i, label, colour in ((i_stiff, "stiff", "tab:red"), (i_sloppy, "sloppy", "tab:green")):
                 comps = self.components(i, top, names=names)
                 ys = [-(pos + j) for j in range(len(comps))]
-                ax_comp.barh(ys, [w for _, w in comps], color=colour,
-                             label=f"{label}: λ = {float(lam[i]):.3g}")
+                ax_comp.barh(
+                    ys, [w for _, w in comps], color=colour, label=f"{label}: λ = {float(lam[i]):.3g}"
+                )
                 ticks += [(y, n) for y, (n, _) in zip(ys, comps)]
                 pos += len(comps) + 1
             ax_comp.set_yticks([y for y, _ in ticks], [n for _, n in ticks], fontsize=8)
@@ -145,8 +175,10 @@ class EigenResult:
         return ax_spec, ax_comp
 
     def __repr__(self):
-        head = (f"EigenResult({self.method}, d={self.dim}, {self.eigenvalues.numel()} eigenpairs, "
-                f"converged={self.converged}, max residual {float(self.residuals.max()):.2g}")
+        head = (
+            f"EigenResult({self.method}, d={self.dim}, {self.eigenvalues.numel()} eigenpairs, "
+            f"converged={self.converged}, max residual {float(self.residuals.max()):.2g}"
+        )
         lines = [head + ")"]
         for i in self.stiffness_order()[:6].tolist():
             comps = ", ".join(f"{w:+.2f}·{n}" for n, w in self.components(i, 3))
@@ -162,8 +194,22 @@ class EigenResult:
         return list(names)
 
 
-def eigen(hessian_or_hvp, k=None, *, which="both", dim=None, names=None, method="auto", tol=None,
-          block_size=None, max_matvecs=None, batched=False, seed=0, dtype=None, device=None):
+def eigen(
+    hessian_or_hvp: torch.Tensor | ArrowheadHessian | Callable[[torch.Tensor], torch.Tensor],
+    k: int | None = None,
+    *,
+    which: str = "both",
+    dim: int | None = None,
+    names: Sequence[str] | ModelView | None = None,
+    method: str = "auto",
+    tol: float | None = None,
+    block_size: int | None = None,
+    max_matvecs: int | None = None,
+    batched: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> EigenResult:
     """Stiff and sloppy directions of a Hessian: its extreme eigenpairs.
 
     Usage::
@@ -238,11 +284,19 @@ def eigen(hessian_or_hvp, k=None, *, which="both", dim=None, names=None, method=
         return _dense(op, k_lo, k_hi, names)
     if tol is None:
         tol = 1e-10 if op.dtype == torch.float64 else 1e-5
-    return _lanczos(op, k_lo, k_hi, names=names, tol=tol, block=block_size or max(k_lo, k_hi),
-                    max_matvecs=max_matvecs, seed=seed)
+    return _lanczos(
+        op,
+        k_lo,
+        k_hi,
+        names=names,
+        tol=tol,
+        block=block_size or max(k_lo, k_hi),
+        max_matvecs=max_matvecs,
+        seed=seed,
+    )
 
 
-def coordinate_names(view, *, num_units=None):
+def coordinate_names(view: ModelView, *, num_units: int | None = None) -> list[str]:
     """Names of the flat coordinates ``[theta, y.flatten()]`` of a
     :class:`~curvi.ModelView` (the ordering of
     :meth:`~curvi.ArrowheadHessian.to_dense`): the global ones as in
@@ -357,8 +411,16 @@ def _dense(op, k_lo, k_hi, names):
     idx_t = torch.tensor(idx, device=lam.device)
     lam, Q = lam[idx_t], Q[:, idx_t]
     residuals = torch.linalg.vector_norm(H @ Q - Q * lam, dim=0)
-    return EigenResult(lam, Q, residuals, idx_t.cpu(), dim=d, names=names, method="dense",
-                       num_matvecs=0 if op.dense is not None else d)
+    return EigenResult(
+        lam,
+        Q,
+        residuals,
+        idx_t.cpu(),
+        dim=d,
+        names=names,
+        method="dense",
+        num_matvecs=0 if op.dense is not None else d,
+    )
 
 
 # ------------------------------------------------------------------- Lanczos
@@ -400,8 +462,11 @@ def _lanczos(op, k_lo, k_hi, *, names, tol, block, max_matvecs, seed):
             Q = _orthonormal_block(W, V, gen, width=min(b, d - V.shape[1]))
         theta, S = torch.linalg.eigh(T)
         m = theta.numel()
-        resid = (torch.linalg.vector_norm(W @ S[m - last:], dim=0) if W is not None and V.shape[1] < d
-                 else theta.new_zeros(m))
+        resid = (
+            torch.linalg.vector_norm(W @ S[m - last :], dim=0)
+            if W is not None and V.shape[1] < d
+            else theta.new_zeros(m)
+        )
         want = list(range(min(k_lo, m))) + list(range(max(m - k_hi, min(k_lo, m)), m))
         scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
         converged = bool((resid[want] <= tol * scale).all())
@@ -422,10 +487,12 @@ def _lanczos(op, k_lo, k_hi, *, names, tol, block, max_matvecs, seed):
         warnings.warn(
             f"Lanczos did not converge within {matvecs} Hessian-vector products: largest relative "
             f"residual {float(res.max() / scale):.2g} > tol={tol:g}; raise max_matvecs or tol",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning,
+            stacklevel=3,
         )
-    return EigenResult(lam, Y, res, ranks, dim=d, names=names, method="lanczos",
-                       converged=converged, num_matvecs=matvecs)
+    return EigenResult(
+        lam, Y, res, ranks, dim=d, names=names, method="lanczos", converged=converged, num_matvecs=matvecs
+    )
 
 
 def _orthonormal_block(W, V, gen, width=None):

@@ -58,13 +58,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import transforms as T
-
 from pyro.distributions.transforms import AffineCoupling, Permute, SplineCoupling
 from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.distributions.transforms.radial import ConditionedRadial
 from pyro.nn import DenseNN
 from pyro.nn.dense_nn import ConditionalDenseNN
+from torch.distributions import transforms as T
 
 __all__ = ["FlowHessian", "log_density_hessian"]
 
@@ -81,8 +80,15 @@ class FlowHessian(NamedTuple):
     base: torch.Tensor
 
 
-def log_density_hessian(dist, value, *, coordinates="z", tol=None, max_iter=50,
-                        full_output=False):
+def log_density_hessian(
+    dist: torch.distributions.Distribution,
+    value: torch.Tensor,
+    *,
+    coordinates: str = "z",
+    tol: float | None = None,
+    max_iter: int = 50,
+    full_output: bool = False,
+) -> torch.Tensor | FlowHessian:
     """The exact Hessian of ``dist.log_prob`` at ``value``, batched.
 
     For a (Pyro or torch) ``TransformedDistribution`` with a vector event the
@@ -141,7 +147,7 @@ def log_density_hessian(dist, value, *, coordinates="z", tol=None, max_iter=50,
         raise ValueError(f"coordinates must be 'z' or 'base', got {coordinates!r}")
     event_shape = tuple(dist.event_shape)
     n_event = len(event_shape)
-    if value.dim() < n_event or tuple(value.shape[value.dim() - n_event:]) != event_shape:
+    if value.dim() < n_event or tuple(value.shape[value.dim() - n_event :]) != event_shape:
         raise ValueError(
             f"value has shape {tuple(value.shape)}, which does not end in the event shape "
             f"{event_shape} of {type(dist).__name__}"
@@ -156,14 +162,11 @@ def log_density_hessian(dist, value, *, coordinates="z", tol=None, max_iter=50,
     flow = _as_flow(dist)
     if coordinates == "base":
         if flow is None:
-            raise ValueError(
-                "coordinates='base' needs a TransformedDistribution, got " + type(dist).__name__
-            )
+            raise ValueError("coordinates='base' needs a TransformedDistribution, got " + type(dist).__name__)
         base_dist, layers = flow
         if tuple(base_dist.event_shape) != tuple(value.shape[-1:]) or not _layered(flow):
             raise ValueError(
-                "coordinates='base' supports flows with a vector event whose transforms "
-                "keep the event shape"
+                "coordinates='base' supports flows with a vector event whose transforms keep the event shape"
             )
         out = _flow_hessian(base_dist, layers, value, to_base=False, tol=tol, max_iter=max_iter)
     elif flow is not None and n_event == 1 and _layered(flow):
@@ -205,8 +208,9 @@ def _layered(flow):
     base_dist, layers = flow
     if len(base_dist.event_shape) != 1:
         return False
-    return all(t.domain.event_dim <= 1 and t.codomain.event_dim <= 1 and not _changes_shape(t)
-               for t, _ in layers)
+    return all(
+        t.domain.event_dim <= 1 and t.codomain.event_dim <= 1 and not _changes_shape(t) for t, _ in layers
+    )
 
 
 def _changes_shape(t):
@@ -242,7 +246,11 @@ def _flow_hessian(base_dist, layers, point, *, to_base, tol, max_iter):
         lp, g, H = _base_terms(base_dist, omega)
     else:
         omega, d = point, point.shape[-1]
-        lp, g, H = point.new_zeros(point.shape[:-1]), torch.zeros_like(point), point.new_zeros(point.shape + (d,))
+        lp, g, H = (
+            point.new_zeros(point.shape[:-1]),
+            torch.zeros_like(point),
+            point.new_zeros(point.shape + (d,)),
+        )
     for j in reversed(range(len(seq))):
         t, inverted = seq[j][1]
         x, y = points[j], points[j + 1]
@@ -309,8 +317,14 @@ def _pullback(t, inverted, forward, x, g, H, nu, state=None):  # noqa: C901
 
 
 def _analytic_affine(t):
-    return (type(t) is AffineCoupling and t.dim == -1 and _is_dense_nn(t.nn) and _activation_ok(t.nn.f)
-            and len(t.nn.param_dims) == 2 and t.nn.param_dims[0] == t.nn.param_dims[1])
+    return (
+        type(t) is AffineCoupling
+        and t.dim == -1
+        and _is_dense_nn(t.nn)
+        and _activation_ok(t.nn.f)
+        and len(t.nn.param_dims) == 2
+        and t.nn.param_dims[0] == t.nn.param_dims[1]
+    )
 
 
 def _permute_pullback(perm, forward, g, H):
@@ -358,8 +372,9 @@ def _coupling_pullback(m, d1, x, g, H, nu):
     R = x.new_zeros((d1 + 1,) + (1,) * len(lead) + (d,))
     R[:d1, ..., :d1] = torch.eye(d1, dtype=x.dtype, device=x.device).reshape((d1,) + R.shape[1:-1] + (d1,))
     R[d1, ..., d1:] = 1
-    gq, rows, ldj, S = _hessian_rows(_pullback_objective(m, g, H, nu), x, R.expand((d1 + 1,) + x.shape),
-                                     diag_from=d1)
+    gq, rows, ldj, S = _hessian_rows(
+        _pullback_objective(m, g, H, nu), x, R.expand((d1 + 1,) + x.shape), diag_from=d1
+    )
     _clear_cache(m)
     H22 = H[..., d1:, d1:]
     top = rows[:d1].movedim(0, -2)  # (..., d1, d)
@@ -614,8 +629,11 @@ def _rank_one_pullback(t, inverse, y, g, H, nu):
             c_iso = p1 * lv / r + nu * l1 / r
             c_ee = p2 * lv - p1 * lv / r + nu * (l2 - l1 / r)
             eye = torch.eye(d, dtype=y.dtype, device=y.device)
-            return c_iso.unsqueeze(-1) * eye + _outer(c_ee * e, e) + p1.unsqueeze(-1) * (
-                _outer(e, lam) + _outer(lam, e))
+            return (
+                c_iso.unsqueeze(-1) * eye
+                + _outer(c_ee * e, e)
+                + p1.unsqueeze(-1) * (_outer(e, lam) + _outer(lam, e))
+            )
 
         s, a, b = A, p1 * r * e, e  # J_f = (1 + φ) I + φ' r e eᵀ
     if inverse:
@@ -625,7 +643,7 @@ def _rank_one_pullback(t, inverse, y, g, H, nu):
         lam = (phi - gamma * b * (a * phi).sum(-1, keepdim=True)) / s  # Kᵀ ∇φ
         M = H - N(lam)
         MK = (M - gamma.unsqueeze(-1) * _outer(M @ a.unsqueeze(-1), b.unsqueeze(-1))) / s.unsqueeze(-1)
-        aMK = (a.unsqueeze(-2) @ MK)  # (..., 1, d)
+        aMK = a.unsqueeze(-2) @ MK  # (..., 1, d)
         Hn = (MK - gamma.unsqueeze(-1) * b.unsqueeze(-1) * aMK) / s.unsqueeze(-1)
         return lam, Hn, -nu * ldj
     # J_fᵀ H J_f + N(g), J_f = s I + a bᵀ
@@ -798,15 +816,26 @@ def _one_hidden_jacobian(W1, s1, W2):
     chunk = _outer_chunk(W1.shape, W2.shape)
     out = s1.new_zeros(s1.shape[:-1] + (n_in * n_out,))
     for k in range(0, h, chunk):
-        K = (W1[k : k + chunk].unsqueeze(-1) * W2[:, k : k + chunk].t().unsqueeze(-2))
+        K = W1[k : k + chunk].unsqueeze(-1) * W2[:, k : k + chunk].t().unsqueeze(-2)
         out = out + s1[..., k : k + chunk] @ K.reshape(-1, n_in * n_out)
     return out.reshape(s1.shape[:-1] + (n_in, n_out))
 
 
 _PIECEWISE_LINEAR = (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.ReLU6, torch.nn.Hardtanh, torch.nn.Identity)
-_SMOOTH = (torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.ELU, torch.nn.SELU, torch.nn.CELU, torch.nn.GELU,
-           torch.nn.SiLU, torch.nn.Softplus, torch.nn.Mish, torch.nn.Softsign, torch.nn.LogSigmoid,
-           torch.nn.Tanhshrink)
+_SMOOTH = (
+    torch.nn.Tanh,
+    torch.nn.Sigmoid,
+    torch.nn.ELU,
+    torch.nn.SELU,
+    torch.nn.CELU,
+    torch.nn.GELU,
+    torch.nn.SiLU,
+    torch.nn.Softplus,
+    torch.nn.Mish,
+    torch.nn.Softsign,
+    torch.nn.LogSigmoid,
+    torch.nn.Tanhshrink,
+)
 
 
 def _activation_ok(f):
@@ -832,8 +861,11 @@ def _activation_derivatives(f, a):
 
 
 def _is_dense_nn(net):
-    return (isinstance(net, DenseNN) and type(net).forward is DenseNN.forward
-            and type(net)._forward is ConditionalDenseNN._forward)
+    return (
+        isinstance(net, DenseNN)
+        and type(net).forward is DenseNN.forward
+        and type(net)._forward is ConditionalDenseNN._forward
+    )
 
 
 def _stacked_leaf(x, n):
@@ -855,8 +887,7 @@ def _per_point(ldj, lead_ndim, lead_shape):
 
 
 def _grad(out, inputs, grad_outputs=None, **kwargs):
-    return torch.autograd.grad(out, inputs, grad_outputs, allow_unused=True, materialize_grads=True,
-                               **kwargs)
+    return torch.autograd.grad(out, inputs, grad_outputs, allow_unused=True, materialize_grads=True, **kwargs)
 
 
 def _clear_cache(m):

@@ -28,21 +28,24 @@ trace of the call that drew the particles.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
-
-import torch
-from torch.distributions import biject_to
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+import torch
 from pyro.infer.autoguide import (
     AutoDiagonalNormal,
+    AutoGuide,
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
 )
+from pyro.poutine.runtime import Message
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to
 
 from .arrowhead import ArrowheadPrecision, arrowhead_matvec
 from .guides import LaplaceGuideBase, laplace_gaussian
@@ -71,13 +74,13 @@ class FlatLayout:
     the latent sites of a model trace one after another, each flattened.
     """
 
-    def __init__(self, sites, *, view=None):
+    def __init__(self, sites: Iterable[_Site], *, view: ModelView | None = None):
         self.sites = tuple(sites)
         self.view = view
         self.dim = sum(s.shape.numel() for s in self.sites)
 
     @classmethod
-    def from_view(cls, view: ModelView) -> "FlatLayout":
+    def from_view(cls, view: ModelView) -> FlatLayout:
         sites = [_Site(s.name, s.transform, s.shape, None) for s in view.global_layout]
         for s in view.local_layout:
             shape = list(s.shape)
@@ -87,7 +90,7 @@ class FlatLayout:
         return cls(sites, view=view)
 
     @classmethod
-    def from_trace(cls, trace) -> "FlatLayout":
+    def from_trace(cls, trace: Trace) -> FlatLayout:
         sites = []
         for site in trace.nodes.values():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
@@ -98,7 +101,7 @@ class FlatLayout:
             sites.append(_Site(site["name"], transform, transform.inverse_shape(site["value"].shape), None))
         return cls(sites)
 
-    def pack(self, values: dict) -> torch.Tensor:
+    def pack(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Flat ``(K, d)`` from unconstrained values ``name -> (K, *shape)``."""
         if self.view is None:
             return torch.cat([values[s.name].reshape(-1, s.shape.numel()) for s in self.sites], -1)
@@ -115,7 +118,7 @@ class FlatLayout:
         parts = theta + [y.reshape(y.shape[0], -1)]
         return torch.cat(parts, -1)
 
-    def unpack(self, x: torch.Tensor) -> dict:
+    def unpack(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unconstrained site values from a flat ``(d,)`` vector."""
         if self.view is not None:
             return self.view.unpack_unconstrained(*self.view.split(x))
@@ -126,7 +129,9 @@ class FlatLayout:
             offset += n
         return values
 
-    def permutation(self, unpack_latent) -> torch.Tensor:
+    def permutation(
+        self, unpack_latent: Callable[[torch.Tensor], Iterable[tuple[Message, torch.Tensor]]]
+    ) -> torch.Tensor:
         """Indices ``perm`` with ``flat = latent[..., perm]``, for a guide whose
         latent vector is unpacked by ``unpack_latent`` (an AutoContinuous)."""
         index = torch.arange(self.dim, dtype=torch.float64)
@@ -142,12 +147,25 @@ class Curvature:
     dense matrix without one; :meth:`matvec` and :meth:`diag` hide which.
     """
 
-    def __init__(self, log_prob, grad, *, blocks=None, dense=None, layout=None):
+    def __init__(
+        self,
+        log_prob: torch.Tensor,
+        grad: torch.Tensor,
+        *,
+        blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        dense: torch.Tensor | None = None,
+        layout: FlatLayout | None = None,
+    ):
         self.log_prob, self.grad = log_prob, grad
         self.blocks, self.dense, self.layout = blocks, dense, layout
 
     @classmethod
-    def at(cls, layout: FlatLayout, x: torch.Tensor, log_density=None) -> "Curvature":
+    def at(
+        cls,
+        layout: FlatLayout,
+        x: torch.Tensor,
+        log_density: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Curvature:
         """The curvature at ``x`` (detached), through ``layout.view`` or, without
         one, by dense autograd of ``log_density(x)``."""
         x = x.detach()
@@ -245,20 +263,22 @@ class GaussianView:
     with the guide's parameters held fixed (for sticking the landing).
     """
 
-    def __init__(self, guide, layout: FlatLayout):
+    def __init__(self, guide: AutoGuide, layout: FlatLayout):
         self.guide, self.layout = guide, layout
 
-    def particles(self, guide_trace) -> torch.Tensor:
+    def particles(self, guide_trace: Trace) -> torch.Tensor:
         raise NotImplementedError
 
-    def moments(self, guide_trace=None):
+    def moments(
+        self, guide_trace: Trace | None = None
+    ) -> tuple[torch.Tensor, DiagonalCov | FactorCov | LowRankCov | ArrowheadCov]:
         raise NotImplementedError
 
-    def gaussian_sites(self, guide_trace):
+    def gaussian_sites(self, guide_trace: Trace) -> list[str]:
         """Names of the guide trace's Gaussian (auxiliary) sites."""
         raise NotImplementedError
 
-    def log_q_detached(self, guide_trace) -> torch.Tensor:
+    def log_q_detached(self, guide_trace: Trace) -> torch.Tensor:
         total = 0.0
         for name in self.gaussian_sites(guide_trace):
             site = guide_trace.nodes[name]
@@ -272,9 +292,9 @@ class _AutoNormalView(GaussianView):
         return [s.name + "_unconstrained" for s in self.layout.sites]
 
     def particles(self, guide_trace):
-        return self.layout.pack({
-            s.name: guide_trace.nodes[s.name + "_unconstrained"]["value"] for s in self.layout.sites
-        })
+        return self.layout.pack(
+            {s.name: guide_trace.nodes[s.name + "_unconstrained"]["value"] for s in self.layout.sites}
+        )
 
     def moments(self, guide_trace=None):
         locs, scales = {}, {}
@@ -338,17 +358,26 @@ class _LaplaceView(GaussianView):
         theta, y = theta_site["value"], y_site["value"]
         log_q = q.marginal_global().log_prob(theta)
         log_q_y = q.conditional_local(theta.reshape(-1, theta.shape[-1])).log_prob(
-            y.reshape((-1,) + tuple(q.y_hat.shape)))
+            y.reshape((-1,) + tuple(q.y_hat.shape))
+        )
         return _scaled_sum(log_q, theta_site) + _scaled_sum(log_q_y.reshape(y.shape[:-1]), y_site)
 
 
-def is_supported(guide) -> bool:
+def is_supported(guide: object) -> bool:
     """Whether :func:`gaussian_view` can read ``guide``."""
-    return isinstance(guide, (LaplaceGuideBase, AutoNormal, AutoDiagonalNormal,
-                              AutoMultivariateNormal, AutoLowRankMultivariateNormal))
+    return isinstance(
+        guide,
+        (
+            LaplaceGuideBase,
+            AutoNormal,
+            AutoDiagonalNormal,
+            AutoMultivariateNormal,
+            AutoLowRankMultivariateNormal,
+        ),
+    )
 
 
-def gaussian_view(guide, layout: FlatLayout) -> GaussianView:
+def gaussian_view(guide: AutoGuide, layout: FlatLayout) -> GaussianView:
     """The :class:`GaussianView` of ``guide`` in ``layout`` (see the module
     docstring for the supported guides)."""
     if isinstance(guide, LaplaceGuideBase):
@@ -365,7 +394,9 @@ def gaussian_view(guide, layout: FlatLayout) -> GaussianView:
     )
 
 
-def flat_log_density(model, layout: FlatLayout, args, kwargs):
+def flat_log_density(
+    model: Callable, layout: FlatLayout, args: tuple, kwargs: dict
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> log p`` of ``model`` at flat unconstrained ``x`` ``(d,)``, the
     constraint Jacobians included (the dense route; with a unit plate use
     :meth:`curvi.ModelView.log_joint`)."""
@@ -384,7 +415,9 @@ def flat_log_density(model, layout: FlatLayout, args, kwargs):
     return log_density
 
 
-def batched_log_density(model, layout: FlatLayout, args, kwargs, max_plate_nesting: int):
+def batched_log_density(
+    model: Callable, layout: FlatLayout, args: tuple, kwargs: dict, max_plate_nesting: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> (log p(x₁), …, log p(x_K))`` for flat unconstrained points ``x``
     of shape ``(K, d)`` (layouts without a unit plate), in one vectorised run
     of the model under a plate of the points left of its
@@ -399,7 +432,7 @@ def batched_log_density(model, layout: FlatLayout, args, kwargs, max_plate_nesti
         values, log_jac, offset = {}, 0.0, 0
         for site in layout.sites:
             n = site.shape.numel()
-            u = x[:, offset: offset + n].reshape((K,) + site.shape)
+            u = x[:, offset : offset + n].reshape((K,) + site.shape)
             offset += n
             value = site.transform(u)
             jac = site.transform.log_abs_det_jacobian(u, value)
@@ -436,9 +469,7 @@ def _detached(fn, name):
         )
     if isinstance(fn, dist.MultivariateNormal):
         return dist.MultivariateNormal(fn.loc.detach(), scale_tril=fn._unbroadcasted_scale_tril.detach())
-    raise ValueError(
-        f"sticking the landing needs a Gaussian at guide site '{name}', got {type(fn).__name__}"
-    )
+    raise ValueError(f"sticking the landing needs a Gaussian at guide site '{name}', got {type(fn).__name__}")
 
 
 def _scaled_sum(log_q, site):

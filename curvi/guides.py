@@ -37,27 +37,28 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-
-import torch
-from torch.distributions import constraints
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+import torch
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn.module import PyroParam
+from pyro.poutine.runtime import Message
+from torch.distributions import constraints
 
 from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
 from .hessian import structured_hessian
+from .laplace_newton import LaplaceNewton
 from .marginal import laplace_hessian, laplace_mode
 from .model import ModelView
 from .modes import implicit_modes, solve_modes, warn_unconverged
-from .laplace_newton import LaplaceNewton
 from .posterior import INFER_KEY, LaplaceGaussian, LaplacePosterior, laplace_gaussian
-from .repair import as_repair
+from .repair import Jitter, SpectralRepair, as_repair
 
 __all__ = ["AmortizedLaplaceGuide", "INFER_KEY", "LaplaceGuide", "LaplaceGuideBase", "laplace_gaussian"]
 
@@ -73,12 +74,12 @@ class LaplaceGuideBase(AutoGuide):
 
     def __init__(
         self,
-        model,
+        model: Callable,
         *,
         unit_plate: str,
-        repair="softabs",
-        init_loc_fn=init_to_median,
-        create_plates=None,
+        repair: SpectralRepair | Jitter | str = "softabs",
+        init_loc_fn: Callable[[Message], torch.Tensor] = init_to_median,
+        create_plates: Callable | None = None,
         check_structure: bool = True,
         running_weight: float = 0.1,
         init_to_mode: bool = True,
@@ -104,8 +105,12 @@ class LaplaceGuideBase(AutoGuide):
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
         self.view = ModelView(
-            self.model, *args, unit_plate=self.unit_plate, init_loc_fn=self.init_loc_fn,
-            check_structure=self.check_structure, **kwargs,
+            self.model,
+            *args,
+            unit_plate=self.unit_plate,
+            init_loc_fn=self.init_loc_fn,
+            check_structure=self.check_structure,
+            **kwargs,
         )
         view = self.view
         if view.global_dim == 0:
@@ -150,7 +155,9 @@ class LaplaceGuideBase(AutoGuide):
         if not torch.isfinite(mode.log_marginal):
             warnings.warn(
                 "no mode of the Laplace marginal was found from the initial point; "
-                "starting from init_loc_fn's point instead", RuntimeWarning, stacklevel=4,
+                "starting from init_loc_fn's point instead",
+                RuntimeWarning,
+                stacklevel=4,
             )
             return view.init_theta
         return mode.theta
@@ -210,7 +217,7 @@ class LaplaceGuideBase(AutoGuide):
         return self.running_schur + (S - estimate)
 
     # -------------------------------------------------------------- forward
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Draw every latent site of the model from the guide.
 
         :return: a dict from site name to its sampled (constrained) value.
@@ -275,9 +282,7 @@ class LaplaceGuideBase(AutoGuide):
             with ExitStack() as stack:
                 for frame in self._frames[name]:
                     stack.enter_context(plates[frame.name])
-                result[name] = pyro.sample(
-                    name, dist.Delta(x, log_density=log_density, event_dim=event_dim)
-                )
+                result[name] = pyro.sample(name, dist.Delta(x, log_density=log_density, event_dim=event_dim))
         return result
 
     # ------------------------------------------------------------- read-outs
@@ -310,7 +315,7 @@ class LaplaceGuideBase(AutoGuide):
         return P
 
     @torch.no_grad()
-    def median(self, *args, **kwargs) -> dict:
+    def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The posterior median of each latent site: the mean mapped to
         constrained space."""
         view = self._read_out_view(args, kwargs)
@@ -321,7 +326,9 @@ class LaplaceGuideBase(AutoGuide):
         return view.unpack(theta_hat.detach(), y)
 
     @torch.no_grad()
-    def quantiles(self, quantiles, *args, **kwargs) -> dict:
+    def quantiles(
+        self, quantiles: Sequence[float] | torch.Tensor, *args, **kwargs
+    ) -> dict[str, torch.Tensor]:
         """Marginal quantiles of each latent site, with a leading dimension
         ``len(quantiles)``."""
         return self.get_posterior(*args, **kwargs).quantiles(quantiles)
@@ -483,14 +490,21 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         :class:`LaplaceGuide`.
     """
 
-    def __init__(self, model, *, unit_plate: str, mode_fn=None, xtol=None, max_iter=50,
-                 global_precision: str = "joint", **kwargs):
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        unit_plate: str,
+        mode_fn: Callable[..., torch.Tensor] | None = None,
+        xtol: float | None = None,
+        max_iter: int = 50,
+        global_precision: str = "joint",
+        **kwargs,
+    ):
         if mode_fn is not None and not callable(mode_fn):
             raise ValueError(f"mode_fn must be callable, got {type(mode_fn).__name__}")
         if global_precision not in ("joint", "marginal"):
-            raise ValueError(
-                f"global_precision must be 'joint' or 'marginal', got {global_precision!r}"
-            )
+            raise ValueError(f"global_precision must be 'joint' or 'marginal', got {global_precision!r}")
         self.mode_fn, self.xtol, self.max_iter = mode_fn, xtol, max_iter
         self.global_precision = global_precision
         super().__init__(model, unit_plate=unit_plate, **kwargs)
@@ -553,9 +567,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         else:
             shift = theta.detach() - self.mode_theta[rows]
             y_start = self.mode_cache[rows] + (self.mode_slope[rows] @ shift.unsqueeze(-1)).squeeze(-1)
-        result = solve_modes(
-            view, theta, y_start, units=units, xtol=self.xtol, max_iter=self.max_iter
-        )
+        result = solve_modes(view, theta, y_start, units=units, xtol=self.xtol, max_iter=self.max_iter)
         warn_unconverged(result, units=units, stacklevel=4)
         self.mode_cache[rows] = result.y
         self.mode_theta[rows] = theta.detach()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 
 from .arrowhead import ArrowheadPrecision, arrowhead_matvec, arrowhead_to_dense
+from .model import ModelView
+from .repair import Jitter, SpectralRepair
 
 
 class ArrowheadHessian:
@@ -30,7 +32,16 @@ class ArrowheadHessian:
     :meth:`curvi.ModelView.flatten`.
     """
 
-    def __init__(self, A, B, D, *, log_prob=None, grad_theta=None, grad_y=None):
+    def __init__(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        D: torch.Tensor,
+        *,
+        log_prob: torch.Tensor | None = None,
+        grad_theta: torch.Tensor | None = None,
+        grad_y: torch.Tensor | None = None,
+    ):
         self.A, self.B, self.D = A, B, D
         self.log_prob, self.grad_theta, self.grad_y = log_prob, grad_theta, grad_y
 
@@ -50,17 +61,24 @@ class ArrowheadHessian:
         """The dense ``(p + N k)²`` matrix (for tests and small problems)."""
         return arrowhead_to_dense(self.A, self.B, self.D)
 
-    def matvec(self, v):
+    def matvec(self, v: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``H v`` for a pair ``v = (v_theta, v_y)``."""
         return arrowhead_matvec(self.A, self.B, self.D, v)
 
-    def precision(self, *, repair=None) -> ArrowheadPrecision:
+    def precision(self, *, repair: SpectralRepair | Jitter | str | None = None) -> ArrowheadPrecision:
         """The precision ``P = -H`` as an :class:`ArrowheadPrecision`,
         made positive definite by ``repair`` (see :mod:`curvi.repair`)."""
         return ArrowheadPrecision(-self.A, -self.B, -self.D, repair=repair)
 
 
-def structured_hessian(view, theta, y, *, units=None, create_graph=False) -> ArrowheadHessian:
+def structured_hessian(
+    view: ModelView,
+    theta: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    units: torch.Tensor | None = None,
+    create_graph: bool = False,
+) -> ArrowheadHessian:
     """The block-arrowhead Hessian of ``view.log_joint`` at ``(theta, y)``.
 
     Costs one gradient evaluation plus ``p + k`` backward passes through it,
@@ -119,7 +137,14 @@ def structured_hessian(view, theta, y, *, units=None, create_graph=False) -> Arr
     return H
 
 
-def local_hessian(view, theta, y, *, units=None, create_graph=False):
+def local_hessian(
+    view: ModelView,
+    theta: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    units: torch.Tensor | None = None,
+    create_graph: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Value, gradient in ``y`` and unit blocks ``D`` of ``log p`` at ``(theta, y)``.
 
     One gradient evaluation plus ``k`` backward passes, whatever N: what a
@@ -150,8 +175,9 @@ def local_hessian(view, theta, y, *, units=None, create_graph=False):
         (g_y,) = _grad(log_prob, (yy,), create_graph=True)
         k = view.local_dim
         columns = [
-            _grad(g_y[:, l].sum(), (yy,), create_graph=create_graph,
-                  retain_graph=create_graph or l < k - 1)[0]
+            _grad(g_y[:, l].sum(), (yy,), create_graph=create_graph, retain_graph=create_graph or l < k - 1)[
+                0
+            ]
             for l in range(k)
         ]
     D = _symmetrize(torch.stack(columns, dim=-1))
@@ -160,7 +186,14 @@ def local_hessian(view, theta, y, *, units=None, create_graph=False):
     return log_prob.detach(), g_y.detach(), D.detach()
 
 
-def gradient(view, theta, y, *, units=None, create_graph=False):
+def gradient(
+    view: ModelView,
+    theta: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    units: torch.Tensor | None = None,
+    create_graph: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient ``(∇_θ log p, ∇_y log p)`` of ``view.log_joint`` at ``(theta, y)``.
 
     Partial derivatives, as in :func:`structured_hessian`.
@@ -188,7 +221,9 @@ def gradient(view, theta, y, *, units=None, create_graph=False):
     return g_theta, g_y
 
 
-def dense_hessian(view, theta, y, *, units=None) -> torch.Tensor:
+def dense_hessian(
+    view: ModelView, theta: torch.Tensor, y: torch.Tensor, *, units: torch.Tensor | None = None
+) -> torch.Tensor:
     """Reference: ``torch.func.hessian`` of the flattened log joint.
 
     Materialises the ``(p + N k)²`` matrix in the ordering of

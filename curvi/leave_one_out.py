@@ -26,13 +26,15 @@ reparameterised sites and the dependency tracking are Pyro's, unchanged.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
-
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import TraceGraph_ELBO
 from pyro.infer.util import MultiFrameTensor
 from pyro.ops.provenance import detach_provenance, get_provenance
+from pyro.poutine.runtime import Message
+from pyro.poutine.trace_struct import Trace
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -76,14 +78,14 @@ class LeaveOneOut_ELBO(TraceGraph_ELBO):
 
     def __init__(self, num_particles: int = 2, **kwargs):
         if not isinstance(num_particles, int) or num_particles < 2:
-            raise ValueError(
-                f"a leave-one-out baseline needs num_particles >= 2, got {num_particles!r}"
-            )
+            raise ValueError(f"a leave-one-out baseline needs num_particles >= 2, got {num_particles!r}")
         if kwargs.pop("vectorize_particles", True) is not True:
-            raise ValueError("LeaveOneOut_ELBO draws its particles together: vectorize_particles must be True")
+            raise ValueError(
+                "LeaveOneOut_ELBO draws its particles together: vectorize_particles must be True"
+            )
         super().__init__(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
         """Minus the ELBO estimate, with the gradient of the surrogate."""
         elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
         return -elbo.detach() + (surrogate_loss - surrogate_loss.detach())
@@ -92,11 +94,11 @@ class LeaveOneOut_ELBO(TraceGraph_ELBO):
         terms, elbo = tracegraph_terms(model_trace, guide_trace, self._baseline)
         return elbo, -sum(terms.values())
 
-    def surrogate_terms(self, model, guide, *args, **kwargs) -> dict:
+    def surrogate_terms(self, model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The surrogate ELBO of one step, term by term, averaged over the
         particles (``backward()`` runs on minus their sum); see
         :func:`curvi.surrogate_terms`."""
-        (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
+        ((model_trace, guide_trace),) = self._get_traces(model, guide, args, kwargs)
         terms, _ = tracegraph_terms(model_trace, guide_trace, self._baseline)
         return {name: term / self.num_particles for name, term in terms.items()}
 
@@ -109,7 +111,13 @@ class LeaveOneOut_ELBO(TraceGraph_ELBO):
         return "leave-one-out baseline", _leave_one_out(cost, site, self.num_particles), 0.0
 
 
-def tracegraph_terms(model_trace, guide_trace, baseline_fn):
+def tracegraph_terms(
+    model_trace: Trace,
+    guide_trace: Trace,
+    baseline_fn: Callable[
+        [str, Message, torch.Tensor], tuple[str, torch.Tensor | float, torch.Tensor | float]
+    ],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The surrogate ELBO of :class:`~pyro.infer.TraceGraph_ELBO` for one trace
     pair, by term, and the ELBO: ``log p`` of each model site, the entropy
     term of each reparameterised guide site, and for each non-reparameterised

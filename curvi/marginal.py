@@ -14,14 +14,15 @@ Laplace compute. Its gradient is exact: the implicit derivative of ŷ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
-
-import torch
 
 import pyro
 import pyro.poutine as poutine
+import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.poutine.runtime import Message
 
 from .hessian import local_hessian
 from .model import ModelView
@@ -38,8 +39,16 @@ class NoLaplaceApproximation(ValueError):
     """
 
 
-def laplace_log_marginal(view, theta, y_start, *, units=None, xtol=None, max_iter=50,
-                         create_graph=None):
+def laplace_log_marginal(
+    view: ModelView,
+    theta: torch.Tensor,
+    y_start: torch.Tensor,
+    *,
+    units: torch.Tensor | None = None,
+    xtol: float | None = None,
+    max_iter: int = 50,
+    create_graph: bool | None = None,
+) -> tuple[torch.Tensor, ModeResult]:
     """The Laplace approximation of ``log p(θ, z)`` with the units integrated out.
 
     Differentiable with respect to ``theta`` when it requires grad.
@@ -111,7 +120,14 @@ class LaplaceMode(NamedTuple):
     converged: bool
 
 
-def laplace_mode(view, theta0, *, y_start=None, gtol=None, max_eval=200) -> LaplaceMode:
+def laplace_mode(
+    view: ModelView,
+    theta0: torch.Tensor,
+    *,
+    y_start: torch.Tensor | None = None,
+    gtol: float | None = None,
+    max_eval: int = 200,
+) -> LaplaceMode:
     """Maximise the Laplace log marginal over θ by L-BFGS with exact gradients.
 
     The units' modes are warm-started from the previous evaluation. This is
@@ -152,7 +168,9 @@ def laplace_mode(view, theta0, *, y_start=None, gtol=None, max_eval=200) -> Lapl
     return LaplaceMode(theta.detach(), value.detach(), result, grad_norm, nfev + 1, grad_norm <= gtol)
 
 
-def central_hessian(gradient_fn, x, *, step=1e-5):
+def central_hessian(
+    gradient_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, step: float = 1e-5
+) -> torch.Tensor:
     """Hessian by central differences of an exact gradient, symmetrised.
 
     ``gradient_fn(x)`` returns the gradient at ``x`` (a 1-d tensor). The
@@ -175,7 +193,14 @@ def central_hessian(gradient_fn, x, *, step=1e-5):
     return 0.5 * (hessian + hessian.T)
 
 
-def laplace_hessian(view, theta, y_start, *, units=None, step=1e-5):
+def laplace_hessian(
+    view: ModelView,
+    theta: torch.Tensor,
+    y_start: torch.Tensor,
+    *,
+    units: torch.Tensor | None = None,
+    step: float = 1e-5,
+) -> torch.Tensor:
     """Hessian of the Laplace log marginal in θ, ``(p, p)``, by central
     differences of its exact gradient (:func:`central_hessian`).
 
@@ -204,7 +229,15 @@ def laplace_hessian(view, theta, y_start, *, units=None, step=1e-5):
     return central_hessian(gradient, theta, step=step)
 
 
-def maximise_laplace(view, params, theta_fn, *, y_start=None, max_eval=200, create_graph=None):
+def maximise_laplace(
+    view: ModelView,
+    params: Sequence[torch.Tensor],
+    theta_fn: Callable[[], torch.Tensor],
+    *,
+    y_start: torch.Tensor | None = None,
+    max_eval: int = 200,
+    create_graph: bool | None = None,
+) -> tuple[torch.Tensor, int, int]:
     """L-BFGS (strong Wolfe) on ``−log p̃`` over the leaf tensors ``params``.
 
     ``theta_fn()`` gives the global coordinates at the current ``params``
@@ -235,8 +268,14 @@ def maximise_laplace(view, params, theta_fn, *, y_start=None, max_eval=200, crea
         return -value.detach()
 
     optimizer = torch.optim.LBFGS(
-        params, lr=1.0, max_iter=max_eval, max_eval=max_eval, tolerance_grad=0.0,
-        tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe",
+        params,
+        lr=1.0,
+        max_iter=max_eval,
+        max_eval=max_eval,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        history_size=20,
+        line_search_fn="strong_wolfe",
     )
     optimizer.step(closure)
     iterations = optimizer.state[optimizer._params[0]].get("n_iter", 0)
@@ -311,8 +350,16 @@ class LaplaceMarginal:
     :param int max_iter: Newton iteration cap per evaluation.
     """
 
-    def __init__(self, model, *, unit_plate, init_loc_fn=init_to_median, check_structure=True,
-                 xtol=None, max_iter=50):
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        unit_plate: str,
+        init_loc_fn: Callable[[Message], torch.Tensor] = init_to_median,
+        check_structure: bool = True,
+        xtol: float | None = None,
+        max_iter: int = 50,
+    ):
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
         self.model, self.unit_plate = model, unit_plate
@@ -323,9 +370,14 @@ class LaplaceMarginal:
 
     def _view(self, args, kwargs):
         if self.view is None:
-            view = ModelView(self.model, *args, unit_plate=self.unit_plate,
-                             init_loc_fn=self.init_loc_fn, check_structure=self.check_structure,
-                             **kwargs)
+            view = ModelView(
+                self.model,
+                *args,
+                unit_plate=self.unit_plate,
+                init_loc_fn=self.init_loc_fn,
+                check_structure=self.check_structure,
+                **kwargs,
+            )
             if view.unit_indices is not None:
                 raise ValueError(
                     f"LaplaceMarginal integrates out every unit of plate '{self.unit_plate}'; "
@@ -334,7 +386,7 @@ class LaplaceMarginal:
             self.view, self._modes = view, view.init_y
         return self.view.with_args(*args, **kwargs)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         view = self._view(args, kwargs)
         global_sites = set(view.global_sites)
 
@@ -364,7 +416,13 @@ class LaplaceMarginal:
         return values
 
     @torch.no_grad()
-    def sample_locals(self, theta_samples: dict, *args, generator=None, **kwargs) -> dict:
+    def sample_locals(
+        self,
+        theta_samples: dict[str, torch.Tensor],
+        *args,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> dict[str, torch.Tensor]:
         """Draws of the local sites given draws of the globals.
 
         For each draw of θ (``theta_samples``: constrained global values by

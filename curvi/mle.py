@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import itertools
 import math
-
-import torch
-from torch.distributions import biject_to
+from collections.abc import Callable
 
 import pyro
+import torch
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.poutine.runtime import Message
+from torch.distributions import biject_to
 
 from .marginal import central_hessian, laplace_log_marginal, maximise_laplace
 from .model import ModelView
@@ -44,8 +45,20 @@ class LaplaceFit:
     :ivar int num_observations: observed elements (for BIC).
     """
 
-    def __init__(self, params, log_likelihood, std_errors, covariance, modes, converged,
-                 message, num_iterations, num_evaluations, num_observations, constraints):
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        log_likelihood: float,
+        std_errors: dict[str, torch.Tensor],
+        covariance: torch.Tensor,
+        modes: dict[str, torch.Tensor],
+        converged: bool,
+        message: str,
+        num_iterations: int,
+        num_evaluations: int,
+        num_observations: int,
+        constraints: dict[str, torch.distributions.constraints.Constraint],
+    ):
         #: free (unconstrained) dimensions: a 2×2 correlation Cholesky factor counts 1
         self.params, self.log_likelihood, self.std_errors = params, log_likelihood, std_errors
         self.covariance, self.modes = covariance, modes
@@ -105,8 +118,16 @@ class LaplaceFit:
         )
 
 
-def laplace_mle(model, *args, unit_plate: str, gtol: float | None = None, max_eval: int = 500,
-                init_loc_fn=init_to_median, check_structure=True, **kwargs) -> LaplaceFit:
+def laplace_mle(
+    model: Callable,
+    *args,
+    unit_plate: str,
+    gtol: float | None = None,
+    max_eval: int = 500,
+    init_loc_fn: Callable[[Message], torch.Tensor] = init_to_median,
+    check_structure: bool = True,
+    **kwargs,
+) -> LaplaceFit:
     """Maximum likelihood over the ``pyro.param`` sites of ``model``, its unit
     latents integrated out by Laplace's method (as glmmTMB and lme4 do).
 
@@ -146,8 +167,14 @@ def laplace_mle(model, *args, unit_plate: str, gtol: float | None = None, max_ev
     :raises ValueError: when the model has global latent sites or no
         ``pyro.param`` sites.
     """
-    view = ModelView(model, *args, unit_plate=unit_plate, init_loc_fn=init_loc_fn,
-                     check_structure=check_structure, **kwargs)
+    view = ModelView(
+        model,
+        *args,
+        unit_plate=unit_plate,
+        init_loc_fn=init_loc_fn,
+        check_structure=check_structure,
+        **kwargs,
+    )
     if view.global_dim:
         raise ValueError(
             f"laplace_mle integrates out only the unit latents; the model's global latent "
@@ -161,8 +188,7 @@ def laplace_mle(model, *args, unit_plate: str, gtol: float | None = None, max_ev
     names = list(view.param_sites)
     params = [leaves[name] for name in names]
     theta = view.init_theta
-    y, nfev, nit = maximise_laplace(view, params, lambda: theta, max_eval=max_eval,
-                                    create_graph=True)
+    y, nfev, nit = maximise_laplace(view, params, lambda: theta, max_eval=max_eval, create_graph=True)
 
     value, gradient, result = _value_and_gradient(view, theta, y, params)
     warn_unconverged(result)
@@ -172,15 +198,26 @@ def laplace_mle(model, *args, unit_plate: str, gtol: float | None = None, max_ev
     converged = grad_norm <= gtol
     message = (
         f"converged: max |gradient| {grad_norm:.2g} <= {gtol:.2g} after {nit} iterations"
-        if converged else
-        f"not converged: max |gradient| {grad_norm:.2g} > {gtol:.2g} after {nit} iterations"
+        if converged
+        else f"not converged: max |gradient| {grad_norm:.2g} > {gtol:.2g} after {nit} iterations"
     )
     covariance = _covariance(view, theta, result.y, params)
     constraints = {name: store._constraints[name] for name in names}
     estimates, std_errors = _delta_method(names, params, constraints, covariance)
     modes = {k: v.detach() for k, v in view.unpack(theta, result.y).items()}
-    return LaplaceFit(estimates, value, std_errors, covariance, modes, converged, message, nit,
-                      nfev, view.num_observations, constraints)
+    return LaplaceFit(
+        estimates,
+        value,
+        std_errors,
+        covariance,
+        modes,
+        converged,
+        message,
+        nit,
+        nfev,
+        view.num_observations,
+        constraints,
+    )
 
 
 def _value_and_gradient(view, theta, y, params):
@@ -216,9 +253,7 @@ def _delta_method(names, params, constraints, covariance):
         transform = biject_to(constraints[name])
         u = param.detach()
         x = transform(u)
-        jac = torch.autograd.functional.jacobian(lambda v: transform(v).reshape(-1), u).reshape(
-            x.numel(), n
-        )
+        jac = torch.autograd.functional.jacobian(lambda v: transform(v).reshape(-1), u).reshape(x.numel(), n)  # noqa: B023
         block = covariance[offset : offset + n, offset : offset + n]
         std_errors[name] = (jac @ block @ jac.T).diagonal().sqrt().reshape(x.shape)
         estimates[name] = x

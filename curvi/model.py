@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from typing import NamedTuple
-
-import torch
-from torch.distributions import biject_to
 
 import pyro
 import pyro.poutine as poutine
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+import torch
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to
 
 
 class SiteLayout(NamedTuple):
@@ -103,19 +104,17 @@ class ModelView:
 
     def __init__(
         self,
-        model,
+        model: Callable,
         *args,
         unit_plate: str,
-        init_loc_fn=init_to_median,
+        init_loc_fn: Callable[[Message], torch.Tensor] = init_to_median,
         check_structure: bool = True,
         **kwargs,
     ):
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
         if not isinstance(unit_plate, str):
-            raise ValueError(
-                f"unit_plate must be the name of a pyro.plate, got {unit_plate!r}"
-            )
+            raise ValueError(f"unit_plate must be the name of a pyro.plate, got {unit_plate!r}")
         self.model = model
         self.args = args
         self.kwargs = kwargs
@@ -128,8 +127,13 @@ class ModelView:
         #: how many plate dims the model's sites use (observed ones included):
         #: Trace_ELBO's ``max_plate_nesting``
         self.max_plate_nesting = max(
-            (-f.dim for site in trace.nodes.values() if site["type"] == "sample"
-             for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None),
+            (
+                -f.dim
+                for site in trace.nodes.values()
+                if site["type"] == "sample"
+                for f in site["cond_indep_stack"]
+                if f.vectorized and f.dim is not None
+            ),
             default=0,
         )
         unit_site = trace.nodes[unit_plate]
@@ -138,16 +142,10 @@ class ModelView:
         latent = [s for s in trace.nodes.values() if _is_latent(s)]
         for site in latent:
             _check_site(site, unit_plate)
-        self.global_layout = _layout(
-            [s for s in latent if not _in_plate(s, unit_plate)], unit_dim=None
-        )
-        self.local_layout = _layout(
-            [s for s in latent if _in_plate(s, unit_plate)], unit_dim=frame.dim
-        )
+        self.global_layout = _layout([s for s in latent if not _in_plate(s, unit_plate)], unit_dim=None)
+        self.local_layout = _layout([s for s in latent if _in_plate(s, unit_plate)], unit_dim=frame.dim)
         if not self.local_layout:
-            plates = sorted(
-                {f.name for s in latent for f in s["cond_indep_stack"]} - {unit_plate}
-            )
+            plates = sorted({f.name for s in latent for f in s["cond_indep_stack"]} - {unit_plate})
             raise ValueError(
                 f"unit plate '{unit_plate}' holds no latent sample site; the unit "
                 "plate must be the plate of the unit-level latents"
@@ -161,9 +159,13 @@ class ModelView:
         self.param_sites = tuple(n for n, s in trace.nodes.items() if s["type"] == "param")
         #: number of observed elements (for information criteria)
         self.num_observations = sum(
-            s["value"].numel() for s in trace.nodes.values()
-            if s["type"] == "sample" and s["is_observed"] and not site_is_subsample(s)
-            and not s["infer"].get("_deterministic") and not _is_factor(s)
+            s["value"].numel()
+            for s in trace.nodes.values()
+            if s["type"] == "sample"
+            and s["is_observed"]
+            and not site_is_subsample(s)
+            and not s["infer"].get("_deterministic")
+            and not _is_factor(s)
         )
 
         values = {s["name"]: s["value"].detach() for s in latent}
@@ -205,7 +207,7 @@ class ModelView:
         return _coordinate_names(self.local_layout)
 
     # -------------------------------------------------------- pack / unpack
-    def pack(self, values: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def pack(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Map constrained site values to flat unconstrained ``(theta, y)``.
 
         :param dict values: a value for every latent site, by name.
@@ -215,16 +217,15 @@ class ModelView:
         missing = [n for n in self.global_sites + self.local_sites if n not in values]
         if missing:
             raise ValueError(f"pack() needs a value for every latent site; missing {missing}")
-        y = [
-            _unit_rows(s.transform.inv(values[s.name]), s.unit_axis)
-            for s in self.local_layout
-        ]
+        y = [_unit_rows(s.transform.inv(values[s.name]), s.unit_axis) for s in self.local_layout]
         sizes = {t.shape[0] for t in y}
         if len(sizes) != 1:
             raise ValueError(f"local site values disagree on the number of units: {sizes}")
         return self.pack_globals(values, like=y[0]), torch.cat(y, dim=-1)
 
-    def pack_globals(self, values: dict, *, like=None) -> torch.Tensor:
+    def pack_globals(
+        self, values: dict[str, torch.Tensor], *, like: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Map constrained values of the global sites to ``theta`` ``(p,)``
         (differentiable; ``like`` gives dtype and device when p = 0)."""
         missing = [n for n in self.global_sites if n not in values]
@@ -236,7 +237,7 @@ class ModelView:
         like = self.init_y if like is None else like
         return like.new_zeros(0)
 
-    def unpack(self, theta: torch.Tensor, y: torch.Tensor) -> dict:
+    def unpack(self, theta: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Map flat unconstrained ``(theta, y)`` to constrained site values."""
         values, _ = self._constrain(theta, y, jacobian=False)
         return values
@@ -250,7 +251,9 @@ class ModelView:
         return torch.cat([theta, y.reshape(-1)])
 
     # ------------------------------------------------------------ log density
-    def log_joint(self, theta: torch.Tensor, y: torch.Tensor, *, units=None) -> torch.Tensor:
+    def log_joint(
+        self, theta: torch.Tensor, y: torch.Tensor, *, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Log joint density of the model at unconstrained ``(theta, y)``.
 
         Includes every observed site and factor and the log-abs-det-Jacobians
@@ -265,12 +268,16 @@ class ModelView:
         """
         return sum(self.log_joint_terms(theta, y, units=units).values())
 
-    def log_joint_terms(self, theta, y, *, units=None) -> dict:
+    def log_joint_terms(
+        self, theta: torch.Tensor, y: torch.Tensor, *, units: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The terms of :meth:`log_joint` by site: each sample site's scaled
         log probability, and ``"log|J| <site>"`` for each transformed latent."""
         return {name: t.sum() for name, (t, _) in self._terms(theta, y, units).items()}
 
-    def unit_log_joint(self, theta, y, *, units=None) -> torch.Tensor:
+    def unit_log_joint(
+        self, theta: torch.Tensor, y: torch.Tensor, *, units: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Each unit's own terms of :meth:`log_joint`, shape ``(n,)``.
 
         Unit i's entry sums the log probabilities of the sites in the unit
@@ -321,14 +328,14 @@ class ModelView:
                     self._separable = g is None or not bool(g.abs().max() > 0)
         return self._separable
 
-    def with_args(self, *args, **kwargs) -> "ModelView":
+    def with_args(self, *args, **kwargs) -> ModelView:
         """The same view (same layout, no re-tracing) of the model called with
         other arguments, e.g. a new minibatch of data."""
         view = copy.copy(self)
         view.args, view.kwargs = args, kwargs
         return view
 
-    def unpack_unconstrained(self, theta, y) -> dict:
+    def unpack_unconstrained(self, theta: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unconstrained site values from ``theta`` (..., p) and ``y`` (..., n, k).
 
         Leading batch dimensions are kept in front of each site's own shape;
@@ -374,7 +381,9 @@ class ModelView:
         return terms
 
     # ---------------------------------------------------------------- checks
-    def check_finite(self, theta, y, *, units=None) -> None:
+    def check_finite(
+        self, theta: torch.Tensor, y: torch.Tensor, *, units: torch.Tensor | None = None
+    ) -> None:
         """Raise a ``ValueError`` naming the sites whose log density is NaN or
         infinite at ``(theta, y)``."""
         for name, t in (("theta", theta), ("y", y)):
@@ -386,11 +395,12 @@ class ModelView:
         if bad:
             described = ", ".join(f"'{n}' ({v})" for n, v in bad.items())
             raise ValueError(
-                f"log density is not finite at the requested point; sites responsible: "
-                f"{described}"
+                f"log density is not finite at the requested point; sites responsible: {described}"
             )
 
-    def check_arrowhead(self, theta, y, *, num_probes: int = 3, seed: int = 0) -> None:
+    def check_arrowhead(
+        self, theta: torch.Tensor, y: torch.Tensor, *, num_probes: int = 3, seed: int = 0
+    ) -> None:
         """Check that no term couples two units except through the globals.
 
         Each probe perturbs the local coordinates of a random half of the
@@ -415,9 +425,7 @@ class ModelView:
             inside[half] = True
             v = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
             v = v * inside.unsqueeze(-1)
-            (hv,) = torch.autograd.grad(
-                g_y, yy, v, retain_graph=probe < num_probes - 1, allow_unused=True
-            )
+            (hv,) = torch.autograd.grad(g_y, yy, v, retain_graph=probe < num_probes - 1, allow_unused=True)
             if hv is None:
                 return
             leak = hv[~inside].abs().amax(-1)
@@ -456,9 +464,7 @@ class ModelView:
 
     def _check_coordinates(self, theta, y):
         if theta.shape != (self.global_dim,):
-            raise ValueError(
-                f"theta must have shape ({self.global_dim},), got {tuple(theta.shape)}"
-            )
+            raise ValueError(f"theta must have shape ({self.global_dim},), got {tuple(theta.shape)}")
         if y.dim() != 2 or y.shape[1] != self.local_dim:
             raise ValueError(f"y must have shape (n, {self.local_dim}), got {tuple(y.shape)}")
 
@@ -479,9 +485,7 @@ class ModelView:
 # ---------------------------------------------------------------- set-up steps
 def _trace_prototype(model, init_loc_fn, args, kwargs):
     with pyro.validation_enabled(False), torch.no_grad():
-        return poutine.block(poutine.trace(InitMessenger(init_loc_fn)(model)).get_trace)(
-            *args, **kwargs
-        )
+        return poutine.block(poutine.trace(InitMessenger(init_loc_fn)(model)).get_trace)(*args, **kwargs)
 
 
 def _is_latent(site) -> bool:
@@ -503,9 +507,7 @@ def _find_unit_frame(trace, unit_plate):
             for f in site["cond_indep_stack"]:
                 frames.setdefault(f.name, f)
     if unit_plate not in frames:
-        raise ValueError(
-            f"the model has no plate named '{unit_plate}'; its plates are {sorted(frames)}"
-        )
+        raise ValueError(f"the model has no plate named '{unit_plate}'; its plates are {sorted(frames)}")
     frame = frames[unit_plate]
     if not frame.vectorized:
         raise ValueError(
@@ -555,9 +557,7 @@ def _is_identity(transform) -> bool:
     """Whether a transform is the identity (``biject_to(real)``), whose Jacobian term is zero."""
     if isinstance(transform, torch.distributions.transforms.IndependentTransform):
         return _is_identity(transform.base_transform)
-    return isinstance(transform, torch.distributions.transforms.ComposeTransform) and not (
-        transform.parts
-    )
+    return isinstance(transform, torch.distributions.transforms.ComposeTransform) and not (transform.parts)
 
 
 def _coordinate_names(layout):

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .hessian import gradient, local_hessian
+from .model import ModelView
 
 _ARMIJO = 1e-4  # sufficient-increase constant of the line search
 _MAX_HALVINGS = 30
@@ -72,11 +73,11 @@ def newton_inverse(precision: torch.Tensor) -> torch.Tensor:
 
 
 def solve_modes(
-    view,
+    view: ModelView,
     theta: torch.Tensor,
     y_init: torch.Tensor,
     *,
-    units=None,
+    units: torch.Tensor | None = None,
     xtol: float | None = None,
     max_iter: int = 50,
     max_step: float = 10.0,
@@ -131,8 +132,14 @@ def solve_modes(
     return ModeResult(y, -D, converged, step, iteration)
 
 
-def implicit_modes(view, theta: torch.Tensor, result: ModeResult, *, units=None,
-                   create_graph: bool | None = None) -> torch.Tensor:
+def implicit_modes(
+    view: ModelView,
+    theta: torch.Tensor,
+    result: ModeResult,
+    *,
+    units: torch.Tensor | None = None,
+    create_graph: bool | None = None,
+) -> torch.Tensor:
     """One differentiable Newton step at the solved modes.
 
     ``ŷ = ŷ* + Dᵢ⁻¹ ∇_y log p(θ, ŷ*)`` with ``Dᵢ`` detached: the value is the
@@ -164,7 +171,7 @@ def implicit_modes(view, theta: torch.Tensor, result: ModeResult, *, units=None,
     return result.y + (inverse @ g_y.unsqueeze(-1)).squeeze(-1)
 
 
-def warn_unconverged(result: ModeResult, *, units=None, stacklevel: int = 2) -> None:
+def warn_unconverged(result: ModeResult, *, units: torch.Tensor | None = None, stacklevel: int = 2) -> None:
     """Warn, naming them, about the units whose Newton solve did not converge."""
     bad = (~result.converged).nonzero().flatten()
     if bad.numel() == 0:

@@ -21,10 +21,13 @@ dense covariance).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pyro.poutine.trace_struct import Trace
 
 from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
+from .model import ModelView
 
 
 class LaplaceGaussian:
@@ -71,10 +74,19 @@ class LaplaceGaussian:
     :ivar torch.Tensor M: the ``Mᵢ = Dᵢ⁻¹Bᵢ``, ``(n, k, p)``.
     """
 
-    def __init__(self, theta_hat: torch.Tensor, y_hat: torch.Tensor, precision: ArrowheadPrecision,
-                 *, subsampled: bool = False, units: torch.Tensor | None = None):
+    def __init__(
+        self,
+        theta_hat: torch.Tensor,
+        y_hat: torch.Tensor,
+        precision: ArrowheadPrecision,
+        *,
+        subsampled: bool = False,
+        units: torch.Tensor | None = None,
+    ):
         if tuple(theta_hat.shape) != (precision.global_dim,) or tuple(y_hat.shape) != (
-                precision.num_units, precision.local_dim):
+            precision.num_units,
+            precision.local_dim,
+        ):
             raise ValueError(
                 f"precision is over {precision.global_dim} globals and {precision.num_units} units "
                 f"of dimension {precision.local_dim}, but the mean has shapes "
@@ -85,8 +97,10 @@ class LaplaceGaussian:
 
     def __repr__(self):
         P = self.precision
-        return (f"LaplaceGaussian(global_dim={P.global_dim}, num_units={P.num_units}, "
-                f"local_dim={P.local_dim}, subsampled={self.subsampled})")
+        return (
+            f"LaplaceGaussian(global_dim={P.global_dim}, num_units={P.num_units}, "
+            f"local_dim={P.local_dim}, subsampled={self.subsampled})"
+        )
 
     # ------------------------------------------------------------- the parts
     @property
@@ -109,10 +123,15 @@ class LaplaceGaussian:
         """The pair ``(θ̂, ŷ)``."""
         return self.theta_hat, self.y_hat
 
-    def detach(self) -> "LaplaceGaussian":
+    def detach(self) -> LaplaceGaussian:
         """The same Gaussian with every tensor detached from the graph."""
-        return LaplaceGaussian(self.theta_hat.detach(), self.y_hat.detach(), self.precision.detach(),
-                               subsampled=self.subsampled, units=self.units)
+        return LaplaceGaussian(
+            self.theta_hat.detach(),
+            self.y_hat.detach(),
+            self.precision.detach(),
+            subsampled=self.subsampled,
+            units=self.units,
+        )
 
     # ------------------------------------------------------- the distribution
     def sample(self, eps: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +201,8 @@ def laplace_gaussian(guide_trace: Trace) -> LaplaceGaussian | None:
     :raises ValueError: when the trace holds the sites of more than one Laplace guide.
     """
     found = [
-        (name, site["infer"][INFER_KEY]) for name, site in guide_trace.nodes.items()
+        (name, site["infer"][INFER_KEY])
+        for name, site in guide_trace.nodes.items()
         if site["type"] == "sample" and INFER_KEY in (site.get("infer") or {})
     ]
     if len(found) > 1:
@@ -222,7 +242,9 @@ class LaplacePosterior:
     :ivar LaplaceGaussian gaussian: the Gaussian over all units.
     """
 
-    def __init__(self, view, loc_theta: torch.Tensor, loc_y: torch.Tensor, precision: ArrowheadPrecision):
+    def __init__(
+        self, view: ModelView, loc_theta: torch.Tensor, loc_y: torch.Tensor, precision: ArrowheadPrecision
+    ):
         self.view, self.loc_theta, self.loc_y, self.precision = view, loc_theta, loc_y, precision
         self.gaussian = LaplaceGaussian(loc_theta, loc_y, precision)
 
@@ -235,21 +257,25 @@ class LaplacePosterior:
         var_theta, var_y = self.gaussian.marginal_variances()
         return var_theta.sqrt(), var_y.sqrt()
 
-    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> dict:
+    def sample(
+        self, num_samples: int, *, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Draws of every latent site in constrained space, each with a
         leading dimension ``num_samples``."""
         dtype, device = self.loc_y.dtype, self.loc_y.device
-        eps_theta = torch.randn((num_samples, self.precision.global_dim), generator=generator,
-                                dtype=dtype).to(device)
-        eps_y = torch.randn((num_samples,) + tuple(self.loc_y.shape), generator=generator,
-                            dtype=dtype).to(device)
+        eps_theta = torch.randn(
+            (num_samples, self.precision.global_dim), generator=generator, dtype=dtype
+        ).to(device)
+        eps_y = torch.randn((num_samples,) + tuple(self.loc_y.shape), generator=generator, dtype=dtype).to(
+            device
+        )
         return self.view.unpack(*self.gaussian.sample((eps_theta, eps_y)))
 
-    def median(self) -> dict:
+    def median(self) -> dict[str, torch.Tensor]:
         """The mean mapped to constrained space, by site."""
         return self.view.unpack(self.loc_theta, self.loc_y)
 
-    def quantiles(self, quantiles) -> dict:
+    def quantiles(self, quantiles: Sequence[float] | torch.Tensor) -> dict[str, torch.Tensor]:
         """Marginal quantiles by site, each with a leading dimension
         ``len(quantiles)``: the unconstrained normal quantiles mapped through
         each site's transform (exact for elementwise monotone transforms)."""

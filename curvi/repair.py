@@ -21,7 +21,10 @@ user-facing option (``None`` or a name) into a repair object.
     Hamiltonian Monte Carlo" (the SoftAbs map).
 """
 
-from typing import Callable, NamedTuple
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +73,7 @@ def _divided_differences(lam, f_lam, df, rtol):
     scale = lam.abs().amax(-1, keepdim=True).unsqueeze(-1)
     scale = scale.clamp(min=torch.finfo(lam.dtype).tiny)
     close = diff.abs() <= rtol * scale
-    quotient = (f_lam.unsqueeze(-1) - f_lam.unsqueeze(-2)) / torch.where(
-        close, torch.ones_like(diff), diff
-    )
+    quotient = (f_lam.unsqueeze(-1) - f_lam.unsqueeze(-2)) / torch.where(close, torch.ones_like(diff), diff)
     midpoint = 0.5 * (lam.unsqueeze(-1) + lam.unsqueeze(-2))
     return torch.where(close, df(midpoint), quotient)
 
@@ -82,7 +83,7 @@ def spectral_map(
     f: Callable[[torch.Tensor], torch.Tensor],
     df: Callable[[torch.Tensor], torch.Tensor],
     *,
-    rtol: float = None,
+    rtol: float | None = None,
 ) -> RepairResult:
     """
     Apply ``f`` to the eigenvalues of the symmetric matrices ``M`` with an
@@ -207,10 +208,10 @@ class SoftAbs(SpectralRepair):
             raise ValueError(f"SoftAbs: expected alpha > 0, got {alpha!r}")
         self.alpha = float(alpha)
 
-    def f(self, lam):
+    def f(self, lam: torch.Tensor) -> torch.Tensor:
         return _xcothx(self.alpha * lam) / self.alpha
 
-    def df(self, lam):
+    def df(self, lam: torch.Tensor) -> torch.Tensor:
         return _xcothx_derivative(self.alpha * lam)
 
     def __repr__(self):
@@ -237,10 +238,10 @@ class SoftplusFloor(SpectralRepair):
             raise ValueError(f"SoftplusFloor: expected floor > 0, got {floor!r}")
         self.floor = float(floor)
 
-    def f(self, lam):
+    def f(self, lam: torch.Tensor) -> torch.Tensor:
         return self.floor + self.floor * F.softplus((lam - self.floor) / self.floor)
 
-    def df(self, lam):
+    def df(self, lam: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid((lam - self.floor) / self.floor)
 
     def __repr__(self):
@@ -265,10 +266,10 @@ class Clip(SpectralRepair):
             raise ValueError(f"Clip: expected floor > 0, got {floor!r}")
         self.floor = float(floor)
 
-    def f(self, lam):
+    def f(self, lam: torch.Tensor) -> torch.Tensor:
         return lam.clamp(min=self.floor)
 
-    def df(self, lam):
+    def df(self, lam: torch.Tensor) -> torch.Tensor:
         return (lam > self.floor).to(lam.dtype)
 
     def __repr__(self):
@@ -323,7 +324,7 @@ REPAIR_NAMES = {
 }
 
 
-def as_repair(spec):
+def as_repair(spec: SpectralRepair | Jitter | str | None) -> SpectralRepair | Jitter | None:
     """
     Turn a user-facing repair option into a repair object.
 

@@ -51,13 +51,14 @@ noise of the size the control variate removed
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
-
-from pyro.infer import Trace_ELBO
 from pyro.distributions.util import is_identically_zero
+from pyro.infer import Trace_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import torch_backward, torch_item
+from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
 from .guide_moments import SUPPORTED, Curvature, FlatLayout, flat_log_density, gaussian_view, is_supported
@@ -130,24 +131,26 @@ class TaylorCV_ELBO(Trace_ELBO):
         self._views = weakref.WeakKeyDictionary()  # guide -> (model, layout)
 
     # ----------------------------------------------------------- Pyro's API
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
         loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs)
         return loss + (surrogate - torch_item(surrogate))
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs)
         torch_backward(surrogate, retain_graph=self.retain_graph)
         return torch_item(loss)
 
     # ------------------------------------------------------------- the work
-    def surrogate_terms(self, model, guide, *args, **kwargs) -> dict:
+    def surrogate_terms(self, model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The surrogate ELBO of one step, term by term, averaged over the
         particles (``backward()`` runs on minus their sum); see
         :func:`curvi.surrogate_terms`."""
         terms = {}
         _check_guide(guide)
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            for name, term in self._particle_terms(model, guide, model_trace, guide_trace, args, kwargs).items():
+            for name, term in self._particle_terms(
+                model, guide, model_trace, guide_trace, args, kwargs
+            ).items():
                 terms[name] = terms.get(name, 0.0) + term / self.num_particles
         return terms
 
@@ -235,7 +238,7 @@ def _check_no_subsampling(trace):
                     )
 
 
-def trace_elbo_terms(model_trace, guide_trace) -> dict:
+def trace_elbo_terms(model_trace: Trace, guide_trace: Trace) -> dict[str, torch.Tensor]:
     """The surrogate ELBO of :class:`~pyro.infer.Trace_ELBO` for one trace pair,
     by term: log p of each model site, the entropy term of each guide site,
     and score function × log p/q for non-reparameterised guide sites."""
