@@ -6,9 +6,8 @@ minutes on a 2-core machine). Usage: ``python benchmarks/cbpp_nuts.py``.
 
 import time
 
-import torch
-
 import pyro
+import torch
 from pyro.infer import MCMC, NUTS
 
 from curvi.datasets import load_cbpp

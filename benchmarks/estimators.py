@@ -41,10 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro.distributions.testing.fakes import NonreparameterizedBeta
 from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal
@@ -67,7 +66,9 @@ def coin_model(flips):
 
 
 def make_coin_guide(decaying_baseline):
-    infer = {"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": 0.90}} if decaying_baseline else {}
+    infer = (
+        {"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": 0.90}} if decaying_baseline else {}
+    )
 
     def guide(flips):
         a = pyro.param("alpha_q", torch.tensor(15.0), constraint=dist.constraints.positive)
@@ -96,11 +97,24 @@ def coin_table(args):
     runs = [
         ("TraceGraph_ELBO, no baseline", 1, lambda: TraceGraph_ELBO(max_plate_nesting=1), False),
         ("TraceGraph_ELBO, decaying-average baseline", 1, lambda: TraceGraph_ELBO(max_plate_nesting=1), True),
-        (f"TraceGraph_ELBO, no baseline", K,
-         lambda: TraceGraph_ELBO(num_particles=K, vectorize_particles=True, max_plate_nesting=1), False),
-        (f"TraceGraph_ELBO, decaying-average baseline", K,
-         lambda: TraceGraph_ELBO(num_particles=K, vectorize_particles=True, max_plate_nesting=1), True),
-        (f"**LeaveOneOut_ELBO** (curvi)", K, lambda: LeaveOneOut_ELBO(num_particles=K, max_plate_nesting=1), False),
+        (
+            "TraceGraph_ELBO, no baseline",
+            K,
+            lambda: TraceGraph_ELBO(num_particles=K, vectorize_particles=True, max_plate_nesting=1),
+            False,
+        ),
+        (
+            "TraceGraph_ELBO, decaying-average baseline",
+            K,
+            lambda: TraceGraph_ELBO(num_particles=K, vectorize_particles=True, max_plate_nesting=1),
+            True,
+        ),
+        (
+            "**LeaveOneOut_ELBO** (curvi)",
+            K,
+            lambda: LeaveOneOut_ELBO(num_particles=K, max_plate_nesting=1),
+            False,
+        ),
     ]
     rows = [
         "| estimator | particles K | steps: median | quartiles | not converged | ms / step |",
@@ -116,7 +130,9 @@ def coin_table(args):
         failed = sum(s >= args.max_steps for s in steps)
         ms = 1000 * seconds / sum(steps)
         medians[(name, k)] = statistics.median(steps)
-        rows.append(f"| {name} | {k} | {statistics.median(steps):.0f} | {q1:.0f} – {q3:.0f} | {failed} | {ms:.2f} |")
+        rows.append(
+            f"| {name} | {k} | {statistics.median(steps):.0f} | {q1:.0f} – {q3:.0f} | {failed} | {ms:.2f} |"
+        )
         print(rows[-1], flush=True)
     loo = medians[("**LeaveOneOut_ELBO** (curvi)", K)]
     decaying = {k: medians[("TraceGraph_ELBO, decaying-average baseline", k)] for k in (1, K)}
@@ -153,7 +169,12 @@ def pima_problem():
 def hierarchical_problem(num_groups):
     x, y, *_ = simulate(num_groups, seed=0)
     args = (torch.as_tensor(x), torch.as_tensor(y))
-    return torch_model, args, "groups", lambda: AmortizedLaplaceGuide(torch_model, unit_plate="groups", init_to_mode=False)
+    return (
+        torch_model,
+        args,
+        "groups",
+        lambda: AmortizedLaplaceGuide(torch_model, unit_plate="groups", init_to_mode=False),
+    )
 
 
 def points(model, args, make_guide, fit_steps, lr):
@@ -164,8 +185,12 @@ def points(model, args, make_guide, fit_steps, lr):
     guide(*args)
     start = {n: p.detach().clone() for n, p in guide.named_parameters()}
     plate = getattr(guide, "unit_plate", None)
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / fit_steps)}),
-              TaylorCV_ELBO(num_particles=8, unit_plate=plate, stick_the_landing=True))
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / fit_steps)}),
+        TaylorCV_ELBO(num_particles=8, unit_plate=plate, stick_the_landing=True),
+    )
     t0 = time.perf_counter()
     for _ in range(fit_steps):
         svi.step(*args)
@@ -227,11 +252,14 @@ def main():
     print("coin ...", flush=True)
     coin, coin_verdict = coin_table(args)
     print("Pima logistic regression ...", flush=True)
-    pima, pima_red = variance_table("(a) Logistic regression, Pima data, AutoMultivariateNormal", pima_problem(), args)
+    pima, pima_red = variance_table(
+        "(a) Logistic regression, Pima data, AutoMultivariateNormal", pima_problem(), args
+    )
     print("hierarchical logistic ...", flush=True)
     hier, hier_red = variance_table(
         f"(b) Hierarchical logistic, {args.groups:,} groups, AmortizedLaplaceGuide",
-        hierarchical_problem(args.groups), args,
+        hierarchical_problem(args.groups),
+        args,
     )
     cv = pima_red[("optimum", "CV")]
     text = (
@@ -248,7 +276,8 @@ def main():
         "### Targets\n\n"
         f"- Near the optimum, the curvature control variate cuts gradient variance {cv:.3g}× against "
         f"Pyro's Trace_ELBO on logistic regression (target ≥ 50×: "
-        + ("**met**" if cv >= 50 else "**missed**") + ").\n"
+        + ("**met**" if cv >= 50 else "**missed**")
+        + ").\n"
         f"- {coin_verdict}\n"
     )
     print("\n" + text)

@@ -46,11 +46,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
+import torch
 
 SIZES = [10, 50, 200]
 QUICK_SIZES = [10, 50]
@@ -75,10 +74,18 @@ def build(flow, d, seed=0):
         layers = [T.Planar(d) for _ in range(4)]
     else:
         hidden = [2 * d] if flow == "realnvp-narrow" else wide
-        middle = T.spline_coupling(d, hidden_dims=wide, count_bins=8) if flow == "nsf" else \
-            T.affine_coupling(d, hidden_dims=hidden)
-        layers = [T.affine_coupling(d, hidden_dims=hidden), T.permute(d), middle, T.permute(d),
-                  T.affine_coupling(d, hidden_dims=hidden)]
+        middle = (
+            T.spline_coupling(d, hidden_dims=wide, count_bins=8)
+            if flow == "nsf"
+            else T.affine_coupling(d, hidden_dims=hidden)
+        )
+        layers = [
+            T.affine_coupling(d, hidden_dims=hidden),
+            T.permute(d),
+            middle,
+            T.permute(d),
+            T.affine_coupling(d, hidden_dims=hidden),
+        ]
     base = dist.Normal(torch.zeros(d), torch.ones(d)).to_event(1)
     q = dist.TransformedDistribution(base, layers)
     with torch.no_grad():
@@ -99,9 +106,12 @@ def batched_double_backward(q, z):
 def torch_func(q, z, kind):
     for t in q.transforms:  # the Permute pitfall (module docstring)
         if isinstance(t, T.Permute):
-            t.inv_permutation
-    fn = torch.func.hessian(q.log_prob) if kind == "hessian" else \
-        torch.func.jacrev(torch.func.jacrev(q.log_prob))
+            _ = t.inv_permutation
+    fn = (
+        torch.func.hessian(q.log_prob)
+        if kind == "hessian"
+        else torch.func.jacrev(torch.func.jacrev(q.log_prob))
+    )
     with pyro.validation_enabled(False):
         return torch.vmap(fn)(z)
 
@@ -182,9 +192,18 @@ def measure(flow, d, args, history):
         results[method] = {"seconds": seconds, "H": H.detach(), "note": note}
         history[method] = (d, seconds)
         print(f"{1e3 * seconds:10.2f} ms  {note}", flush=True)
-    reference = next((results[m]["H"] for m in ("batched double backward", "autograd.functional (loop)",
-                                                "autograd.functional (vectorize=True)")
-                      if "H" in results.get(m, {})), None)
+    reference = next(
+        (
+            results[m]["H"]
+            for m in (
+                "batched double backward",
+                "autograd.functional (loop)",
+                "autograd.functional (vectorize=True)",
+            )
+            if "H" in results.get(m, {})
+        ),
+        None,
+    )
     for r in results.values():
         if "H" in r and reference is not None:
             n = min(len(r["H"]), len(reference))
@@ -213,8 +232,10 @@ def format_table(rows):
                 ratio += f" (**{best / r['seconds']:.1f}× faster**)"
             err = f"{r['error']:.1e}" if "error" in r else "–"
             note = r["note"] + (f"; max abs H = {r['scale']:.3g}" if method == "curvi" else "")
-            lines.append(f"| {flow} | {d} | {method} | {1e3 * r['seconds']:.2f} | {ratio} | {err} | "
-                         f"{note.strip('; ')} |")
+            lines.append(
+                f"| {flow} | {d} | {method} | {1e3 * r['seconds']:.2f} | {ratio} | {err} | "
+                f"{note.strip('; ')} |"
+            )
     return "\n".join(lines)
 
 
@@ -231,14 +252,18 @@ def summary(rows):
         c = results["curvi"]
         dense = {m: r["seconds"] for m, r in results.items() if m != "curvi" and "seconds" in r}
         if not dense:
-            out.append(f"- {flow}, d = 50: curvi {1e3 * c['seconds']:.1f} ms; no dense torch method "
-                       "can evaluate this flow's log density at arbitrary points.")
+            out.append(
+                f"- {flow}, d = 50: curvi {1e3 * c['seconds']:.1f} ms; no dense torch method "
+                "can evaluate this flow's log density at arbitrary points."
+            )
             continue
         best = min(dense, key=dense.get)
         ratio = dense[best] / c["seconds"]
-        line = (f"- {flow}, d = 50: curvi {1e3 * c['seconds']:.1f} ms vs best dense ({best}) "
-                f"{1e3 * dense[best]:.1f} ms: {ratio:.1f}× ({'meets' if ratio >= 5 else 'misses'} "
-                "the 5× target)")
+        line = (
+            f"- {flow}, d = 50: curvi {1e3 * c['seconds']:.1f} ms vs best dense ({best}) "
+            f"{1e3 * dense[best]:.1f} ms: {ratio:.1f}× ({'meets' if ratio >= 5 else 'misses'} "
+            "the 5× target)"
+        )
         named = {m: dense[m] for m in NAMED if m in dense}
         if named:
             m = min(named, key=named.get)

@@ -113,8 +113,11 @@ def make_guide(name, model):
         return AmortizedLaplaceGuide(model, unit_plate="groups", global_precision="marginal")
     if name == "LaplaceGuide":
         return LaplaceGuide(model, unit_plate="groups")
-    return {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal,
-            "AutoLaplaceApproximation": AutoLaplaceApproximation}[name](model)
+    return {
+        "AutoNormal": AutoNormal,
+        "AutoMultivariateNormal": AutoMultivariateNormal,
+        "AutoLaplaceApproximation": AutoLaplaceApproximation,
+    }[name](model)
 
 
 class Estimate:
@@ -139,8 +142,7 @@ class Estimate:
         return self.chunk * len(self.means)
 
     def __str__(self):
-        return (f"ELBO {self.mean:14.3f} ± {self.se:.3f}  ({self.particles:,} particles, "
-                f"{self.seconds:.1f} s)")
+        return f"ELBO {self.mean:14.3f} ± {self.se:.3f}  ({self.particles:,} particles, {self.seconds:.1f} s)"
 
 
 class PreciseELBO:
@@ -153,8 +155,7 @@ class PreciseELBO:
 
         self.model, self.data, self.args = model, data, args
         self.chunk = max(1, int(args.chunk_elements // (num_groups * OBS_PER_GROUP)))
-        self.loss = Trace_ELBO(num_particles=self.chunk, vectorize_particles=True,
-                               max_plate_nesting=2)
+        self.loss = Trace_ELBO(num_particles=self.chunk, vectorize_particles=True, max_plate_nesting=2)
 
     def __call__(self, guide, se, seconds, estimate=None):
         """Add chunks to ``estimate`` (a new one by default) until its SE is ≤ ``se``
@@ -171,12 +172,14 @@ class PreciseELBO:
                     raise FloatingPointError(f"non-finite ELBO estimate {value}")
                 if value > 0:  # ELBO ≤ log p(y) ≤ 0 for Bernoulli data
                     raise FloatingPointError(
-                        f"ELBO estimate {value:.3g} > 0 (impossible for Bernoulli data): "
-                        "numerical breakdown")
+                        f"ELBO estimate {value:.3g} > 0 (impossible for Bernoulli data): numerical breakdown"
+                    )
                 est.means.append(value)
                 if len(est.means) >= self.args.min_chunks and (
-                        est.se <= se or est.particles >= self.args.max_particles
-                        or time.perf_counter() - start >= seconds):
+                    est.se <= se
+                    or est.particles >= self.args.max_particles
+                    or time.perf_counter() - start >= seconds
+                ):
                     break
         est.seconds += time.perf_counter() - start
         return est
@@ -264,13 +267,27 @@ def train(label, model, guide, data, lr, budget, evaluate, args):
     error = None
     state["resumed"] = time.perf_counter()
     try:
-        fit(model, guide, *data, steps=10**12, optim=pyro.optim.Adam({"lr": lr}),
-            loss=Trace_ELBO(), tol=None, progress=False, callback=callback)
+        fit(
+            model,
+            guide,
+            *data,
+            steps=10**12,
+            optim=pyro.optim.Adam({"lr": lr}),
+            loss=Trace_ELBO(),
+            tol=None,
+            progress=False,
+            callback=callback,
+        )
     except Exception as exc:  # a diverged fit: keep the points so far
         error = _error_text(exc)
         log(f"  [{label}] failed after step {state['steps']}: {error}")
-    return {"points": state["points"], "steps": state["steps"], "train_seconds": state["clock"],
-            "error": error, "eval_seconds": state["eval_seconds"]}
+    return {
+        "points": state["points"],
+        "steps": state["steps"],
+        "train_seconds": state["clock"],
+        "error": error,
+        "eval_seconds": state["eval_seconds"],
+    }
 
 
 def first_reaching(points, level, guide, evaluate, args, label):
@@ -301,14 +318,17 @@ def draw_globals(model, guide, data, num_draws, chunk):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         while sum(len(d) for d in draws) < num_draws:
-            predictive = Predictive(model, guide=guide, num_samples=chunk, parallel=True,
-                                    return_sites=["beta", "sigma"])
+            predictive = Predictive(
+                model, guide=guide, num_samples=chunk, parallel=True, return_sites=["beta", "sigma"]
+            )
             out = predictive(*data)
-            draws.append(torch.cat([out["beta"].reshape(chunk, 2), out["sigma"].reshape(chunk, 2)],
-                                   -1).double().numpy())
+            draws.append(
+                torch.cat([out["beta"].reshape(chunk, 2), out["sigma"].reshape(chunk, 2)], -1)
+                .double()
+                .numpy()
+            )
     draws = np.concatenate(draws)
-    return {"mean": draws.mean(0).tolist(), "sd": draws.std(0, ddof=1).tolist(),
-            "draws": len(draws)}
+    return {"mean": draws.mean(0).tolist(), "sd": draws.std(0, ddof=1).tolist(), "draws": len(draws)}
 
 
 def prefault(gb):
@@ -333,9 +353,8 @@ def _error_text(exc):
 
 
 def work(guide_name, num_groups, lr, budget, args):
-    import torch
-
     import pyro
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -350,8 +369,16 @@ def work(guide_name, num_groups, lr, budget, args):
     label = f"{guide_name} lr={lr} N={num_groups:,}"
     guide = make_guide(guide_name, torch_model)
     precise = PreciseELBO(torch_model, data, args, num_groups)
-    out = {"guide": guide_name, "lr": lr, "n": num_groups, "budget": budget, "notes": [],
-           "error": None, "final_elbo": None, "pool_mb": pool_mb}
+    out = {
+        "guide": guide_name,
+        "lr": lr,
+        "n": num_groups,
+        "budget": budget,
+        "notes": [],
+        "error": None,
+        "final_elbo": None,
+        "pool_mb": pool_mb,
+    }
 
     def final_estimate(g):
         est = precise(g, args.se, args.final_seconds)
@@ -359,11 +386,16 @@ def work(guide_name, num_groups, lr, budget, args):
         return est
 
     if guide_name == "AutoLaplaceApproximation":
-        run = train(label + " MAP", torch_model, guide, data, lr, budget,
-                    MapObjective(torch_model, data), args)
+        run = train(
+            label + " MAP", torch_model, guide, data, lr, budget, MapObjective(torch_model, data), args
+        )
         points = run["points"]
-        out.update(steps=run["steps"], train_seconds=run["train_seconds"], map_error=run["error"],
-                   map_trajectory=[(t, s, e.mean) for t, s, e, _ in points])
+        out.update(
+            steps=run["steps"],
+            train_seconds=run["train_seconds"],
+            map_error=run["error"],
+            map_trajectory=[(t, s, e.mean) for t, s, e, _ in points],
+        )
         if not points:
             out["error"] = f"MAP failed: {run['error']}"
             out["peak_mb"] = _peak_mb()
@@ -395,8 +427,10 @@ def work(guide_name, num_groups, lr, budget, args):
             out["peak_mb"] = _peak_mb()
             return out
         ready = out["map_converge_seconds"] + out["hessian_seconds"]
-        log(f"  [{label}] MAP {best[0]:.1f} s (within 1 nat at {out['map_converge_seconds']:.1f} s) "
-            f"+ Hessian {out['hessian_seconds']:.1f} s: {est}")
+        log(
+            f"  [{label}] MAP {best[0]:.1f} s (within 1 nat at {out['map_converge_seconds']:.1f} s) "
+            f"+ Hessian {out['hessian_seconds']:.1f} s: {est}"
+        )
         out["trajectory"] = [(ready, run["steps"], est.mean, est.se)]
         out["converge_seconds"] = ready
         if args.target_elbo is not None:
@@ -404,8 +438,12 @@ def work(guide_name, num_groups, lr, budget, args):
     else:
         run = train(label, torch_model, guide, data, lr, budget, precise, args)
         points = run["points"]
-        out.update(steps=run["steps"], train_seconds=run["train_seconds"], error=run["error"],
-                   eval_seconds=run["eval_seconds"])
+        out.update(
+            steps=run["steps"],
+            train_seconds=run["train_seconds"],
+            error=run["error"],
+            eval_seconds=run["eval_seconds"],
+        )
         if not points:
             out["peak_mb"] = _peak_mb()
             return out
@@ -420,8 +458,9 @@ def work(guide_name, num_groups, lr, budget, args):
         log(f"  [{label}] final (best point, t = {best[0]:.2f} s, re-evaluated): {est}")
         out["converge_seconds"] = first_reaching(points, est.mean - 1, guide, precise, args, label)
         if args.target_elbo is not None:
-            out["reach_target_seconds"] = first_reaching(points, args.target_elbo - 1, guide,
-                                                         precise, args, label)
+            out["reach_target_seconds"] = first_reaching(
+                points, args.target_elbo - 1, guide, precise, args, label
+            )
         out["trajectory"] = [(t, s, e.mean, e.se) for t, s, e, _ in points]
         restore(guide, best[3])
         if guide_name in CURVI_GUIDES:  # was the precision at the final point repaired?
@@ -473,9 +512,14 @@ def nuts_worker(num_groups, args):
     from numpyro.infer import MCMC, NUTS
 
     x, y, *_ = simulate(num_groups, seed=0)
-    mcmc = MCMC(NUTS(numpyro_model_noncentred), num_warmup=args.nuts_warmup,
-                num_samples=args.nuts_samples, num_chains=args.nuts_chains,
-                chain_method="parallel", progress_bar=False)
+    mcmc = MCMC(
+        NUTS(numpyro_model_noncentred),
+        num_warmup=args.nuts_warmup,
+        num_samples=args.nuts_samples,
+        num_chains=args.nuts_chains,
+        chain_method="parallel",
+        progress_bar=False,
+    )
     start = time.perf_counter()
     mcmc.run(jax.random.PRNGKey(args.nuts_seed), x, y, extra_fields=("diverging", "num_steps"))
     samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
@@ -489,17 +533,24 @@ def nuts_worker(num_groups, args):
     REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(npz, draws=draws.astype(np.float32), names=np.array(GLOBALS))
     info = {
-        "what": "NUTS draws of (beta[0], beta[1], sigma[0], sigma[1]), "
-                "shape (chains, draws, 4), float32",
+        "what": "NUTS draws of (beta[0], beta[1], sigma[0], sigma[1]), shape (chains, draws, 4), float32",
         "model": "benchmarks/common.py: numpyro_model_noncentred (u = sigma * z, z ~ Normal(0, 1))",
-        "data": f"simulate({num_groups}, seed=0)", "data_sha256_16": data_fingerprint(num_groups),
-        "chains": args.nuts_chains, "warmup": args.nuts_warmup, "samples": args.nuts_samples,
-        "seed": args.nuts_seed, "x64": True, "seconds": round(seconds, 1),
+        "data": f"simulate({num_groups}, seed=0)",
+        "data_sha256_16": data_fingerprint(num_groups),
+        "chains": args.nuts_chains,
+        "warmup": args.nuts_warmup,
+        "samples": args.nuts_samples,
+        "seed": args.nuts_seed,
+        "x64": True,
+        "seconds": round(seconds, 1),
         "divergences": int(np.asarray(extra["diverging"]).sum()),
         "mean_leapfrog_steps": float(np.asarray(extra["num_steps"]).mean()),
-        "mean": flat.mean(0).tolist(), "sd": flat.std(0, ddof=1).tolist(),
-        "r_hat": np.asarray(diag["r_hat"]).tolist(), "ess": np.asarray(diag["n_eff"]).tolist(),
-        "numpyro": numpyro.__version__, "jax": jax.__version__,
+        "mean": flat.mean(0).tolist(),
+        "sd": flat.std(0, ddof=1).tolist(),
+        "r_hat": np.asarray(diag["r_hat"]).tolist(),
+        "ess": np.asarray(diag["n_eff"]).tolist(),
+        "numpyro": numpyro.__version__,
+        "jax": jax.__version__,
         "machine": f"{os.cpu_count()} cores, {platform.machine()}",
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/guides.py --regenerate-nuts",
@@ -517,13 +568,27 @@ def load_reference(num_groups, args):
             import numpyro  # noqa: F401
         except ImportError:
             why = "regeneration asked for" if args.regenerate_nuts else "no cached reference"
-            return None, (f"accuracy skipped: {why} but numpyro/jax are not installed "
-                          "(pip install jax numpyro)")
-        log(f"NUTS reference at N = {num_groups:,}: {args.nuts_chains} chains × "
-            f"({args.nuts_warmup:,} warm-up + {args.nuts_samples:,} draws) ...")
-        cmd = [sys.executable, __file__, "--nuts-worker", str(num_groups),
-               "--nuts-chains", str(args.nuts_chains), "--nuts-warmup", str(args.nuts_warmup),
-               "--nuts-samples", str(args.nuts_samples), "--nuts-seed", str(args.nuts_seed)]
+            return None, (
+                f"accuracy skipped: {why} but numpyro/jax are not installed (pip install jax numpyro)"
+            )
+        log(
+            f"NUTS reference at N = {num_groups:,}: {args.nuts_chains} chains × "
+            f"({args.nuts_warmup:,} warm-up + {args.nuts_samples:,} draws) ..."
+        )
+        cmd = [
+            sys.executable,
+            __file__,
+            "--nuts-worker",
+            str(num_groups),
+            "--nuts-chains",
+            str(args.nuts_chains),
+            "--nuts-warmup",
+            str(args.nuts_warmup),
+            "--nuts-samples",
+            str(args.nuts_samples),
+            "--nuts-seed",
+            str(args.nuts_seed),
+        ]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             return None, f"accuracy skipped: the NUTS run failed (exit code {proc.returncode})"
@@ -531,13 +596,17 @@ def load_reference(num_groups, args):
 
     info = json.loads(note.read_text())
     if info.get("data_sha256_16") != data_fingerprint(num_groups):
-        return None, (f"accuracy skipped: {npz.name} was made from other data than "
-                      f"simulate({num_groups}, seed=0); rerun with --regenerate-nuts")
+        return None, (
+            f"accuracy skipped: {npz.name} was made from other data than "
+            f"simulate({num_groups}, seed=0); rerun with --regenerate-nuts"
+        )
     draws = np.load(npz)["draws"].astype(np.float64).reshape(-1, 4)
     info["mean_check"], info["sd_check"] = draws.mean(0).tolist(), draws.std(0, ddof=1).tolist()
-    log(f"NUTS reference {npz.relative_to(HERE.parent)}: {info['chains']} chains × "
+    log(
+        f"NUTS reference {npz.relative_to(HERE.parent)}: {info['chains']} chains × "
         f"{info['samples']:,} draws, R-hat max {max(info['r_hat']):.4f}, "
-        f"ESS min {min(info['ess']):,.0f}, {info['divergences']} divergences")
+        f"ESS min {min(info['ess']):,.0f}, {info['divergences']} divergences"
+    )
     return info, None
 
 
@@ -554,25 +623,50 @@ def run_worker(guide_name, n, lr, budget, args, accuracy, target):
     timeout = args.worker_timeout or (6 * budget + 1800)
     # keep freed memory in the process (glibc), so that pages touched once stay
     # mapped: see prefault()
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 * 2**20),
-               MALLOC_TRIM_THRESHOLD_=str(2**40))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 * 2**20), MALLOC_TRIM_THRESHOLD_=str(2**40))
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"guide": guide_name, "lr": lr, "n": n, "skip": f"worker over {timeout:.0f} s"}
     if proc.returncode != 0:
-        return {"guide": guide_name, "lr": lr, "n": n,
-                "skip": f"worker failed (exit code {proc.returncode}; see its log above)"}
+        return {
+            "guide": guide_name,
+            "lr": lr,
+            "n": n,
+            "skip": f"worker failed (exit code {proc.returncode}; see its log above)",
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def forwarded_options(args):
-    opts = ["--dtype", args.dtype, "--seed", str(args.seed), "--se", str(args.se),
-            "--se-trajectory", str(args.se_trajectory), "--min-chunks", str(args.min_chunks),
-            "--max-particles", str(args.max_particles), "--eval-seconds", str(args.eval_seconds),
-            "--final-seconds", str(args.final_seconds), "--chunk-elements", str(args.chunk_elements),
-            "--eval-growth", str(args.eval_growth), "--eval-min-gap", str(args.eval_min_gap),
-            "--stop-tol", str(args.stop_tol), "--draws", str(args.draws)]
+    opts = [
+        "--dtype",
+        args.dtype,
+        "--seed",
+        str(args.seed),
+        "--se",
+        str(args.se),
+        "--se-trajectory",
+        str(args.se_trajectory),
+        "--min-chunks",
+        str(args.min_chunks),
+        "--max-particles",
+        str(args.max_particles),
+        "--eval-seconds",
+        str(args.eval_seconds),
+        "--final-seconds",
+        str(args.final_seconds),
+        "--chunk-elements",
+        str(args.chunk_elements),
+        "--eval-growth",
+        str(args.eval_growth),
+        "--eval-min-gap",
+        str(args.eval_min_gap),
+        "--stop-tol",
+        str(args.stop_tol),
+        "--draws",
+        str(args.draws),
+    ]
     if args.eval_every:
         opts += ["--eval-every", str(args.eval_every)]
     if args.threads:
@@ -607,13 +701,17 @@ def skip_reason(guide_name, n, budget, args, measured):
     if guide_name == "AutoMultivariateNormal":
         need = mvn_memory_bytes(n, args)
         if need > args.memory_gb * 2**30:
-            msg = (f"scale_tril is {d:,}² ({d * d / 1e6:,.0f} M entries): it, its gradient, Adam's "
-                   f"two moments and the forward's masked copy need ~{need / 2**30:.1f} GB "
-                   f"(limit --memory-gb {args.memory_gb:g})")
+            msg = (
+                f"scale_tril is {d:,}² ({d * d / 1e6:,.0f} M entries): it, its gradient, Adam's "
+                f"two moments and the forward's masked copy need ~{need / 2**30:.1f} GB "
+                f"(limit --memory-gb {args.memory_gb:g})"
+            )
             if "AutoMultivariateNormal" in measured:
                 n0, s0 = measured["AutoMultivariateNormal"]
-                msg += (f"; ~{s0 * (d / dimension(n0)) ** 2:.2g} s/step extrapolated (d²) "
-                        f"from {s0 * 1e3:.3g} ms/step at {n0:,} groups")
+                msg += (
+                    f"; ~{s0 * (d / dimension(n0)) ** 2:.2g} s/step extrapolated (d²) "
+                    f"from {s0 * 1e3:.3g} ms/step at {n0:,} groups"
+                )
             return msg
     if guide_name == "AutoLaplaceApproximation":
         estimates = []
@@ -623,12 +721,15 @@ def skip_reason(guide_name, n, budget, args, measured):
             estimates.append((s0 * (d / d0) ** 2, f"{s0:.3g} s at d = {d0:,} in results/hessian.md"))
         if "AutoLaplaceApproximation" in measured:
             n0, s0 = measured["AutoLaplaceApproximation"]
-            estimates.append((s0 * (d / dimension(n0)) ** 2,
-                              f"{s0:.3g} s at d = {dimension(n0):,} in this run"))
+            estimates.append(
+                (s0 * (d / dimension(n0)) ** 2, f"{s0:.3g} s at d = {dimension(n0):,} in this run")
+            )
         if estimates and estimates[0][0] > budget:
             text = "; ".join(f"~{t:,.0f} s from {src}" for t, src in estimates)
-            return (f"the dense {d:,}² Hessian of laplace_approximation() alone would take "
-                    f"longer than the {budget:.0f} s budget ({text}; d² scaling)")
+            return (
+                f"the dense {d:,}² Hessian of laplace_approximation() alone would take "
+                f"longer than the {budget:.0f} s budget ({text}; d² scaling)"
+            )
     return None
 
 
@@ -641,9 +742,11 @@ def choose(runs):
     ok.sort(key=lambda r: -r["final_elbo"])
     best = ok[0]
     for r in ok[1:]:
-        if (best["final_elbo"] - r["final_elbo"] <= 1.0 and r.get("converge_seconds") is not None
-                and (best.get("converge_seconds") is None
-                     or r["converge_seconds"] < best["converge_seconds"])):
+        if (
+            best["final_elbo"] - r["final_elbo"] <= 1.0
+            and r.get("converge_seconds") is not None
+            and (best.get("converge_seconds") is None or r["converge_seconds"] < best["converge_seconds"])
+        ):
             best = r
     return best
 
@@ -666,8 +769,15 @@ def measure(sizes, budgets, args, reference):
                 target = choose(results[n][AMORTIZED]).get("final_elbo")
             for lr in lrs:
                 log(f"[{guide_name} lr={lr} N={n:,}] budget {budget:.0f} s")
-                r = run_worker(guide_name, n, lr, budget, args, accuracy=reference is not None
-                               and n == REFERENCE_N, target=target)
+                r = run_worker(
+                    guide_name,
+                    n,
+                    lr,
+                    budget,
+                    args,
+                    accuracy=reference is not None and n == REFERENCE_N,
+                    target=target,
+                )
                 if guide_name == AMORTIZED and "converge_seconds" in r:
                     r["reach_target_seconds"] = r["converge_seconds"]  # its own level
                 runs.append(r)
@@ -728,8 +838,7 @@ def table_for_n(n, runs_by_guide, chosen, args):
         if r.get("error") and r.get("final_elbo") is None:
             notes.append(f"failed: {r['error']}")
         elif r.get("error"):
-            notes.append(f"stopped at step {steps_of(r):,} (the best point before is reported): "
-                         f"{r['error']}")
+            notes.append(f"stopped at step {steps_of(r):,} (the best point before is reported): {r['error']}")
         if r.get("trajectory") and guide_name in CURVI_GUIDES:
             notes.append(f"first step (with the set-up) done at {r['trajectory'][0][0]:.3g} s")
         if r.get("repair"):
@@ -738,9 +847,11 @@ def table_for_n(n, runs_by_guide, chosen, args):
             notes.append(f"MAP stopped: {r['map_error']}")
         notes += r.get("notes", [])
         if guide_name == "AutoLaplaceApproximation" and r.get("hessian_seconds") is not None:
-            notes.append(f"MAP {r['train_seconds']:.1f} s (within 1 nat of its best log p at "
-                         f"{r.get('map_converge_seconds', math.nan):.3g} s) + Hessian "
-                         f"{r['hessian_seconds']:.1f} s")
+            notes.append(
+                f"MAP {r['train_seconds']:.1f} s (within 1 nat of its best log p at "
+                f"{r.get('map_converge_seconds', math.nan):.3g} s) + Hessian "
+                f"{r['hessian_seconds']:.1f} s"
+            )
         others = [o for o in runs if o is not r]
         notes += [f"other {run_summary(o)}" for o in others]
         if r.get("final_particles"):
@@ -750,10 +861,16 @@ def table_for_n(n, runs_by_guide, chosen, args):
         steps = r.get("steps") or 0
         ms = f"{1e3 * r['train_seconds'] / steps:.3g}" if steps else "–"
         has_elbo = r.get("final_elbo") is not None and math.isfinite(r["final_elbo"])
-        delta = (f"{r['final_elbo'] - ref_elbo:+,.2f}" if has_elbo and ref_elbo is not None
-                 and math.isfinite(ref_elbo) else "–")
-        reach = (fmt_time(r.get("reach_target_seconds")) if has_elbo and ref_elbo is not None
-                 and math.isfinite(ref_elbo) else "–")
+        delta = (
+            f"{r['final_elbo'] - ref_elbo:+,.2f}"
+            if has_elbo and ref_elbo is not None and math.isfinite(ref_elbo)
+            else "–"
+        )
+        reach = (
+            fmt_time(r.get("reach_target_seconds"))
+            if has_elbo and ref_elbo is not None and math.isfinite(ref_elbo)
+            else "–"
+        )
         lines.append(
             f"| {guide_name} | {r['lr']} | {steps:,} | {ms} | "
             f"{fmt_time(r.get('converge_seconds')) if has_elbo else '–'} | {fmt_elbo(r)} | {delta} | "
@@ -771,8 +888,14 @@ def accuracy_stats(r, reference):
     mean, sd = np.asarray(reference["mean"]), np.asarray(reference["sd"])
     z = np.abs(np.asarray(g["mean"]) - mean) / sd
     ratio = np.asarray(g["sd"]) / sd
-    return {"z": z, "ratio": ratio, "max_z": float(z.max()),
-            "min_ratio": float(ratio.min()), "max_ratio": float(ratio.max()), "draws": g["draws"]}
+    return {
+        "z": z,
+        "ratio": ratio,
+        "max_z": float(z.max()),
+        "min_ratio": float(ratio.min()),
+        "max_ratio": float(ratio.max()),
+        "draws": g["draws"],
+    }
 
 
 def accuracy_table(chosen, reference, message, args):
@@ -789,8 +912,9 @@ def accuracy_table(chosen, reference, message, args):
         f"{info['seconds']:.0f} s, {info['divergences']} divergences; R-hat ≤ "
         f"{max(info['r_hat']):.4f}, ESS ≥ {min(info['ess']):,.0f} "
         f"(`benchmarks/reference/nuts_{REFERENCE_N}.npz`, {info['date']}).",
-        "NUTS " + ", ".join(f"{n} {m:.3f} (sd {s:.3f})"
-                            for n, m, s in zip(GLOBALS, info["mean"], info["sd"])) + ".",
+        "NUTS "
+        + ", ".join(f"{n} {m:.3f} (sd {s:.3f})" for n, m, s in zip(GLOBALS, info["mean"], info["sd"]))
+        + ".",
         "",
         "| guide | lr | draws | max over globals of abs(Δmean) / NUTS sd | sd / NUTS sd (min – max) "
         "| abs(Δmean)/sd: " + ", ".join(GLOBALS) + " | sd ratio: " + ", ".join(GLOBALS) + " |",
@@ -806,8 +930,10 @@ def accuracy_table(chosen, reference, message, args):
         lines.append(
             f"| {guide_name} | {r['lr']} | {a['draws']:,} | {a['max_z']:.3f} | "
             f"{a['min_ratio']:.3f} – {a['max_ratio']:.3f} | "
-            + ", ".join(f"{v:.3f}" for v in a["z"]) + " | "
-            + ", ".join(f"{v:.3f}" for v in a["ratio"]) + " |"
+            + ", ".join(f"{v:.3f}" for v in a["z"])
+            + " | "
+            + ", ".join(f"{v:.3f}" for v in a["ratio"])
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -844,8 +970,10 @@ def summary(sizes, results, chosen, reference):
                 f"(target ≥ 10×: {'met' if budget / t >= 10 else 'not shown'})."
             )
     else:
-        lines.append(f"- Speed at {speed_n:,} groups: {AMORTIZED} did not converge: "
-                     f"{amort.get('error') or amort.get('skip') or '?'}.")
+        lines.append(
+            f"- Speed at {speed_n:,} groups: {AMORTIZED} did not converge: "
+            f"{amort.get('error') or amort.get('skip') or '?'}."
+        )
     if reference is not None and REFERENCE_N in chosen:
         a = accuracy_stats(chosen[REFERENCE_N][AMORTIZED], reference)
         if a:
@@ -860,9 +988,8 @@ def summary(sizes, results, chosen, reference):
 
 
 def header(args, sizes, budgets):
-    import torch
-
     import pyro
+    import torch
 
     cmd = "python benchmarks/guides.py " + " ".join(sys.argv[1:])
     return (
@@ -901,8 +1028,11 @@ def header(args, sizes, budgets):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="1 000 groups, 15 s budgets, looser SEs and caps; no file written")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 000 groups, 15 s budgets, looser SEs and caps; no file written",
+    )
     parser.add_argument("--sizes", type=int, nargs="*", help="numbers of groups")
     parser.add_argument("--budgets", type=float, nargs="*", help="training seconds per size")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -910,31 +1040,53 @@ def main():
     parser.add_argument("--lrs-curvi", type=float, nargs="+", default=[0.05, 0.01])
     parser.add_argument("--guides", nargs="+", choices=GUIDES, help="a subset of the guides")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--se", type=float, default=0.2,
-                        help="SE (nats) of the final ELBO and of points judged near a level")
-    parser.add_argument("--se-trajectory", type=float, default=1.0,
-                        help="SE (nats) of the estimates taken during training")
-    parser.add_argument("--min-chunks", type=int, default=8,
-                        help="chunks per estimate at least (its SE comes from their means)")
+    parser.add_argument(
+        "--se", type=float, default=0.2, help="SE (nats) of the final ELBO and of points judged near a level"
+    )
+    parser.add_argument(
+        "--se-trajectory", type=float, default=1.0, help="SE (nats) of the estimates taken during training"
+    )
+    parser.add_argument(
+        "--min-chunks",
+        type=int,
+        default=8,
+        help="chunks per estimate at least (its SE comes from their means)",
+    )
     parser.add_argument("--max-particles", type=int, default=500_000)
-    parser.add_argument("--eval-seconds", type=float, default=30.0,
-                        help="cap on one estimate during training")
-    parser.add_argument("--final-seconds", type=float, default=600.0,
-                        help="cap on the final estimate and on each refinement")
-    parser.add_argument("--chunk-elements", type=float, default=2.5e6,
-                        help="particles × observations per chunk (bounds the memory)")
+    parser.add_argument(
+        "--eval-seconds", type=float, default=30.0, help="cap on one estimate during training"
+    )
+    parser.add_argument(
+        "--final-seconds", type=float, default=600.0, help="cap on the final estimate and on each refinement"
+    )
+    parser.add_argument(
+        "--chunk-elements",
+        type=float,
+        default=2.5e6,
+        help="particles × observations per chunk (bounds the memory)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--prefault-gb", type=float, default=2.0,
-                        help="memory each worker touches before its clock starts")
-    parser.add_argument("--eval-growth", type=float, default=1.25,
-                        help="evaluations at training times growing by this factor ...")
+    parser.add_argument(
+        "--prefault-gb", type=float, default=2.0, help="memory each worker touches before its clock starts"
+    )
+    parser.add_argument(
+        "--eval-growth",
+        type=float,
+        default=1.25,
+        help="evaluations at training times growing by this factor ...",
+    )
     parser.add_argument("--eval-min-gap", type=float, default=0.25, help="... at least this apart")
-    parser.add_argument("--eval-every", type=float, default=None,
-                        help="... and at most this apart (default budget / 20)")
+    parser.add_argument(
+        "--eval-every", type=float, default=None, help="... and at most this apart (default budget / 20)"
+    )
     parser.add_argument("--stop-tol", type=float, default=0.5, help="nats; see the header")
     parser.add_argument("--draws", type=int, default=8000, help="guide draws for the accuracy table")
-    parser.add_argument("--memory-gb", type=float, default=4.0,
-                        help="skip AutoMultivariateNormal when its parameters would need more")
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=4.0,
+        help="skip AutoMultivariateNormal when its parameters would need more",
+    )
     parser.add_argument("--worker-timeout", type=float, default=None)
     parser.add_argument("--regenerate-nuts", action="store_true")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the NUTS comparison")
@@ -969,8 +1121,11 @@ def main():
             args.draws = 4000
     else:
         sizes = args.sizes or SIZES
-        budgets = args.budgets or ([b for n, b in zip(SIZES, BUDGETS) if n in sizes]
-                                   if set(sizes) <= set(SIZES) else [120.0] * len(sizes))
+        budgets = args.budgets or (
+            [b for n, b in zip(SIZES, BUDGETS) if n in sizes]
+            if set(sizes) <= set(SIZES)
+            else [120.0] * len(sizes)
+        )
     if len(budgets) != len(sizes):
         parser.error("--budgets needs one value per size")
     args.guide_list = [g for g in GUIDES if not args.guides or g in args.guides or g == AMORTIZED]

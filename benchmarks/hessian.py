@@ -73,9 +73,9 @@ def _timed(fn, repeats):
 
 
 def work_torch(method, num_groups, dtype_name):
+    import pyro
     import torch
 
-    import pyro
     from curvi import ModelView
     from curvi.hessian import gradient, structured_hessian
 
@@ -133,8 +133,11 @@ def work_numpyro(num_groups, dtype_name):
     from numpyro.infer.util import potential_energy
 
     x, y, theta, u, probe = simulate(num_groups)
-    params = {"beta": jnp.asarray(theta[:2]), "sigma": jnp.asarray(theta[2:]),
-              "u": jnp.asarray(u.reshape(num_groups, 1, 2))}
+    params = {
+        "beta": jnp.asarray(theta[:2]),
+        "sigma": jnp.asarray(theta[2:]),
+        "u": jnp.asarray(u.reshape(num_groups, 1, 2)),
+    }
     flat, unravel = ravel_pytree(params)  # keys sorted: beta, sigma, u -- curvi's order
 
     def log_joint(z):
@@ -147,9 +150,12 @@ def work_numpyro(num_groups, dtype_name):
     compile_and_run = time.perf_counter() - start
     seconds, H = _timed(lambda: jax.block_until_ready(hess(flat)), 2)
     hv = H @ jnp.asarray(probe)
-    return {"seconds": seconds, "compile_seconds": compile_and_run - seconds,
-            "peak_mb": max(0.0, _peak_mb() - baseline),
-            "hv": [float(a) for a in hv] if num_groups <= 3200 else None}
+    return {
+        "seconds": seconds,
+        "compile_seconds": compile_and_run - seconds,
+        "peak_mb": max(0.0, _peak_mb() - baseline),
+        "hv": [float(a) for a in hv] if num_groups <= 3200 else None,
+    }
 
 
 def worker(method, num_groups, dtype_name):
@@ -251,7 +257,8 @@ def format_table(rows, args):
             ratio = r["seconds"] / ref["seconds"] if "seconds" in ref else float("nan")
             diff = (
                 f"{_max_rel_diff(r['hv'], ref['hv']):.1e}"
-                if method != "curvi" and r.get("hv") and ref.get("hv") else "–"
+                if method != "curvi" and r.get("hv") and ref.get("hv")
+                else "–"
             )
             if method == "curvi":
                 notes = (

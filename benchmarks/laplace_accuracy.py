@@ -35,9 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import pyro
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import simulate, torch_model  # noqa: E402
@@ -95,13 +94,19 @@ def main():
 
     rows = []
     ones = torch.zeros(args.draws)
-    for name, lw in (("Laplace marginal, Gaussian (TMB)", ones), ("Laplace marginal, exact (importance sampling)", log_w)):
+    for name, lw in (
+        ("Laplace marginal, Gaussian (TMB)", ones),
+        ("Laplace marginal, exact (importance sampling)", log_w),
+    ):
         mean, sd, ess = weighted_moments(constrained(draws), lw)
         dmean = np.abs(mean.numpy() - nuts_mean) / nuts_sd
         ratio = sd.numpy() / nuts_sd
         rows.append(
             f"| {name} | {ess:,.0f} | {dmean.max():.3f} | {ratio.min():.3f} – {ratio.max():.3f} | "
-            + ", ".join(f"{v:.3f}" for v in dmean) + " | " + ", ".join(f"{v:.3f}" for v in ratio) + " |"
+            + ", ".join(f"{v:.3f}" for v in dmean)
+            + " | "
+            + ", ".join(f"{v:.3f}" for v in ratio)
+            + " |"
         )
     text = (
         "# Laplace-marginal posteriors of the globals against NUTS\n\n"

@@ -6,8 +6,9 @@ intercept -0.5, slope 0.8, sds (1.0, 0.5) and correlation 0.4. curvi's
 ``laplace_mle`` (float64) runs in this process; glmmTMB and glmer run on the
 same data through ``Rscript``, each fit timed inside R (library loading and
 data reading excluded; glmmTMB's time includes its standard errors, as
-curvi's does; curvi's imports are likewise warmed up by a tiny fit first). R peers are skipped with a message when ``Rscript`` or the
-packages are missing (``apt-get install r-cran-glmmtmb r-cran-lme4``).
+curvi's does; curvi's imports are likewise warmed up by a tiny fit first).
+R peers are skipped with a message when ``Rscript`` or the packages are
+missing (``apt-get install r-cran-glmmtmb r-cran-lme4``).
 
 Usage::
 
@@ -29,11 +30,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.distributions import constraints
-
 import pyro
 import pyro.distributions as dist
+import torch
+from torch.distributions import constraints
 
 SIZES = [1000, 10_000]
 OBS_PER_GROUP = 10
@@ -101,17 +101,25 @@ def run_curvi(x, y):
     fit = laplace_mle(ml_model, x, y, unit_plate="groups")
     seconds = time.perf_counter() - start
     b, sd, L = fit.params["beta"], fit.params["sd"], fit.params["L"]
-    return {"seconds": seconds, "loglik": fit.log_likelihood, "b0": b[0].item(),
-            "b1": b[1].item(), "sd0": sd[0].item(), "sd1": sd[1].item(),
-            "corr": L[1, 0].item(), "note": f"{fit.num_iterations} L-BFGS iterations, {fit.num_evaluations} evaluations"
-            + ("" if fit.converged else "; NOT converged")}
+    return {
+        "seconds": seconds,
+        "loglik": fit.log_likelihood,
+        "b0": b[0].item(),
+        "b1": b[1].item(),
+        "sd0": sd[0].item(),
+        "sd1": sd[1].item(),
+        "corr": L[1, 0].item(),
+        "note": f"{fit.num_iterations} L-BFGS iterations, {fit.num_evaluations} evaluations"
+        + ("" if fit.converged else "; NOT converged"),
+    }
 
 
 def r_available():
     if shutil.which("Rscript") is None:
         return "Rscript not found (apt-get install r-base r-cran-glmmtmb r-cran-lme4)"
-    probe = subprocess.run(["Rscript", "-e", "library(glmmTMB); library(lme4)"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["Rscript", "-e", "library(glmmTMB); library(lme4)"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         return "R packages glmmTMB / lme4 not installed (apt-get install r-cran-glmmtmb r-cran-lme4)"
     return None
@@ -127,8 +135,9 @@ def run_r(x, y, which="both", timeout=1800):
                 for j in range(x.shape[1]):
                     writer.writerow([g, repr(float(x[g, j])), int(y[g, j])])
         Path(script).write_text(R_SCRIPT)
-        proc = subprocess.run(["Rscript", script, data, which], capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            ["Rscript", script, data, which], capture_output=True, text=True, timeout=timeout
+        )
     results = {}
     for line in proc.stdout.splitlines():
         name, *fields = line.split()
@@ -176,7 +185,9 @@ def format_table(rows):
         for method in ("curvi", "glmmTMB", "glmer"):
             r = results.get(method, {"skip": "failed"})
             if "skip" in r:
-                lines.append(f"| {n:,} | {method} | – | – | – | – | – | – | – | – | – | – | skipped: {r['skip']} |")
+                lines.append(
+                    f"| {n:,} | {method} | – | – | – | – | – | – | – | – | – | – | skipped: {r['skip']} |"
+                )
                 continue
             ratio = r["seconds"] / results["curvi"]["seconds"]
             has_ref = "loglik" in ref
@@ -209,10 +220,19 @@ def summary(rows):
 def header():
     r_version = "not installed"
     if shutil.which("Rscript"):
-        r_version = subprocess.run(
-            ["Rscript", "-e", 'cat(R.version.string, "; glmmTMB", as.character(packageVersion("glmmTMB")), '
-             '"; lme4", as.character(packageVersion("lme4")))'],
-            capture_output=True, text=True).stdout.strip() or "packages missing"
+        r_version = (
+            subprocess.run(
+                [
+                    "Rscript",
+                    "-e",
+                    'cat(R.version.string, "; glmmTMB", as.character(packageVersion("glmmTMB")), '
+                    '"; lme4", as.character(packageVersion("lme4")))',
+                ],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            or "packages missing"
+        )
     return (
         "# Laplace maximum likelihood: curvi against glmmTMB and glmer\n\n"
         f"`y ~ x + (x | group)`, binomial, {OBS_PER_GROUP} observations per group, simulated "

@@ -54,7 +54,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=PARTS + ("all",), default="all")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="logistic: Pima only, short runs; nothing written")
+    parser.add_argument(
+        "--quick", action="store_true", help="logistic: Pima only, short runs; nothing written"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
     logistic = parser.add_argument_group("logistic")
     logistic.add_argument("--adam-lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1])
@@ -77,17 +79,22 @@ def main():
     hier.add_argument("--gap-chunks", type=int, default=2)
     hier.add_argument("--repeats", type=int, default=3, help="runs of the default path per dtype")
     scaling = parser.add_argument_group("scaling")
-    scaling.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
-                         help="numbers of groups")
+    scaling.add_argument(
+        "--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="numbers of groups"
+    )
     scaling.add_argument("--scaling-repeats", type=int, default=1, help="runs per size (the median shown)")
-    scaling.add_argument("--scaling-timeout", type=float, default=900.0,
-                         help="seconds per size (its own process) before it is reported as over time")
+    scaling.add_argument(
+        "--scaling-timeout",
+        type=float,
+        default=900.0,
+        help="seconds per size (its own process) before it is reported as over time",
+    )
     args = parser.parse_args()
     if args.quick:
         args.max_iters, args.eval_particles, args.ref_samples = 1000, 1000, 16
 
-    import torch
     import pyro
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,12 +116,16 @@ def main():
             hier_args.adam_lrs, hier_args.max_iters = args.hier_adam_lrs, args.hier_max_iters
             hier_args.max_seconds = args.hier_max_seconds
             text, summary = natural_hierarchical.run(hier_args)
-        machine = (f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
-                   f"torch {torch.__version__}, pyro {pyro.__version__}; torch threads {torch.get_num_threads()}; "
-                   f"{datetime.date.today().isoformat()}. Command: `python benchmarks/natural.py "
-                   f"{' '.join(sys.argv[1:])}`.")
-        sections[part] = (f"<!-- part: {part} -->\n## {part.capitalize()}\n\n{machine}\n\n{text}\n\n"
-                          f"#### Targets\n\n" + "\n".join(summary) + f"\n<!-- end: {part} -->")
+        machine = (
+            f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, pyro {pyro.__version__}; torch threads {torch.get_num_threads()}; "
+            f"{datetime.date.today().isoformat()}. Command: `python benchmarks/natural.py "
+            f"{' '.join(sys.argv[1:])}`."
+        )
+        sections[part] = (
+            f"<!-- part: {part} -->\n## {part.capitalize()}\n\n{machine}\n\n{text}\n\n"
+            f"#### Targets\n\n" + "\n".join(summary) + f"\n<!-- end: {part} -->"
+        )
         print("\n" + sections[part], flush=True)
     if args.quick:
         return
@@ -126,11 +137,14 @@ def main():
             if found:
                 sections[part] = found.group(0)
     reading = re.search(r"\n## Reading\n.*", old, re.S)  # hand-written commentary, kept
-    text = ("# Natural-gradient and Newton optimisers against Adam\n\n"
-            "Set-up of each part in its module's docstring (`benchmarks/natural_logistic.py`, "
-            "`benchmarks/natural_hierarchical.py`, `benchmarks/natural_scaling.py`).\n\n"
-            + "\n\n".join(sections[p] for p in PARTS if p in sections) + "\n"
-            + (reading.group(0) if reading else ""))
+    text = (
+        "# Natural-gradient and Newton optimisers against Adam\n\n"
+        "Set-up of each part in its module's docstring (`benchmarks/natural_logistic.py`, "
+        "`benchmarks/natural_hierarchical.py`, `benchmarks/natural_scaling.py`).\n\n"
+        + "\n\n".join(sections[p] for p in PARTS if p in sections)
+        + "\n"
+        + (reading.group(0) if reading else "")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"written to {out}")

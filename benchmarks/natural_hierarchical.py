@@ -53,12 +53,10 @@ import statistics
 import time
 import warnings
 
-import torch
-
 import pyro
-from pyro.infer import SVI, Trace_ELBO
-
+import torch
 from common import numpyro_model_noncentred, simulate, torch_model
+from pyro.infer import SVI, Trace_ELBO
 
 import curvi
 from curvi import AmortizedLaplaceGuide
@@ -147,8 +145,13 @@ class Gap:
         with torch.no_grad():
             self.guide.loc_global_unconstrained.copy_(theta)
             with FixedNoise(50_000 + chunk):
-                return particle_elbos(torch_model, self.guide, *self.data, num_particles=self.particles,
-                                      max_plate_nesting=2).mean().item()
+                return (
+                    particle_elbos(
+                        torch_model, self.guide, *self.data, num_particles=self.particles, max_plate_nesting=2
+                    )
+                    .mean()
+                    .item()
+                )
 
     def __call__(self, theta):
         diffs = [ref - self._elbo(theta, c) for c, ref in enumerate(self.reference)]
@@ -168,8 +171,11 @@ def summarise(setup, trajectory, gap):
     it, and of the checkpoint from which every later one stays within it;
     ms per evaluation; the last gap."""
     wanted = set(checkpoints(trajectory[-1][0]))
-    points = [(it, setup + clock, gap(theta)[0]) for it, clock, theta in trajectory
-              if it in wanted or (it, clock) == trajectory[-1][:2]]
+    points = [
+        (it, setup + clock, gap(theta)[0])
+        for it, clock, theta in trajectory
+        if it in wanted or (it, clock) == trajectory[-1][:2]
+    ]
     first, settled = {}, {}
     for level in (1.0, 0.1):
         first[level] = next(((it, t) for it, t, g in points if g <= level), None)
@@ -185,7 +191,6 @@ def summarise(setup, trajectory, gap):
 def nuts_seconds(x, y, warmup=500, samples=1000):
     """NumPyro NUTS on the non-centred model (jit compilation included)."""
     import jax
-    import numpyro
     from numpyro.infer import MCMC, NUTS
 
     jax.config.update("jax_enable_x64", True)
@@ -216,15 +221,26 @@ def default_path(data, repeats, small):
             clock = time.perf_counter()
             second = curvi.fit(torch_model, guide, *cast, progress=False)
             refit_seconds = time.perf_counter() - clock
-            runs.append({"total": total, "setup": setup, "evaluations": first.num_evaluations,
-                         "theta": first.info["theta"].detach().to(torch.float64).clone(),
-                         "message": first.message, "converged": first.converged,
-                         "refit_theta": second.info["theta"].detach().to(torch.float64).clone(),
-                         "refit_evaluations": second.num_evaluations, "refit_seconds": refit_seconds,
-                         "refit_message": second.message})
-            print(f"  default path {name}, run {r + 1}/{repeats}: set-up + fit {total:.2f} s "
-                  f"({first.num_evaluations} evaluations); second fit {refit_seconds:.2f} s "
-                  f"({second.num_evaluations} evaluations)", flush=True)
+            runs.append(
+                {
+                    "total": total,
+                    "setup": setup,
+                    "evaluations": first.num_evaluations,
+                    "theta": first.info["theta"].detach().to(torch.float64).clone(),
+                    "message": first.message,
+                    "converged": first.converged,
+                    "refit_theta": second.info["theta"].detach().to(torch.float64).clone(),
+                    "refit_evaluations": second.num_evaluations,
+                    "refit_seconds": refit_seconds,
+                    "refit_message": second.message,
+                }
+            )
+            print(
+                f"  default path {name}, run {r + 1}/{repeats}: set-up + fit {total:.2f} s "
+                f"({first.num_evaluations} evaluations); second fit {refit_seconds:.2f} s "
+                f"({second.num_evaluations} evaluations)",
+                flush=True,
+            )
         timings[name] = runs
     torch.set_default_dtype(torch.float64)
     return timings
@@ -245,8 +261,13 @@ def run(args):
         for particles in (1, 8):
             for lr in args.adam_lrs:
                 runs[(start, "Adam", f"lr {lr:g}", particles)] = svi_run(
-                    data, start, lambda g: pyro.optim.Adam({"lr": lr}), particles, args.max_iters,
-                    args.max_seconds)
+                    data,
+                    start,
+                    lambda g: pyro.optim.Adam({"lr": lr}),  # noqa: B023
+                    particles,
+                    args.max_iters,
+                    args.max_seconds,
+                )
                 print(f"  {start}: Adam lr={lr} K={particles} done", flush=True)
         for (method, setting), blocks in zip(NEWTON, (None, 1)):
             setup, trajectory, result = newton_run(data, start, blocks)
@@ -256,9 +277,16 @@ def run(args):
 
     eval_guide, _ = new_guide(data)
     clock = time.perf_counter()
-    ref = fit_newton(torch_model, eval_guide, *data, num_particles=args.ref_particles, blocks=args.ref_blocks,
-                     eval_particles=args.ref_particles, max_particles=max(128, args.ref_particles),
-                     seed=10_000)
+    ref = fit_newton(
+        torch_model,
+        eval_guide,
+        *data,
+        num_particles=args.ref_particles,
+        blocks=args.ref_blocks,
+        eval_particles=args.ref_particles,
+        max_particles=max(128, args.ref_particles),
+        seed=10_000,
+    )
     ref_seconds = time.perf_counter() - clock
     gap = Gap(data, ref.info["theta"].detach().clone(), eval_guide, args.gap_chunks, args.gap_particles)
     print(f"  reference: {ref.message}", flush=True)
@@ -273,8 +301,10 @@ def run(args):
         print(f"  NumPyro NUTS: {nuts:.1f} s", flush=True)
 
     fmt = lambda v, i: "never" if v is None else (f"{v[0]}" if i == 0 else f"{v[1]:.2f}")  # noqa: E731
-    starts = {"mode": "the Laplace-marginal mode (the guide's default start)",
-              "prior": "the prior medians (`init_to_mode=False`)"}
+    starts = {
+        "mode": "the Laplace-marginal mode (the guide's default start)",
+        "prior": "the prior medians (`init_to_mode=False`)",
+    }
     lines = [
         f"### Hierarchical logistic, AmortizedLaplaceGuide ({args.groups:,} groups × 10 observations, "
         "4 globals)\n",
@@ -290,10 +320,12 @@ def run(args):
     stats = {}
     for start in args.starts:
         start_gap = gap(next(t for k, t in runs.items() if k[0] == start)[1][0][2])[0]
-        lines += [f"From {starts[start]}: gap {start_gap:,.3f} nat at evaluation 0.\n",
-                  "| method | setting | particles | evals to −1 nat | s | evals to −0.1 nat | s | "
-                  "stays within 0.1 nat from eval | s | ms / eval | last gap (nat) |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"From {starts[start]}: gap {start_gap:,.3f} nat at evaluation 0.\n",
+            "| method | setting | particles | evals to −1 nat | s | evals to −0.1 nat | s | "
+            "stays within 0.1 nat from eval | s | ms / eval | last gap (nat) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for key, (setup, trajectory) in runs.items():
             if key[0] != start:
                 continue
@@ -306,27 +338,34 @@ def run(args):
             lines.append(
                 f"| {method} | {setting} | {shown} | {fmt(first[1.0], 0)} | {fmt(first[1.0], 1)} | "
                 f"{fmt(first[0.1], 0)} | {fmt(first[0.1], 1)} | {fmt(settled[0.1], 0)} | "
-                f"{fmt(settled[0.1], 1)} | {ms:.0f} | {last:+.3f} |")
+                f"{fmt(settled[0.1], 1)} | {ms:.0f} | {last:+.3f} |"
+            )
         lines.append("")
         for key, result in results.items():
             if key[0] == start:
                 lines.append(f"- {key[1]} {key[2]}: {result.message}")
         lines.append("")
     if nuts is not None:
-        lines.append(f"For scale: NumPyro NUTS (non-centred model, jit, 1 chain, 500 + 1 000 draws) took "
-                     f"{nuts:.1f} s on the same data and machine.\n")
+        lines.append(
+            f"For scale: NumPyro NUTS (non-centred model, jit, 1 chain, 500 + 1 000 draws) took "
+            f"{nuts:.1f} s on the same data and machine.\n"
+        )
 
     refit_chunks = max(args.gap_chunks, math.ceil(REFIT_PARTICLES / args.gap_particles))
     refit_particles = refit_chunks * args.gap_particles
-    lines.append("The default path, from the Laplace-marginal mode, "
-                 f"{args.repeats} run{'s' if args.repeats > 1 else ''} per dtype: guide set-up + "
-                 "`curvi.fit(model, guide, *data)` with no options (timed); then a second default "
-                 "`curvi.fit` from the fitted guide (timed apart) and the ELBO change from the first "
-                 f"fit's θ̂ to the second's, by common random numbers ({refit_chunks} × "
-                 f"{args.gap_particles} = {refit_particles} antithetic particles, ± its standard error "
-                 "over the chunks). Gaps to θ* as above.\n")
-    lines.append("| dtype | set-up + fit s (runs) | median s | of which set-up (median) | evaluations | "
-                 "gaps (nat) | second fit: evaluations | s | ELBO change (nat) |")
+    lines.append(
+        "The default path, from the Laplace-marginal mode, "
+        f"{args.repeats} run{'s' if args.repeats > 1 else ''} per dtype: guide set-up + "
+        "`curvi.fit(model, guide, *data)` with no options (timed); then a second default "
+        "`curvi.fit` from the fitted guide (timed apart) and the ELBO change from the first "
+        f"fit's θ̂ to the second's, by common random numbers ({refit_chunks} × "
+        f"{args.gap_particles} = {refit_particles} antithetic particles, ± its standard error "
+        "over the chunks). Gaps to θ* as above.\n"
+    )
+    lines.append(
+        "| dtype | set-up + fit s (runs) | median s | of which set-up (median) | evaluations | "
+        "gaps (nat) | second fit: evaluations | s | ELBO change (nat) |"
+    )
     lines.append("|---|---|---:|---:|---|---|---|---|---|")
     summary, notes = [], []
     for dtype, rs in timings.items():
@@ -341,43 +380,64 @@ def run(args):
             f"{', '.join(str(r['evaluations']) for r in rs)} | {', '.join(f'{g:.3f}' for g in gaps)} | "
             f"{', '.join(str(r['refit_evaluations']) for r in rs)} | "
             f"{', '.join(f'{s:.2f}' for s in refit_seconds)} | "
-            f"{', '.join(f'{c:+.3f} ± {s:.3f}' for c, s in changes)} |")
-        notes += [f"- {dtype}, run {i + 1}, first fit: {r['message']}; second fit: {r['refit_message']}"
-                  for i, r in enumerate(rs)]
+            f"{', '.join(f'{c:+.3f} ± {s:.3f}' for c, s in changes)} |"
+        )
+        notes += [
+            f"- {dtype}, run {i + 1}, first fit: {r['message']}; second fit: {r['refit_message']}"
+            for i, r in enumerate(rs)
+        ]
         met = median <= 2.0 and max(gaps) <= 0.1
-        summary.append(f"- Hierarchical, {args.groups:,} groups, {dtype}: set-up + `curvi.fit` (default) "
-                       f"median {median:.2f} s, {statistics.median(r['evaluations'] for r in rs):.0f} "
-                       f"evaluations, worst gap {max(gaps):.3f} nat (target ≤ 2 s within 0.1 nat: "
-                       f"{'met' if met else 'missed'}).")
+        summary.append(
+            f"- Hierarchical, {args.groups:,} groups, {dtype}: set-up + `curvi.fit` (default) "
+            f"median {median:.2f} s, {statistics.median(r['evaluations'] for r in rs):.0f} "
+            f"evaluations, worst gap {max(gaps):.3f} nat (target ≤ 2 s within 0.1 nat: "
+            f"{'met' if met else 'missed'})."
+        )
         worst = max(abs(c) for c, _ in changes)
-        summary.append(f"- Hierarchical, {args.groups:,} groups, {dtype}: a second `curvi.fit` from the "
-                       f"fitted guide changes the {refit_particles}-particle ELBO by "
-                       f"{', '.join(f'{c:+.3f}' for c, _ in changes)} nat (largest |change| {worst:.3f}; "
-                       f"target < 0.5 nat: {'met' if worst < 0.5 else 'missed'}).")
+        summary.append(
+            f"- Hierarchical, {args.groups:,} groups, {dtype}: a second `curvi.fit` from the "
+            f"fitted guide changes the {refit_particles}-particle ELBO by "
+            f"{', '.join(f'{c:+.3f}' for c, _ in changes)} nat (largest |change| {worst:.3f}; "
+            f"target < 0.5 nat: {'met' if worst < 0.5 else 'missed'})."
+        )
     lines += [""] + notes
 
     for start in args.starts:
         for level, name in ((1.0, "first within 1 nat"), (0.1, "stays within 0.1 nat")):
-            pick = (lambda v: v[0][level]) if level == 1.0 else (lambda v: v[1][level])  # noqa: E731
+            pick = (lambda v: v[0][level]) if level == 1.0 else (lambda v: v[1][level])  # noqa: B023, E731
             parts = []
             for method, setting in NEWTON:
                 mine = pick(stats[(start, method, setting, 8)])
-                parts.append(f"{method} {setting} "
-                             + (f"at evaluation {mine[0]} ({mine[1]:.2f} s)" if mine else "never"))
+                parts.append(
+                    f"{method} {setting} "
+                    + (f"at evaluation {mine[0]} ({mine[1]:.2f} s)" if mine else "never")
+                )
             ours = pick(stats[(start, *NEWTON[0], 8)])
             for particles in (1, 8):
-                adam = [(k, v) for k, v in stats.items()
-                        if k[0] == start and k[1] == "Adam" and k[3] == particles and pick(v)]
+                adam = [
+                    (k, v)
+                    for k, v in stats.items()
+                    if k[0] == start and k[1] == "Adam" and k[3] == particles and pick(v)
+                ]
                 best = min(adam, key=lambda kv: pick(kv[1])[0]) if adam else None
                 if best:
                     it, t = pick(best[1])
-                    text = f"best Adam with {particles} particle(s) ({best[0][2]}) at iteration {it} ({t:.2f} s)"
+                    text = (
+                        f"best Adam with {particles} particle(s) ({best[0][2]}) at iteration {it} ({t:.2f} s)"
+                    )
                     if ours and ours[0] > 0:
-                        text += (f", {it / ours[0]:.1f}× the default's evaluations and "
-                                 f"{t / ours[1]:.1f}× its time")
+                        text += (
+                            f", {it / ours[0]:.1f}× the default's evaluations and {t / ours[1]:.1f}× its time"
+                        )
                 else:
-                    most = max((len(t) - 1 for k, (_, t) in runs.items()
-                                if k[0] == start and k[1] == "Adam" and k[3] == particles), default=0)
+                    most = max(
+                        (
+                            len(t) - 1
+                            for k, (_, t) in runs.items()
+                            if k[0] == start and k[1] == "Adam" and k[3] == particles
+                        ),
+                        default=0,
+                    )
                     text = f"no Adam run with {particles} particle(s) within its budget ({most} iterations)"
                 parts.append(text)
             summary.append(f"- Hierarchical from the {start} start, {name}: {'; '.join(parts)}.")

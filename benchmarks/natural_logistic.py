@@ -34,15 +34,15 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal
 
 from curvi import NaturalGradient
 from curvi.datasets import load_pima
+
 
 def logistic_model(X, y):
     w = pyro.sample("w", dist.Normal(0.0, 5.0).expand([X.shape[1]]).to_event(1))
@@ -98,8 +98,12 @@ def train(method, lr, particles, X, y, evaluator, max_iters, max_seconds, seed=0
     guide = AutoMultivariateNormal(logistic_model)
     guide(X, y)
     if method == "Adam":
-        svi = SVI(logistic_model, guide, pyro.optim.Adam({"lr": lr}),
-                  Trace_ELBO(num_particles=particles, vectorize_particles=True))
+        svi = SVI(
+            logistic_model,
+            guide,
+            pyro.optim.Adam({"lr": lr}),
+            Trace_ELBO(num_particles=particles, vectorize_particles=True),
+        )
     else:
         curvature = method.split()[-1]
         optim = NaturalGradient(lr=lr, num_samples=particles, curvature=curvature)
@@ -138,8 +142,9 @@ def table(name, X, y, args):
     for particles in (1, 8):
         for method, option in METHODS.items():
             for lr in getattr(args, option.replace("-", "_")):
-                runs[(method, lr, particles)] = train(method, lr, particles, X, y, evaluator,
-                                                      args.max_iters, args.max_seconds)
+                runs[(method, lr, particles)] = train(
+                    method, lr, particles, X, y, evaluator, args.max_iters, args.max_seconds
+                )
                 print(f"  {name} {method} lr={lr} K={particles} done", flush=True)
     optimum = max([v for _, _, v in ref] + [v for t, _ in runs.values() for _, _, v in t])
 
@@ -171,7 +176,8 @@ def table(name, X, y, args):
             best[(method, particles)] = (lr, stats)
     fmt = lambda v, f: "never" if v is None else format(v, f)  # noqa: E731
     for (method, lr, particles), (trace, failed) in sorted(
-            runs.items(), key=lambda kv: (kv[0][2], list(METHODS).index(kv[0][0]), kv[0][1])):
+        runs.items(), key=lambda kv: (kv[0][2], list(METHODS).index(kv[0][0]), kv[0][1])
+    ):
         it1, t1, it01, t01, ms, last = row_stats(trace)
         mark = "**" if best[(method, particles)][0] == lr else ""
         final = f"diverged at iteration {failed}" if failed else f"{last - optimum:+.3f}"
@@ -193,8 +199,10 @@ def table(name, X, y, args):
                     f"iteration {cost:.1f}× Adam's (target ≤ 2×: {'met' if cost <= 2 else 'missed'})."
                 )
             else:
-                summary.append(f"- {name}, {particles} particle(s), {method}: a method never came within "
-                               f"1 nat (Adam: {a[0]}, rule: {b[0]}).")
+                summary.append(
+                    f"- {name}, {particles} particle(s), {method}: a method never came within "
+                    f"1 nat (Adam: {a[0]}, rule: {b[0]})."
+                )
     return "\n".join(lines), summary
 
 

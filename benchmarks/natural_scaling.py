@@ -51,12 +51,11 @@ def worker(num_groups, repeats, threads):
     progress on stderr."""
     import warnings
 
-    import torch
-
     import pyro
+    import torch
+    from common import simulate, torch_model
 
     import curvi
-    from common import simulate, torch_model
 
     warnings.simplefilter("ignore")
     if threads:
@@ -88,17 +87,28 @@ def worker(num_groups, repeats, threads):
 
         def callback(evaluations, elbo):
             if evaluations % 5 == 0:
-                log(f"run {r + 1}/{repeats}: {evaluations} evaluations, "
-                    f"{time.perf_counter() - started:.1f} s, ELBO {elbo:.6g}")
+                log(
+                    f"run {r + 1}/{repeats}: {evaluations} evaluations, "  # noqa: B023
+                    f"{time.perf_counter() - started:.1f} s, ELBO {elbo:.6g}"  # noqa: B023
+                )
 
         result = curvi.fit(torch_model, guide, *data, progress=False, callback=callback)
         seconds = time.perf_counter() - started
         info = result.info
-        runs.append({"setup": setup, "fit": seconds, "evaluations": result.num_evaluations,
-                     "iterations": info.get("num_iterations"), "elbo": result.final_elbo,
-                     "elbo_se": result.final_elbo_se, "theta_se": info.get("theta_se"),
-                     "particles": info.get("num_particles"), "converged": result.converged,
-                     "message": result.message})
+        runs.append(
+            {
+                "setup": setup,
+                "fit": seconds,
+                "evaluations": result.num_evaluations,
+                "iterations": info.get("num_iterations"),
+                "elbo": result.final_elbo,
+                "elbo_se": result.final_elbo_se,
+                "theta_se": info.get("theta_se"),
+                "particles": info.get("num_particles"),
+                "converged": result.converged,
+                "message": result.message,
+            }
+        )
         log(f"run {r + 1}/{repeats}: fit {seconds:.2f} s, {result.message}")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"runs": runs, "peak_mb": peak_mb}))
@@ -107,8 +117,14 @@ def worker(num_groups, repeats, threads):
 # ------------------------------------------------------------------ driver
 def measure(num_groups, args):
     """One size in its own process; the worker's progress is relayed live."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(num_groups),
-           "--repeats", str(args.scaling_repeats)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(num_groups),
+        "--repeats",
+        str(args.scaling_repeats),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     errors = []
@@ -134,8 +150,10 @@ def measure(num_groups, args):
         out = stdout.read()
     if proc.returncode != 0:
         if proc.returncode < 0:
-            return {"skip": f"killed by signal {-proc.returncode}"
-                            + (" (out of memory?)" if proc.returncode == -9 else "")}
+            return {
+                "skip": f"killed by signal {-proc.returncode}"
+                + (" (out of memory?)" if proc.returncode == -9 else "")
+            }
         # the exception's line (pyro appends the trace's shapes after it)
         raised = [e for e in errors if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", e)]
         tail = (raised or [e for e in errors if e.strip()] or ["?"])[-1].replace("|", "/")
@@ -162,8 +180,12 @@ def run(args):
         clock = time.perf_counter()
         r = measure(n, args)
         rows.append((n, r))
-        print(f"  scaling: N = {n:,} " + (r["skip"] if "skip" in r else "done")
-              + f" ({time.perf_counter() - clock:.0f} s with the warm-up)", flush=True)
+        print(
+            f"  scaling: N = {n:,} "
+            + (r["skip"] if "skip" in r else "done")
+            + f" ({time.perf_counter() - clock:.0f} s with the warm-up)",
+            flush=True,
+        )
 
     lines = [
         f"### Default fit against the number of groups (float64, {args.scaling_repeats} "
@@ -191,7 +213,8 @@ def run(args):
         lines.append(
             f"| {n:,} | {m['setup']:.2f} | {m['fit']:.2f} | {total:.2f} | {evals} | {iters} | "
             f"{m['fit'] / max(m['evaluations'], 1):.3f} | {m['elbo']:.6g} ± {m['elbo_se']:.2g} | "
-            f"{'–' if se is None or not math.isfinite(se) else f'{se:.2g}'} | {r['peak_mb']:,.0f} |")
+            f"{'–' if se is None or not math.isfinite(se) else f'{se:.2g}'} | {r['peak_mb']:,.0f} |"
+        )
         for x in runs:
             notes.append(f"- N = {n:,}: {x['message']}")
     lines += [""] + notes
@@ -211,17 +234,23 @@ def run(args):
         met = low > 0 and high <= SPREAD * low
         summary.append(
             "- Scaling: evaluations independent of the number of groups: "
-            + ", ".join(f"{counts[n]:g} at {n:,}" for n in ns) + slope
-            + f" (target: within a factor {SPREAD:g} across sizes: {'met' if met else 'missed'}).")
+            + ", ".join(f"{counts[n]:g} at {n:,}" for n in ns)
+            + slope
+            + f" (target: within a factor {SPREAD:g} across sizes: {'met' if met else 'missed'})."
+        )
     else:
-        summary.append("- Scaling: evaluations independent of the number of groups: fewer than two "
-                       "sizes finished (not assessed).")
+        summary.append(
+            "- Scaling: evaluations independent of the number of groups: fewer than two "
+            "sizes finished (not assessed)."
+        )
     for n, limit in TARGETS.items():
         shown = f"{limit:.0f} s" if limit < 60 else f"{limit / 60:.0f} minutes"
         if n in measured:
             total = measured[n][0]
-            summary.append(f"- Scaling, {n:,} groups: set-up + `curvi.fit` {total:.1f} s (median of "
-                           f"{len(measured[n][2])}; target ≤ {shown}: {'met' if total <= limit else 'missed'}).")
+            summary.append(
+                f"- Scaling, {n:,} groups: set-up + `curvi.fit` {total:.1f} s (median of "
+                f"{len(measured[n][2])}; target ≤ {shown}: {'met' if total <= limit else 'missed'})."
+            )
         elif n in dict(rows):
             summary.append(f"- Scaling, {n:,} groups: {dict(rows)[n]['skip']} (target ≤ {shown}: missed).")
         else:

@@ -1,17 +1,12 @@
 """curvi: curvature-aware variational inference for Pyro."""
 
-from .natural_gradient import NaturalGradient
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, PrecisionCholeskyNormal, RepairReport
-from .eigen import EigenResult, coordinate_names, eigen
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
+from .eigen import EigenResult, coordinate_names, eigen
 from .fit import FitOutcome, FitResult, elbo_converged, fit
 from .flows import FlowHessian, log_density_hessian
 from .guides import AmortizedLaplaceGuide, LaplaceGuide
-from .leave_one_out import LeaveOneOut_ELBO
 from .hessian import ArrowheadHessian, dense_hessian, gradient, local_hessian, structured_hessian
-from .marginal import LaplaceMarginal, LaplaceMode, laplace_log_marginal, laplace_mode
-from .mle import LaplaceFit, laplace_mle
-from .model import ModelView
 from .laplace_newton import (
     FixedNoise,
     LaplaceNewton,
@@ -21,7 +16,12 @@ from .laplace_newton import (
     newton_step,
     particle_elbos,
 )
+from .leave_one_out import LeaveOneOut_ELBO
+from .marginal import LaplaceMarginal, LaplaceMode, laplace_log_marginal, laplace_mode
+from .mle import LaplaceFit, laplace_mle
+from .model import ModelView
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
+from .natural_gradient import NaturalGradient
 from .posterior import LaplaceGaussian, LaplacePosterior, laplace_gaussian
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor
 from .taylor_cv import TaylorCV_ELBO

@@ -37,8 +37,7 @@ def check_count(name: str, value: object, least: int) -> None:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
-def check_positive(name: str, value: object, *, allow_inf: bool = False,
-                   allow_zero: bool = False) -> None:
+def check_positive(name: str, value: object, *, allow_inf: bool = False, allow_zero: bool = False) -> None:
     """``value`` must be a real number (not a bool) above 0 (or at least 0
     with ``allow_zero``), finite unless ``allow_inf``.
 

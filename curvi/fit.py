@@ -43,17 +43,17 @@ import os
 import statistics
 import tempfile
 import warnings
-from typing import Callable, NamedTuple
-
-import torch
-from tqdm.auto import tqdm
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import pyro
 import pyro.optim
 import pyro.poutine as poutine
 import pyro.util
+import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import torch_item, zero_grads
+from tqdm.auto import tqdm
 
 from .checks import check_count, check_positive
 
@@ -131,7 +131,7 @@ class FitResult(NamedTuple):
         )
 
 
-def elbo_converged(elbo, window: int = 50, tol: float = 0.01) -> bool:
+def elbo_converged(elbo: Sequence[float], window: int = 50, tol: float = 0.01) -> bool:
     """Whether the ELBO has stopped changing, allowing for Monte-Carlo noise.
 
     Compares the mean of the last ``window`` values with the mean of the
@@ -180,7 +180,7 @@ def fit(
     *args,
     steps: int = 2000,
     optim: pyro.optim.PyroOptim | None = None,
-    loss=None,
+    loss: pyro.infer.ELBO | Callable | None = None,
     window: int = 50,
     tol: float | None = 0.01,
     checkpoint: str | os.PathLike | None = None,
@@ -316,8 +316,9 @@ def fit(
     watch = _Watch(window, tol if not decides else None)
     reason = _stop_reason(optim, watch, elbo, decides)
     # an optimiser that decides when it is done has no known total
-    bar = tqdm(total=None if decides else steps, initial=len(elbo), disable=not progress,
-               desc="fit", unit="step")
+    bar = tqdm(
+        total=None if decides else steps, initial=len(elbo), disable=not progress, desc="fit", unit="step"
+    )
     first_call = True
     try:
         while reason is None and len(elbo) < steps:
@@ -456,12 +457,13 @@ def _result(elbo, reason, steps, window, resumed, optim, watch):
         message = f"converged after {n} evaluations"
     elif reason == "diverged":
         best, now = watch.fell
-        message = (f"diverged: the windowed mean ELBO fell from {best:.6g} to {now:.6g} "
-                   f"after {n} evaluations")
+        message = f"diverged: the windowed mean ELBO fell from {best:.6g} to {now:.6g} after {n} evaluations"
     elif reason == "fell":
         best, now = watch.fell
-        message = (f"not converged: the ELBO stopped changing at {now:.6g}, below its best "
-                   f"windowed mean {best:.6g} (after {n} evaluations)")
+        message = (
+            f"not converged: the ELBO stopped changing at {now:.6g}, below its best "
+            f"windowed mean {best:.6g} (after {n} evaluations)"
+        )
     elif reason == "callback":
         message = f"stopped by callback after {n} evaluations"
     else:
@@ -566,9 +568,7 @@ def _zero_all_grads(modules):
 
 def _modules(model, guide):
     return {
-        role: obj
-        for role, obj in (("model", model), ("guide", guide))
-        if isinstance(obj, torch.nn.Module)
+        role: obj for role, obj in (("model", model), ("guide", guide)) if isinstance(obj, torch.nn.Module)
     }
 
 
@@ -665,8 +665,7 @@ def _param_problems(used, saved):
             problems.append(f"parameter {name!r} is not in the checkpoint")
         elif saved[name].shape != live.shape:
             problems.append(
-                f"parameter {name!r} has shape {tuple(live.shape)}, "
-                f"the checkpoint {tuple(saved[name].shape)}"
+                f"parameter {name!r} has shape {tuple(live.shape)}, the checkpoint {tuple(saved[name].shape)}"
             )
     return problems
 
@@ -676,14 +675,11 @@ def _state_dict_problems(role, module, saved):
         return [f"the {role} is a torch.nn.Module but the checkpoint has no state for it"]
     live = module.state_dict()
     problems = [f"{role} state {k!r} is not in the checkpoint" for k in live if k not in saved]
-    problems += [
-        f"{role} state {k!r} in the checkpoint is not in the {role}" for k in saved if k not in live
-    ]
+    problems += [f"{role} state {k!r} in the checkpoint is not in the {role}" for k in saved if k not in live]
     for k in live.keys() & saved.keys():
         if live[k].shape != saved[k].shape:
             problems.append(
-                f"{role} state {k!r} has shape {tuple(live[k].shape)}, "
-                f"the checkpoint {tuple(saved[k].shape)}"
+                f"{role} state {k!r} has shape {tuple(live[k].shape)}, the checkpoint {tuple(saved[k].shape)}"
             )
     return problems
 

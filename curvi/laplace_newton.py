@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, NamedTuple
-
-import torch
+import os
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import pyro
 import pyro.optim
+import torch
 from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
 
@@ -167,8 +168,9 @@ class TrustRegion:
         self.radius = self.initial
 
 
-def sufficient_increase(value: float, new_value: float, fraction: float, predicted: float,
-                        floor: float = 0.0) -> bool:
+def sufficient_increase(
+    value: float, new_value: float, fraction: float, predicted: float, floor: float = 0.0
+) -> bool:
     """The line search's test: does a step raise the (deterministic) ELBO
     from ``value`` to ``new_value`` by at least a quarter of the first-order
     gain ``fraction · predicted`` (Armijo), less a rounding ``floor``?
@@ -286,8 +288,7 @@ class FixedNoise(Messenger):
             return
         shape = fn.batch_shape + fn.event_shape
         like = loc if from_noise is None else fn.mean
-        eps = torch.randn(shape, generator=self._generator(like.device), dtype=like.dtype,
-                          device=like.device)
+        eps = torch.randn(shape, generator=self._generator(like.device), dtype=like.dtype, device=like.device)
         if self.antithetic:
             if len(shape) <= len(fn.event_shape) or shape[0] % 2:
                 raise ValueError(
@@ -303,8 +304,14 @@ class FixedNoise(Messenger):
             msg["value"] = loc + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
 
 
-def particle_elbos(model: Callable, guide: Callable, *args, num_particles: int = 2,
-                   max_plate_nesting: int | None = None, **kwargs) -> torch.Tensor:
+def particle_elbos(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_particles: int = 2,
+    max_plate_nesting: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """The ELBO of each of ``num_particles`` vectorized particles, ``(K,)``,
     differentiable: ``log p(x, z) − log q(x)`` summed over sites, the
     particle axis kept. Their mean is ``−Trace_ELBO(num_particles=K,
@@ -326,8 +333,11 @@ def particle_elbos(model: Callable, guide: Callable, *args, num_particles: int =
         (default: guessed by running model and guide once more).
     """
     check_count("num_particles", num_particles, 1)
-    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
-                      max_plate_nesting=math.inf if max_plate_nesting is None else max_plate_nesting)
+    elbo = Trace_ELBO(
+        num_particles=num_particles,
+        vectorize_particles=True,
+        max_plate_nesting=math.inf if max_plate_nesting is None else max_plate_nesting,
+    )
     return _particle_values(elbo, model, guide, args, kwargs)[0]
 
 
@@ -402,13 +412,13 @@ class NewtonELBO(Trace_ELBO):
         self.optim = optim
         self.last: Evaluation | None = None
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """The ELBO estimate at the current θ̂ (no gradient, no record)."""
         with torch.no_grad():
             values, _ = self._values(model, guide, args, kwargs, self.optim.noise_seed)
         return -values.mean().item()
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Evaluate, backpropagate into every parameter, record for the step."""
         self._set_nesting(guide)
         optim = self.optim
@@ -432,8 +442,9 @@ class NewtonELBO(Trace_ELBO):
         if param.grad is None:
             raise ValueError("the guide's θ̂ received no gradient from the ELBO")
         # the ELBO's gradient (the loss's is its negative)
-        self.last = Evaluation(value.item(), -param.grad.detach().clone(),
-                               gaussian.global_precision.detach(), param)
+        self.last = Evaluation(
+            value.item(), -param.grad.detach().clone(), gaussian.global_precision.detach(), param
+        )
         return -value.item()
 
     def _set_nesting(self, guide):
@@ -636,7 +647,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         return self.phase == "finishing"
 
     # ------------------------------------------------------------------- step
-    def __call__(self, params, *args, **kwargs) -> None:
+    def __call__(self, params: Iterable[torch.Tensor], *args, **kwargs) -> None:
         """Take the step that the loss's last evaluation calls for."""
         record = self.loss.last
         if record is None:
@@ -678,8 +689,9 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         first = self.block == 0
         limit = 5 * self.max_iter if first else self.max_iter
         current = self.current
-        step = newton_step(-current.grad, self.metric, max_step=self.region.radius,
-                           fallback_lr=self.fallback_lr)
+        step = newton_step(
+            -current.grad, self.metric, max_step=self.region.radius, fallback_lr=self.fallback_lr
+        )
         small = 0.5 * step.decrement**2 < self.tol and (first or self.iteration > 0)
         if not step.fallback and not step.clipped and small:
             return self._end_block(param, converged=True)
@@ -712,13 +724,13 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         if kind == "newton" and (self.quasi_newton and self.metric is not current.precision):
             self.metric = current.precision
             self.region.reset()
-            step = newton_step(-current.grad, self.metric, max_step=self.region.radius,
-                               fallback_lr=self.fallback_lr)
+            step = newton_step(
+                -current.grad, self.metric, max_step=self.region.radius, fallback_lr=self.fallback_lr
+            )
             return self._propose(param, step, "reset")
         if kind != "gradient":
             self.region.reset()
-            step = newton_step(-current.grad, None, max_step=self.region.radius,
-                               fallback_lr=self.fallback_lr)
+            step = newton_step(-current.grad, None, max_step=self.region.radius, fallback_lr=self.fallback_lr)
             self.num_fallbacks += 1
             return self._propose(param, step, "gradient")
         self._end_block(param, converged=False)
@@ -788,23 +800,52 @@ class LaplaceNewton(pyro.optim.PyroOptim):
             f"{self.num_iterations} Newton iterations, {self.num_evaluations} evaluations"
             + (f", {self.num_fallbacks} gradient fallbacks" if self.num_fallbacks else "")
             + (f"; {self.num_particles} particles after {self.round} doublings" if self.round else "")
-            + (f"; the draws' ELBOs are heavy-tailed ({record.tail:.3g} nat² per latent "
-               f"dimension with max_particles={self.max_particles}): the estimate and θ̂ "
-               "are unreliable" if heavy else "")
+            + (
+                f"; the draws' ELBOs are heavy-tailed ({record.tail:.3g} nat² per latent "
+                f"dimension with max_particles={self.max_particles}): the estimate and θ̂ "
+                "are unreliable"
+                if heavy
+                else ""
+            )
         )
-        self.outcome = FitOutcome(converged, message, record.value, record.se,
-                                  {"theta": theta, "theta_se": theta_se,
-                                   "block_elbos": list(self.block_elbos),
-                                   "num_iterations": self.num_iterations,
-                                   "num_fallbacks": self.num_fallbacks,
-                                   "num_particles": self.num_particles,
-                                   "tail": record.tail})
+        self.outcome = FitOutcome(
+            converged,
+            message,
+            record.value,
+            record.se,
+            {
+                "theta": theta,
+                "theta_se": theta_se,
+                "block_elbos": list(self.block_elbos),
+                "num_iterations": self.num_iterations,
+                "num_fallbacks": self.num_fallbacks,
+                "num_particles": self.num_particles,
+                "tail": record.tail,
+            },
+        )
         self.phase = "done"
 
     # ------------------------------------------------------------ checkpoints
-    _STATE = ("block", "round", "round_start", "round_end", "num_particles", "eval_particles", "phase", "iteration", "current", "metric", "trial", "solutions",
-              "block_elbos", "block_converged", "num_evaluations", "num_iterations",
-              "num_fallbacks", "outcome")
+    _STATE = (
+        "block",
+        "round",
+        "round_start",
+        "round_end",
+        "num_particles",
+        "eval_particles",
+        "phase",
+        "iteration",
+        "current",
+        "metric",
+        "trial",
+        "solutions",
+        "block_elbos",
+        "block_converged",
+        "num_evaluations",
+        "num_iterations",
+        "num_fallbacks",
+        "outcome",
+    )
 
     def get_state(self) -> dict:
         """The state of the Newton iterations and of the ``others`` optimiser."""
@@ -829,8 +870,15 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         super().set_state(state_dict["others"])
 
 
-def fit_newton(model: Callable, guide: Callable, *args, checkpoint=None, callback=None,
-               progress: bool = False, **kwargs) -> FitResult:
+def fit_newton(
+    model: Callable,
+    guide: Callable,
+    *args,
+    checkpoint: str | os.PathLike | None = None,
+    callback: Callable[[int, float], bool | None] | None = None,
+    progress: bool = False,
+    **kwargs,
+) -> FitResult:
     """:func:`curvi.fit` with :class:`LaplaceNewton`: sample-average Newton.
 
     Keyword arguments that :class:`LaplaceNewton` takes (``num_particles``,
@@ -871,9 +919,30 @@ def fit_newton(model: Callable, guide: Callable, *args, checkpoint=None, callbac
     options = {name: kwargs.pop(name) for name in _NEWTON_OPTIONS if name in kwargs}
     optim = LaplaceNewton(**options)
     steps = 1_000_000  # never the binding limit: the optimiser stops the fit
-    return fit(model, guide, *args, optim=optim, steps=steps, checkpoint=checkpoint,
-               callback=callback, progress=progress, **kwargs)
+    return fit(
+        model,
+        guide,
+        *args,
+        optim=optim,
+        steps=steps,
+        checkpoint=checkpoint,
+        callback=callback,
+        progress=progress,
+        **kwargs,
+    )
 
 
-_NEWTON_OPTIONS = ("num_particles", "antithetic", "blocks", "max_iter", "tol", "max_step",
-                   "fallback_lr", "quasi_newton", "eval_particles", "max_particles", "seed", "others")
+_NEWTON_OPTIONS = (
+    "num_particles",
+    "antithetic",
+    "blocks",
+    "max_iter",
+    "tol",
+    "max_step",
+    "fallback_lr",
+    "quasi_newton",
+    "eval_particles",
+    "max_particles",
+    "seed",
+    "others",
+)

@@ -40,12 +40,12 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from typing import Callable, Iterable, NamedTuple
-
-import torch
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import pyro
 import pyro.optim
+import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 from .guide_moments import FlatLayout, batched_log_density, flat_log_density, gaussian_view
@@ -109,8 +109,14 @@ class NaturalGradientLoss(pyro.infer.Trace_ELBO):
         ``num_samples=0``.
     """
 
-    def __init__(self, num_samples: int = 1, *, curvature: str = "hessian", antithetic: bool = True,
-                 elbo_particles: int = 1) -> None:
+    def __init__(
+        self,
+        num_samples: int = 1,
+        *,
+        curvature: str = "hessian",
+        antithetic: bool = True,
+        elbo_particles: int = 1,
+    ) -> None:
         _check_int("num_samples", num_samples, 0)
         _check_choice("curvature", curvature, ("hessian", "gradient"))
         if not isinstance(antithetic, bool):
@@ -159,8 +165,9 @@ class NaturalGradientLoss(pyro.infer.Trace_ELBO):
                 "the curvature estimates were too noisy for the step size: lower lr, raise "
                 "num_samples or use curvature='hessian'"
             ) from error
-        self.record = StepRecord(guide, mean, precision, grad, hess, adapter.diagonal, float(loss),
-                                 layout, adapter)
+        self.record = StepRecord(
+            guide, mean, precision, grad, hess, adapter.diagonal, float(loss), layout, adapter
+        )
         return loss
 
     # ------------------------------------------------------------ estimates
@@ -209,7 +216,9 @@ class NaturalGradientLoss(pyro.infer.Trace_ELBO):
                 hess = 0.5 * (outer + outer.mT)
         grad, hess = grads.mean(0), hess.mean(0)
         if not (torch.isfinite(grad).all() and torch.isfinite(hess).all()):
-            raise ValueError("NaturalGradient: the gradient or Hessian of log p is not finite at the draws of q")
+            raise ValueError(
+                "NaturalGradient: the gradient or Hessian of log p is not finite at the draws of q"
+            )
         return grad, hess, values.detach()
 
     def _densities(self, model, guide, layout, args, kwargs, mean):
@@ -228,12 +237,14 @@ class NaturalGradientLoss(pyro.infer.Trace_ELBO):
         batched = batched_log_density(model, layout, args, kwargs, self.max_plate_nesting)
         if "batched_ok" not in state:
             generator = torch.Generator(device=mean.device).manual_seed(0)
-            probe = mean + 0.1 * torch.randn((2,) + mean.shape, generator=generator,
-                                             dtype=mean.dtype, device=mean.device)
+            probe = mean + 0.1 * torch.randn(
+                (2,) + mean.shape, generator=generator, dtype=mean.dtype, device=mean.device
+            )
             try:
                 with torch.no_grad():
-                    ok = torch.allclose(batched(probe), torch.stack([log_density(p) for p in probe]),
-                                        rtol=1e-6, atol=1e-6)
+                    ok = torch.allclose(
+                        batched(probe), torch.stack([log_density(p) for p in probe]), rtol=1e-6, atol=1e-6
+                    )
             except Exception:  # a model that does not broadcast over the points
                 ok = False
             state["batched_ok"] = ok
@@ -343,9 +354,17 @@ class NaturalGradient(pyro.optim.PyroOptim):
     :raises ValueError: for an option out of range.
     """
 
-    def __init__(self, lr: float = 0.5, num_samples: int = 1, *, curvature: str = "hessian",
-                 antithetic: bool = True, damping: float = 0.0, correction: str = "auto",
-                 elbo_particles: int = 1) -> None:
+    def __init__(
+        self,
+        lr: float = 0.5,
+        num_samples: int = 1,
+        *,
+        curvature: str = "hessian",
+        antithetic: bool = True,
+        damping: float = 0.0,
+        correction: str = "auto",
+        elbo_particles: int = 1,
+    ) -> None:
         _check_real("lr", lr)
         if not 0 < lr <= 1:
             raise ValueError(f"lr must be in (0, 1], got {lr!r}")
@@ -353,8 +372,9 @@ class NaturalGradient(pyro.optim.PyroOptim):
         if not 0 <= damping < math.inf:
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
         _check_choice("correction", correction, ("auto", "always", "never"))
-        loss = NaturalGradientLoss(num_samples, curvature=curvature, antithetic=antithetic,
-                                   elbo_particles=elbo_particles)
+        loss = NaturalGradientLoss(
+            num_samples, curvature=curvature, antithetic=antithetic, elbo_particles=elbo_particles
+        )
         super().__init__(_MoveTo, {})
         self.lr, self.damping, self.correction = float(lr), float(damping), correction
         #: the loss to run with this optimiser: ``SVI(model, guide, optim, optim.loss)``
@@ -398,8 +418,9 @@ class NaturalGradient(pyro.optim.PyroOptim):
                 f"run since the last step (SVI or curvi.fit was given another loss); use {_USAGE}"
             )
         with torch.no_grad():
-            new_mean, new_precision, corrected = self._rule(record.mean, record.precision, record.grad,
-                                                            record.hess, record.diagonal)
+            new_mean, new_precision, corrected = self._rule(
+                record.mean, record.precision, record.grad, record.hess, record.diagonal
+            )
             try:
                 targets = record.adapter.targets(record.layout, new_mean, new_precision)
             except torch.linalg.LinAlgError as error:
@@ -442,8 +463,15 @@ class NaturalGradient(pyro.optim.PyroOptim):
         super().set_state(state)
 
     # ------------------------------------------------------------ the rule
-    def update(self, mean: torch.Tensor, precision: torch.Tensor, grad: torch.Tensor, hess: torch.Tensor, *,
-               diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self,
+        mean: torch.Tensor,
+        precision: torch.Tensor,
+        grad: torch.Tensor,
+        hess: torch.Tensor,
+        *,
+        diagonal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of the rule from ``(mean, precision)`` given the expected
         gradient ``grad`` and Hessian ``hess`` of log p (diagonals when
         ``diagonal``). Returns ``(new_mean, new_precision)``; counts a
@@ -454,8 +482,9 @@ class NaturalGradient(pyro.optim.PyroOptim):
 
     def _rule(self, mean, precision, grad, hess, diagonal):
         rho = self.lr
-        target = -hess + self.damping * (1.0 if diagonal else torch.eye(len(mean), dtype=mean.dtype,
-                                                                        device=mean.device))
+        target = -hess + self.damping * (
+            1.0 if diagonal else torch.eye(len(mean), dtype=mean.dtype, device=mean.device)
+        )
         plain = (1 - rho) * precision + rho * target
         plain_ok = _is_pd(plain, diagonal)
         if self.correction == "never" and not plain_ok:
@@ -520,8 +549,11 @@ class _FullAdapter:
         cov = torch.cholesky_inverse(torch.linalg.cholesky(precision))
         L = torch.linalg.cholesky(cov[inverse][:, inverse])
         scale = L.diagonal()
-        return [_target(g, "loc", mean[inverse]), _target(g, "scale", scale),
-                _target(g, "scale_tril", L / scale.unsqueeze(-1))]
+        return [
+            _target(g, "loc", mean[inverse]),
+            _target(g, "scale", scale),
+            _target(g, "scale_tril", L / scale.unsqueeze(-1)),
+        ]
 
 
 class _DiagonalAdapter:
@@ -545,8 +577,11 @@ class _DiagonalAdapter:
             inverse[perm] = torch.arange(len(perm), device=perm.device)
             return [_target(g, "loc", mean[inverse]), _target(g, "scale", scale[inverse])]
         locs, scales = layout.unpack(mean), layout.unpack(scale)
-        return [t for name in locs for t in (_target(g.locs, name, locs[name]),
-                                             _target(g.scales, name, scales[name]))]
+        return [
+            t
+            for name in locs
+            for t in (_target(g.locs, name, locs[name]), _target(g.scales, name, scales[name]))
+        ]
 
 
 def _target(module, name, value):
@@ -568,7 +603,9 @@ def _target(module, name, value):
 def _entropy(precision, diagonal):
     """Entropy of a Gaussian with this precision (a diagonal one: its diagonal)."""
     d = precision.shape[-1]
-    log_det = precision.log().sum() if diagonal else 2 * torch.linalg.cholesky(precision).diagonal().log().sum()
+    log_det = (
+        precision.log().sum() if diagonal else 2 * torch.linalg.cholesky(precision).diagonal().log().sum()
+    )
     return 0.5 * d * (1.0 + math.log(2 * math.pi)) - 0.5 * log_det
 
 

@@ -1,7 +1,6 @@
+import pyro
 import pytest
 import torch
-
-import pyro
 
 
 @pytest.fixture(autouse=True)

@@ -59,20 +59,34 @@ Reference values (float64; recomputed by :func:`reference_values`, and
 
 import math
 
-import torch
-
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+import torch
 
 from curvi.guides import laplace_gaussian
 
-__all__ = ["Y", "SIGMA", "NUM_SCHOOLS", "LOG_EVIDENCE", "BEST_GAUSSIAN_ELBO",
-           "BEST_GAUSSIAN_MEAN", "BEST_GAUSSIAN_COV", "AMORTIZED_GUIDE_BEST_ELBO",
-           "AMORTIZED_GUIDE_BEST_ELBO_MC", "AMORTIZED_GUIDE_BEST_ELBO_SE", "AMORTIZED_GUIDE_BEST_THETA",
-           "AMORTIZED_MARGINAL_GUIDE_BEST_ELBO", "AMORTIZED_MARGINAL_GUIDE_BEST_THETA", "model",
-           "make_eight_schools", "log_marginal_likelihood", "reference_values", "amortized_guide_elbo",
-           "amortized_guide_best_elbo"]
+__all__ = [
+    "Y",
+    "SIGMA",
+    "NUM_SCHOOLS",
+    "LOG_EVIDENCE",
+    "BEST_GAUSSIAN_ELBO",
+    "BEST_GAUSSIAN_MEAN",
+    "BEST_GAUSSIAN_COV",
+    "AMORTIZED_GUIDE_BEST_ELBO",
+    "AMORTIZED_GUIDE_BEST_ELBO_MC",
+    "AMORTIZED_GUIDE_BEST_ELBO_SE",
+    "AMORTIZED_GUIDE_BEST_THETA",
+    "AMORTIZED_MARGINAL_GUIDE_BEST_ELBO",
+    "AMORTIZED_MARGINAL_GUIDE_BEST_THETA",
+    "model",
+    "make_eight_schools",
+    "log_marginal_likelihood",
+    "reference_values",
+    "amortized_guide_elbo",
+    "amortized_guide_best_elbo",
+]
 
 #: estimated coaching effects (SAT-V points)
 Y = (28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0)
@@ -168,8 +182,14 @@ def _log_marginal_likelihood_1d(n_u=4001, u_range=(-25.0, 15.0)):
     prec = (1 / var).sum(-1) + 1 / 25.0  # precision of μ | τ, y
     b = (y / var).sum(-1)
     # ∫ Π N(y_j; μ, v_j) N(μ; 0, 25) dμ
-    log_int = (-0.5 * (y**2 / var).sum(-1) + 0.5 * b**2 / prec - 0.5 * prec.log()
-               - 0.5 * var.log().sum(-1) - 0.5 * len(Y) * math.log(2 * math.pi) - math.log(5.0))
+    log_int = (
+        -0.5 * (y**2 / var).sum(-1)
+        + 0.5 * b**2 / prec
+        - 0.5 * prec.log()
+        - 0.5 * var.log().sum(-1)
+        - 0.5 * len(Y) * math.log(2 * math.pi)
+        - math.log(5.0)
+    )
     tau = u.exp()
     log_p = log_int + math.log(2.0 / (math.pi * 5.0)) - torch.log1p((tau / 5.0) ** 2) + u
     w = torch.full((n_u,), (u_range[1] - u_range[0]) / (n_u - 1), dtype=torch.float64)
@@ -206,8 +226,15 @@ def best_gaussian_elbo(n=64, start=None):
     if start is None:
         start = torch.tensor([4.0, 1.0, math.log(3.0), 0.0, 0.0], dtype=torch.float64)
     params = start.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=500, tolerance_grad=1e-12,
-                            tolerance_change=1e-15, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [params],
+        lr=1.0,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -266,10 +293,15 @@ def amortized_guide_elbo(guide, theta_hat, n=64):
     mu, u = x[:, 0], x[:, 1]
     m = yh - (x - th) @ M.T  # conditional means of θ_j, (Q, 8)
     v = 1.0 / D  # conditional variances
-    log_p_theta = (-0.5 * math.log(2 * math.pi) - u[:, None]
-                   - ((m - mu[:, None]) ** 2 + v) / (2 * (2 * u).exp()[:, None])).sum(-1)
+    log_p_theta = (
+        -0.5 * math.log(2 * math.pi)
+        - u[:, None]
+        - ((m - mu[:, None]) ** 2 + v) / (2 * (2 * u).exp()[:, None])
+    ).sum(-1)
     log_p_y = (-0.5 * math.log(2 * math.pi) - sigma.log() - ((y - m) ** 2 + v) / (2 * sigma**2)).sum(-1)
-    entropy = (0.5 * (2 * math.pi * math.e * v).log()).sum() + 1.0 + math.log(2 * math.pi) + 0.5 * torch.logdet(C)
+    entropy = (
+        (0.5 * (2 * math.pi * math.e * v).log()).sum() + 1.0 + math.log(2 * math.pi) + 0.5 * torch.logdet(C)
+    )
     return ((W * (log_p_theta + log_p_y + _log_prior_u(mu, u))).sum() + entropy).item()
 
 

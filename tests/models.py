@@ -3,10 +3,9 @@
 Each ``make_*`` returns ``(model, args, unit_plate)`` in float64.
 """
 
-import torch
-
 import pyro
 import pyro.distributions as dist
+import torch
 
 
 def make_logistic_long(num_groups=7, seed=0):
@@ -63,7 +62,9 @@ def make_lkj(num_groups=6, num_obs=3, seed=2):
         mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
         scale_tril = sigma.unsqueeze(-1) * L
         with pyro.plate("groups", x.shape[0], dim=-2):
-            u = pyro.sample("u", dist.MultivariateNormal(torch.zeros(2, dtype=x.dtype), scale_tril=scale_tril))
+            u = pyro.sample(
+                "u", dist.MultivariateNormal(torch.zeros(2, dtype=x.dtype), scale_tril=scale_tril)
+            )
             s = pyro.sample("s", dist.LogNormal(0.0, 0.3))
             with pyro.plate("obs", x.shape[1], dim=-1):
                 pyro.sample("y", dist.Normal(mu + u[..., 0] + u[..., 1] * x, s), obs=obs)

@@ -54,9 +54,7 @@ def make_blocks(N, k, p, seed, indefinite_units=(), indefinite_schur=False, b_sc
     (so P is PD when every Dᵢ is); otherwise A is a random indefinite matrix.
     """
     gen = torch.Generator().manual_seed(seed)
-    D = torch.stack(
-        [_sym_with_eigvals(_spectrum(k, gen, i in indefinite_units), gen) for i in range(N)]
-    )
+    D = torch.stack([_sym_with_eigvals(_spectrum(k, gen, i in indefinite_units), gen) for i in range(N)])
     B = b_scale * torch.randn(N, k, p, generator=gen, dtype=DTYPE)
     if indefinite_schur:
         A = _sym_with_eigvals(_spectrum(p, gen, negative=p > 0), gen)
@@ -239,7 +237,8 @@ def test_conditional_local(instance):
     assert_rel(dist.loc.flatten(-2), mean, tol=TOL if p > 0 else 0)
     assert_rel(P.conditional_mean(delta_theta).flatten(-2), mean, tol=TOL if p > 0 else 0)
     block_cov = arrowhead_to_dense(
-        torch.zeros(0, 0, dtype=DTYPE), torch.zeros(N, k, 0, dtype=DTYPE),
+        torch.zeros(0, 0, dtype=DTYPE),
+        torch.zeros(N, k, 0, dtype=DTYPE),
         dist.covariance_matrix[0],
     )
     assert_rel(block_cov, cond_cov)  # also: the conditional is block diagonal
@@ -256,7 +255,7 @@ def test_M_and_covariance_blocks(instance):
     assert_rel(cov_theta, cov[:p, :p])
     if p > 0:
         assert_rel(cov_y_theta.reshape(N * k, p), cov[p:, :p])
-    local = torch.stack([cov[p + i * k: p + (i + 1) * k, p + i * k: p + (i + 1) * k] for i in range(N)])
+    local = torch.stack([cov[p + i * k : p + (i + 1) * k, p + i * k : p + (i + 1) * k] for i in range(N)])
     assert_rel(cov_y, local)
     var_theta, var_y = P.marginal_variances()
     assert_rel(torch.cat([var_theta, var_y.reshape(-1)]), cov.diagonal())
@@ -299,10 +298,16 @@ def test_with_schur_refuses_what_is_not_a_precision():
 def test_detach_keeps_the_values_and_drops_the_graph():
     A, B, D = (t.requires_grad_() for t in make_blocks(4, 2, 3, seed=33))
     P = ArrowheadPrecision(A, B, D, repair="softabs")
-    P.M  # cached, then detached too
+    _ = P.M  # cached, then detached too
     Q = P.detach()
-    for a, b in [(P.A, Q.A), (P.B, Q.B), (P.D, Q.D), (P.schur, Q.schur), (P.M, Q.M),
-                 *zip(P.cholesky, Q.cholesky)]:
+    for a, b in [
+        (P.A, Q.A),
+        (P.B, Q.B),
+        (P.D, Q.D),
+        (P.schur, Q.schur),
+        (P.M, Q.M),
+        *zip(P.cholesky, Q.cholesky),
+    ]:
         assert torch.equal(a, b) and a.requires_grad and not b.requires_grad
     assert Q.report == P.report
 
@@ -328,8 +333,9 @@ def test_precision_cholesky_normal_matches_the_dense_normal():
     assert_rel(q.variance, reference.variance)
     # draws: loc + L⁻ᵀ ε, the particles folded into one solve
     eps = torch.randn(4, 5, 1, 3, generator=gen, dtype=DTYPE)
-    expected = loc + torch.linalg.solve_triangular(L.mT.expand(4, 5, 1, 3, 3), eps.unsqueeze(-1),
-                                                   upper=True).squeeze(-1)
+    expected = loc + torch.linalg.solve_triangular(
+        L.mT.expand(4, 5, 1, 3, 3), eps.unsqueeze(-1), upper=True
+    ).squeeze(-1)
     assert_rel(q.rsample_from_noise(eps), expected)
     # expanded (as under a plate): the same density, the factor not copied
     wide = PrecisionCholeskyNormal(loc[0], L).expand((6, 5, 1))
@@ -376,9 +382,7 @@ def _report_blocks():
     return 10 * torch.eye(p, dtype=DTYPE), B, D
 
 
-@pytest.mark.parametrize(
-    "name, repaired", [("softabs", 4), ("softplus", 4), ("clip", 3), ("jitter", 3)]
-)
+@pytest.mark.parametrize("name, repaired", [("softabs", 4), ("softplus", 4), ("clip", 3), ("jitter", 3)])
 def test_report_counts(name, repaired):
     A, B, D = _report_blocks()
     report = ArrowheadPrecision(A, B, D, repair=name).report

@@ -1,10 +1,10 @@
 """Every ``Usage::`` block in curvi's docstrings runs as written."""
 
 import importlib
-import re
-from pathlib import Path
 import inspect
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch

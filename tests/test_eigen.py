@@ -1,11 +1,10 @@
 """curvi.eigen: dense and Lanczos eigenpairs against torch.linalg.eigvalsh."""
 
 import matplotlib
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 
 from curvi import ArrowheadHessian, ModelView, coordinate_names, eigen
 
@@ -30,8 +29,12 @@ def check_eigenpairs(H, res, tol=1e-8):
     V, lam = res.eigenvectors, res.eigenvalues
     torch.testing.assert_close(V.T @ V, torch.eye(V.shape[1]), rtol=0, atol=1e-8)
     torch.testing.assert_close(H @ V, V * lam, rtol=0, atol=tol * H.abs().max() * 10)
-    torch.testing.assert_close(res.residuals, torch.linalg.vector_norm(H @ V - V * lam, dim=0),
-                               rtol=1e-3, atol=tol * float(lam.abs().max()) * 10)
+    torch.testing.assert_close(
+        res.residuals,
+        torch.linalg.vector_norm(H @ V - V * lam, dim=0),
+        rtol=1e-3,
+        atol=tol * float(lam.abs().max()) * 10,
+    )
 
 
 def test_dense_full_spectrum():
@@ -59,13 +62,16 @@ def test_lanczos_matches_eigvalsh_with_degenerate_clusters(which):
     if which != "largest":
         torch.testing.assert_close(res.eigenvalues[:3], torch.full((3,), -7.0))
     d = len(lam)
-    ranks = {"both": list(range(k)) + list(range(d - k, d)), "smallest": list(range(k)),
-             "largest": list(range(d - k, d))}[which]
+    ranks = {
+        "both": list(range(k)) + list(range(d - k, d)),
+        "smallest": list(range(k)),
+        "largest": list(range(d - k, d)),
+    }[which]
     assert res.ranks.tolist() == ranks
 
 
 def test_lanczos_restarts_on_a_slow_spectrum():
-    lam = -torch.linspace(1.0, 2.0, 400) ** 4  # small relative gaps: needs restarts
+    lam = -(torch.linspace(1.0, 2.0, 400) ** 4)  # small relative gaps: needs restarts
     H = symmetric_with_spectrum(lam, seed=3)
     res = eigen(H, k=2, method="lanczos")
     ref = torch.linalg.eigvalsh(H)
@@ -113,7 +119,9 @@ def test_arrowhead_hessian_never_densified():
     torch.testing.assert_close(res.eigenvalues, torch.cat([ref[:3], ref[-3:]]), rtol=1e-8, atol=1e-8)
     check_eigenpairs(dense, res)
     small = eigen(ArrowheadHessian(A, B[:5], D[:5]))  # dense route for small problems
-    torch.testing.assert_close(small.eigenvalues, torch.linalg.eigvalsh(ArrowheadHessian(A, B[:5], D[:5]).to_dense()))
+    torch.testing.assert_close(
+        small.eigenvalues, torch.linalg.eigvalsh(ArrowheadHessian(A, B[:5], D[:5]).to_dense())
+    )
 
 
 def test_names_components_and_stiff_sloppy():
@@ -166,7 +174,7 @@ def test_plot():
 
 
 def test_not_converged_warns():
-    H = symmetric_with_spectrum(-torch.linspace(1.0, 2.0, 300) ** 4, seed=3)
+    H = symmetric_with_spectrum(-(torch.linspace(1.0, 2.0, 300) ** 4), seed=3)
     with pytest.warns(RuntimeWarning, match="did not converge"):
         res = eigen(H, k=2, method="lanczos", max_matvecs=10)
     assert not res.converged

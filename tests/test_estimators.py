@@ -11,12 +11,12 @@ Monte Carlo standard errors).
 
 import math
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+import pytest
+import torch
+from models import make_linear_gaussian, make_logistic_long
 from pyro.distributions.testing.fakes import NonreparameterizedBeta
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from pyro.infer.autoguide import (
@@ -37,7 +37,6 @@ from curvi import (
     surrogate_terms,
 )
 from curvi.arrowhead import arrowhead_to_dense
-from models import make_linear_gaussian, make_logistic_long
 
 PYRO_GUIDES = [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal]
 LAPLACE_GUIDES = [LaplaceGuide, AmortizedLaplaceGuide]
@@ -59,7 +58,9 @@ def grad_draw(loss, model, guide, args, seed):
     params = params_of(guide)
     value = loss.differentiable_loss(model, guide, *args)
     grads = torch.autograd.grad(value, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+    )
 
 
 def draws(loss, model, guide, args, n, seed=0):
@@ -83,16 +84,24 @@ def test_control_variate_exact_on_gaussian_model_pyro_guides(cls, unit_plate):
     g = draws(TaylorCV_ELBO(num_particles=2, unit_plate=unit_plate), model, guide, args, 4)
     assert (g - g[0]).abs().max() < 1e-10
     exact = torch.autograd.grad(-closed_form_elbo(model, guide, args), params_of(guide), allow_unused=True)
-    exact = torch.cat([(e if e is not None else torch.zeros_like(p)).reshape(-1) for e, p in zip(exact, params_of(guide))])
+    exact = torch.cat(
+        [(e if e is not None else torch.zeros_like(p)).reshape(-1) for e, p in zip(exact, params_of(guide))]
+    )
     assert torch.allclose(g[0], exact, atol=1e-9, rtol=1e-9)
 
 
 def closed_form_elbo(model, guide, args):
     """E_q log p + H[q] for a Gaussian guide over the latent vector of Pyro's
     own packing, with log p quadratic: log p(μ) + ½ tr(H Σ) + H[q]."""
-    q = guide.get_posterior() if hasattr(guide, "get_posterior") and not isinstance(guide, AutoNormal) else None
+    q = (
+        guide.get_posterior()
+        if hasattr(guide, "get_posterior") and not isinstance(guide, AutoNormal)
+        else None
+    )
     if q is None:  # AutoNormal: a diagonal Gaussian, site by site
-        locs, scales = zip(*(guide._get_loc_and_scale(n) for n, _ in guide.prototype_trace.iter_stochastic_nodes()))
+        locs, scales = zip(
+            *(guide._get_loc_and_scale(n) for n, _ in guide.prototype_trace.iter_stochastic_nodes())
+        )
         loc = torch.cat([t.reshape(-1) for t in locs])
         cov = torch.diag(torch.cat([t.reshape(-1) for t in scales]) ** 2)
         entropy = dist.Normal(loc, cov.diagonal().sqrt()).entropy().sum()
@@ -108,7 +117,7 @@ def closed_form_elbo(model, guide, args):
         else:
             values, offset = {}, 0
             for n, shape in names:
-                values[n] = x[offset: offset + shape.numel()].reshape(shape)
+                values[n] = x[offset : offset + shape.numel()].reshape(shape)
                 offset += shape.numel()
         constrained, log_jac = {}, 0.0
         for name, site in guide.prototype_trace.iter_stochastic_nodes():
@@ -179,12 +188,17 @@ def latent_order(guide, names):
 # unbiasedness where log p is not quadratic
 
 
-@pytest.mark.parametrize("options", [
-    dict(control_variate=True),
-    dict(control_variate=False, stick_the_landing=True),
-    dict(control_variate=True, stick_the_landing=True),
-])
-@pytest.mark.parametrize("cls", [AutoNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal, AmortizedLaplaceGuide])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(control_variate=True),
+        dict(control_variate=False, stick_the_landing=True),
+        dict(control_variate=True, stick_the_landing=True),
+    ],
+)
+@pytest.mark.parametrize(
+    "cls", [AutoNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal, AmortizedLaplaceGuide]
+)
 def test_unbiased_on_logistic_model(cls, options):
     """The mean of the estimate over many draws equals that of Pyro's plain
     reparameterised estimator within Monte Carlo error."""
@@ -255,7 +269,9 @@ def test_leave_one_out_unbiased_and_less_noisy_on_coin():
     params = [pyro.param("a").unconstrained(), pyro.param("b").unconstrained()]
     exact = torch.stack(torch.autograd.grad(-exact_elbo(), params))
     loo = draws_params(LeaveOneOut_ELBO(num_particles=8), model, guide, args, params, 400)
-    plain = draws_params(TraceGraph_ELBO(num_particles=8, vectorize_particles=True), model, guide, args, params, 400)
+    plain = draws_params(
+        TraceGraph_ELBO(num_particles=8, vectorize_particles=True), model, guide, args, params, 400
+    )
     for g in (loo, plain):
         se = g.std(0) / math.sqrt(g.shape[0])
         assert ((g.mean(0) - exact).abs() < 4 * se).all(), (g.mean(0), exact, se)
@@ -330,7 +346,9 @@ def test_leave_one_out_errors():
 
     def guide(flips):
         a = pyro.param("a", torch.tensor(15.0), constraint=dist.constraints.positive)
-        pyro.sample("f", NonreparameterizedBeta(a, a), infer={"baseline": {"use_decaying_avg_baseline": True}})
+        pyro.sample(
+            "f", NonreparameterizedBeta(a, a), infer={"baseline": {"use_decaying_avg_baseline": True}}
+        )
 
     with pytest.raises(ValueError, match="site 'f' asks for a Pyro baseline"):
         LeaveOneOut_ELBO(num_particles=4).differentiable_loss(model, guide, *args)
@@ -340,16 +358,20 @@ def test_leave_one_out_errors():
 # the surrogate, term by term
 
 
-@pytest.mark.parametrize("make_loss", [
-    lambda: Trace_ELBO(num_particles=3, vectorize_particles=True),
-    lambda: TraceGraph_ELBO(),
-    lambda: LeaveOneOut_ELBO(num_particles=4),
-])
+@pytest.mark.parametrize(
+    "make_loss",
+    [
+        lambda: Trace_ELBO(num_particles=3, vectorize_particles=True),
+        lambda: TraceGraph_ELBO(),
+        lambda: LeaveOneOut_ELBO(num_particles=4),
+    ],
+)
 def test_surrogate_terms_sum_to_what_backward_sees_coin(make_loss):
     model, guide, args, _ = coin()
     guide(*args)
-    check_terms(make_loss(), model, guide, args,
-                [pyro.param("a").unconstrained(), pyro.param("b").unconstrained()])
+    check_terms(
+        make_loss(), model, guide, args, [pyro.param("a").unconstrained(), pyro.param("b").unconstrained()]
+    )
 
 
 def test_surrogate_terms_show_pyro_baseline():
@@ -357,7 +379,9 @@ def test_surrogate_terms_show_pyro_baseline():
 
     def guide(flips):
         a = pyro.param("a", torch.tensor(15.0), constraint=dist.constraints.positive)
-        pyro.sample("f", NonreparameterizedBeta(a, a), infer={"baseline": {"use_decaying_avg_baseline": True}})
+        pyro.sample(
+            "f", NonreparameterizedBeta(a, a), infer={"baseline": {"use_decaying_avg_baseline": True}}
+        )
 
     guide(*args)
     terms = surrogate_terms(TraceGraph_ELBO(), model, guide, *args)
@@ -415,17 +439,21 @@ def test_taylor_errors():
         surrogate_terms(object(), model, guide, *args)
 
 
-@pytest.mark.parametrize("loss", [
-    lambda plate: TaylorCV_ELBO(num_particles=4, unit_plate=plate, stick_the_landing=True),
-])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda plate: TaylorCV_ELBO(num_particles=4, unit_plate=plate, stick_the_landing=True),
+    ],
+)
 def test_svi_and_fit_train_with_taylor(loss):
     """The loss drives SVI (here through curvi.fit) to the same optimum as Trace_ELBO."""
     from curvi import fit
 
     model, args, plate = make_logistic_long(num_groups=5)
     guide = AmortizedLaplaceGuide(model, unit_plate=plate)
-    result = fit(model, guide, *args, steps=60, loss=loss(plate), optim=pyro.optim.Adam({"lr": 0.02}),
-                 progress=False)
+    result = fit(
+        model, guide, *args, steps=60, loss=loss(plate), optim=pyro.optim.Adam({"lr": 0.02}), progress=False
+    )
     assert len(result.elbo) > 0 and all(math.isfinite(v) for v in result.elbo)
 
 
@@ -448,8 +476,10 @@ def test_gradient_variance_leaves_grads_rng_and_buffers_alone():
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     result = gradient_variance(model, guide, Trace_ELBO(), *args, num_draws=4)
     assert (random.random(), np.random.rand(), float(torch.rand(()))) == (
-        random.seed(5) or random.random(), np.random.seed(5) or np.random.rand(),
-        float(torch.manual_seed(5) and torch.rand(())))
+        random.seed(5) or random.random(),
+        np.random.seed(5) or np.random.rand(),
+        float(torch.manual_seed(5) and torch.rand(())),
+    )
     assert all(torch.equal(p.grad, torch.full_like(p, 100.0)) for p in params_of(guide))
     assert all(torch.equal(b, buffers[n]) for n, b in guide.named_buffers())
     for p in params_of(guide):
@@ -480,7 +510,9 @@ def test_laplace_sticking_the_landing_under_scale():
     stl = next(t for n, t in terms.items() if n.startswith("sticking"))
     assert abs(float(stl.detach())) < 1e-10
     pyro.set_rng_seed(1)
-    g_scaled = torch.autograd.grad(loss.differentiable_loss(scaled_model, scaled_guide, *args), params_of(scaled_guide))
+    g_scaled = torch.autograd.grad(
+        loss.differentiable_loss(scaled_model, scaled_guide, *args), params_of(scaled_guide)
+    )
     pyro.set_rng_seed(1)
     g = torch.autograd.grad(loss.differentiable_loss(model, guide, *args), params_of(guide))
     assert all(torch.allclose(a, 0.25 * b, atol=1e-10) for a, b in zip(g_scaled, g))
@@ -559,8 +591,8 @@ def test_moments_match_particles_local_site_first(cls, unit_plate):
     """A model whose unit latents come before the globals: the guide's latent
     order differs from the flat layout, and the moments read from the guide
     agree with the empirical moments of its particles."""
-    from curvi.guide_moments import FlatLayout, gaussian_view
     from curvi import ModelView
+    from curvi.guide_moments import FlatLayout, gaussian_view
 
     obs = torch.randn(3, 2)
 
@@ -587,8 +619,10 @@ def test_moments_match_particles_local_site_first(cls, unit_plate):
     x = q.particles(guide_trace).detach()
     mean, cov = q.moments()
     empirical = torch.cov(x.T)
-    dense = {"DiagonalCov": lambda c: torch.diag(c.var),
-             "FactorCov": lambda c: c.factor @ c.factor.T,
-             "LowRankCov": lambda c: c.cov_factor @ c.cov_factor.T + torch.diag(c.cov_diag)}[type(cov).__name__](cov)
+    dense = {
+        "DiagonalCov": lambda c: torch.diag(c.var),
+        "FactorCov": lambda c: c.factor @ c.factor.T,
+        "LowRankCov": lambda c: c.cov_factor @ c.cov_factor.T + torch.diag(c.cov_diag),
+    }[type(cov).__name__](cov)
     assert torch.allclose(x.mean(0), mean.detach(), atol=0.05)
     assert torch.allclose(empirical, dense.detach(), atol=0.08)

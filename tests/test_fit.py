@@ -3,17 +3,16 @@ import math
 import os
 import random
 
-import pytest
-import torch
-from torch.distributions import constraints
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from pyro.nn import PyroModule, PyroParam
+from test_docs import documented_objects, usage_blocks
+from torch.distributions import constraints
 
 from curvi.fit import FitResult, elbo_converged, fit
-from test_docs import documented_objects, usage_blocks
 
 # ---------------------------------------------------------------------------
 # models, guides and helpers
@@ -132,7 +131,12 @@ def test_conjugate_normal_posterior_and_trace_length():
     x = torch.randn(50) + 3.0
     guide = AutoNormal(normal_model)
     result = fit(
-        normal_model, guide, x, steps=1500, tol=None, progress=False,
+        normal_model,
+        guide,
+        x,
+        steps=1500,
+        tol=None,
+        progress=False,
         optim=pyro.optim.Adam({"lr": 0.05}),
     )
     n = len(x)
@@ -157,7 +161,11 @@ def test_converges_early_on_an_easy_problem():
     x = torch.randn(50) + 3.0
     guide = AutoNormal(normal_model)
     result = fit(
-        normal_model, guide, x, steps=3000, progress=False,
+        normal_model,
+        guide,
+        x,
+        steps=3000,
+        progress=False,
         optim=pyro.optim.Adam({"lr": 0.05}),
     )
     assert result.converged
@@ -287,8 +295,7 @@ def test_keyboard_interrupt_inside_a_step_saves_the_step_before(name, tmp_path):
         POISON["interrupt"] = step == 24
 
     with pytest.raises(KeyboardInterrupt):
-        run(fresh(make_guide), 30, checkpoint=path, checkpoint_every=10,
-            callback=interrupt_next_step)
+        run(fresh(make_guide), 30, checkpoint=path, checkpoint_every=10, callback=interrupt_next_step)
     assert torch.load(path, weights_only=False)["step"] == 24
 
     POISON["interrupt"] = False

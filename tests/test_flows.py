@@ -1,18 +1,17 @@
 """curvi.flows: exact Hessians of flow log densities against dense autodiff
 (``torch.autograd.functional.hessian``, float64, 1e-8) and finite differences."""
 
-import pytest
-import torch
-import torch.distributions.transforms as TT
-
 import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
+import pytest
+import torch
+import torch.distributions.transforms as TT
+from fd import central_gradient
 from pyro.nn import AutoRegressiveNN, DenseNN
 
 import curvi.flows as flows
 from curvi import log_density_hessian
-from fd import central_gradient
 
 DIMS = [2, 10, 50]
 KINDS = ["affine", "spline", "planar", "radial", "sylvester", "composed", "composed_implicit"]
@@ -112,8 +111,10 @@ def test_hessian_matches_dense_autodiff(kind, d):
         torch.testing.assert_close(f(out.base), z, rtol=0, atol=1e-12)
         for w, H, lam in zip(out.base, out.hessian, out.grad):
             J = torch.autograd.functional.jacobian(f, w)
-            curvature = torch.autograd.functional.hessian(lambda v: (lam * f(v)).sum(), w)
-            torch.testing.assert_close(J.T @ H @ J + curvature, torch.autograd.functional.hessian(phi, w), **TOL)
+            curvature = torch.autograd.functional.hessian(lambda v: (lam * f(v)).sum(), w)  # noqa: B023
+            torch.testing.assert_close(
+                J.T @ H @ J + curvature, torch.autograd.functional.hessian(phi, w), **TOL
+            )
             torch.testing.assert_close(J.T @ lam, torch.autograd.functional.jacobian(phi, w), **TOL)
         torch.testing.assert_close(out.log_prob, phi(out.base), **TOL)
 
@@ -158,16 +159,21 @@ def _other_layers(d):
 
         def forward(self, x):
             out = torch.tanh(self.lin(x))
-            return out[..., : d - 2], out[..., d - 2:]
+            return out[..., : d - 2], out[..., d - 2 :]
 
     return {
-        "tanh two-layer hypernet": [T.AffineCoupling(2, DenseNN(2, [7, 6], [d - 2, d - 2],
-                                                             nonlinearity=torch.nn.Tanh()))],
-        "softplus hypernet, inverted": [T.AffineCoupling(3, DenseNN(3, [7], [d - 3, d - 3],
-                                                                  nonlinearity=torch.nn.Softplus())).inv],
+        "tanh two-layer hypernet": [
+            T.AffineCoupling(2, DenseNN(2, [7, 6], [d - 2, d - 2], nonlinearity=torch.nn.Tanh()))
+        ],
+        "softplus hypernet, inverted": [
+            T.AffineCoupling(3, DenseNN(3, [7], [d - 3, d - 3], nonlinearity=torch.nn.Softplus())).inv
+        ],
         "custom hypernet": [T.AffineCoupling(2, Net())],
-        "element-wise": [T.Spline(d), TT.AffineTransform(torch.randn(d), torch.rand(d) + 0.5),
-                         TT.ExpTransform().inv],
+        "element-wise": [
+            T.Spline(d),
+            TT.AffineTransform(torch.randn(d), torch.rand(d) + 0.5),
+            TT.ExpTransform().inv,
+        ],
         "compose": [TT.ComposeTransform([T.Permute(torch.randperm(d)), affine(d)])],
         "autoregressive (generic)": [T.AffineAutoregressive(AutoRegressiveNN(d, [8]))],
         "householder (generic)": [T.Householder(d, count_transforms=2)],
@@ -234,8 +240,10 @@ def test_float32():
     q = make_flow("composed_implicit", d)
     q32 = dist.TransformedDistribution(  # the same flow, its own copy in float32
         dist.Normal(torch.zeros(d, dtype=torch.float32), torch.ones(d, dtype=torch.float32)).to_event(1),
-        [t.float() if isinstance(t, torch.nn.Module) else t
-         for t in make_flow("composed_implicit", d).transforms],
+        [
+            t.float() if isinstance(t, torch.nn.Module) else t
+            for t in make_flow("composed_implicit", d).transforms
+        ],
     )
     z = points(q)
     H32 = log_density_hessian(q32, z.float())
@@ -263,7 +271,6 @@ def test_errors():
     with pytest.raises(ValueError, match=r"Newton's method did not invert layer 0 \(Sylvester\)"):
         sylvester = dist.TransformedDistribution(q.base_dist, [T.Sylvester(4)])
         log_density_hessian(sylvester, torch.ones(4), max_iter=0)
-    sigmoid = dist.TransformedDistribution(dist.Normal(0.0, 1.0), [TT.SigmoidTransform()],
-                                           validate_args=True)
+    sigmoid = dist.TransformedDistribution(dist.Normal(0.0, 1.0), [TT.SigmoidTransform()], validate_args=True)
     with pytest.raises(ValueError, match="support"):
         log_density_hessian(sigmoid, torch.tensor([0.5, 1.5]))

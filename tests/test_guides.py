@@ -1,14 +1,13 @@
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
+from models import make_linear_gaussian, make_logistic_long, make_poisson_vector
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 import curvi.guides
 from curvi.guides import AmortizedLaplaceGuide, LaplaceGuide
 from curvi.modes import ModeConvergenceWarning
-from models import make_linear_gaussian, make_logistic_long, make_poisson_vector
 
 GUIDES = [LaplaceGuide, AmortizedLaplaceGuide]
 
@@ -48,7 +47,9 @@ def perturbed_guide(Guide, model, args, seed=0):
 
 
 @pytest.mark.parametrize("Guide", GUIDES)
-@pytest.mark.parametrize("make", [make_logistic_long, make_poisson_vector], ids=["logistic", "poisson_vector"])
+@pytest.mark.parametrize(
+    "make", [make_logistic_long, make_poisson_vector], ids=["logistic", "poisson_vector"]
+)
 def test_elbo_gradient_matches_finite_differences(Guide, make):
     model, args, _ = make()
     guide = perturbed_guide(Guide, model, args)
@@ -72,7 +73,10 @@ class DetachedModes(AmortizedLaplaceGuide):
 
 def test_detaching_the_modes_gives_the_wrong_gradient():
     model, args, _ = make_logistic_long()
-    right, wrong = perturbed_guide(AmortizedLaplaceGuide, model, args), perturbed_guide(DetachedModes, model, args)
+    right, wrong = (
+        perturbed_guide(AmortizedLaplaceGuide, model, args),
+        perturbed_guide(DetachedModes, model, args),
+    )
     with torch.no_grad():
         wrong.loc_global_unconstrained.copy_(right.loc_global_unconstrained)
     fd = fd_gradient(model, right, args, 3, right.loc_global_unconstrained)
@@ -105,7 +109,9 @@ def test_linear_gaussian_guide_is_the_exact_posterior(Guide):
     torch.testing.assert_close(post.global_covariance(), cov[:2, :2], rtol=1e-10, atol=1e-12)
     # every draw's ELBO estimate is the log evidence ...
     for seed in range(3):
-        torch.testing.assert_close(elbo(model, guide, args, seed), exact["log_evidence"], rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(
+            elbo(model, guide, args, seed), exact["log_evidence"], rtol=1e-10, atol=1e-9
+        )
     # ... and the gradient vanishes in expectation (a single draw's is -P delta)
     grads = []
     for seed in range(40):
@@ -148,8 +154,9 @@ def test_quantiles_are_the_exact_marginals(Guide):
 def test_vectorized_particles_compute_the_hessian_once_per_step(Guide, monkeypatch):
     model, args, _ = make_poisson_vector()
     guide = Guide(model, unit_plate="groups")
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}),
-              Trace_ELBO(num_particles=8, vectorize_particles=True))
+    svi = SVI(
+        model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO(num_particles=8, vectorize_particles=True)
+    )
     svi.step(*args)  # set-up (and Pyro's guess of max_plate_nesting)
     calls = []
     real = curvi.guides.structured_hessian
@@ -219,10 +226,9 @@ def test_subsampled_elbo_is_unbiased(Guide):
     guide.running_schur = guide.get_posterior(*args).precision.schur  # the exact S
     guide.running_count.fill_(1)
     # each call: one subsample of units, the mean of 50 draws for it
-    values = torch.stack([
-        elbo(model, guide, args, s, num_particles=50, vectorize_particles=True).detach()
-        for s in range(400)
-    ])
+    values = torch.stack(
+        [elbo(model, guide, args, s, num_particles=50, vectorize_particles=True).detach() for s in range(400)]
+    )
     se = values.std() / len(values) ** 0.5
     assert values.std() > 0.1  # subsampling noise is there ...
     assert abs(values.mean() - exact["log_evidence"]) < 4 * se  # ... and averages out
@@ -274,8 +280,7 @@ def test_bad_arguments():
         AmortizedLaplaceGuide(no_globals, unit_plate="groups")()
 
 
-@pytest.mark.parametrize("optimiser, subsample_size",
-                         [("adam", None), ("adam", 3), ("laplace_newton", None)])
+@pytest.mark.parametrize("optimiser, subsample_size", [("adam", None), ("adam", 3), ("laplace_newton", None)])
 def test_fit_resumes_the_amortized_guide_exactly(tmp_path, subsample_size, optimiser):
     """The mode cache and the running Schur average are buffers, and
     LaplaceNewton's state is optimiser state: a resumed fit continues
@@ -288,9 +293,20 @@ def test_fit_resumes_the_amortized_guide_exactly(tmp_path, subsample_size, optim
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = AmortizedLaplaceGuide(model, unit_plate=plate)
-        result = fit(model, guide, *args, steps=steps, checkpoint=checkpoint, tol=None,
-                     progress=False, optim=(pyro.optim.Adam({"lr": 0.05}) if optimiser == "adam"
-                                            else LaplaceNewton(num_particles=2, blocks=2)))
+        result = fit(
+            model,
+            guide,
+            *args,
+            steps=steps,
+            checkpoint=checkpoint,
+            tol=None,
+            progress=False,
+            optim=(
+                pyro.optim.Adam({"lr": 0.05})
+                if optimiser == "adam"
+                else LaplaceNewton(num_particles=2, blocks=2)
+            ),
+        )
         return result, guide
 
     straight, guide_a = run(12, None)
@@ -333,8 +349,7 @@ def test_marginal_global_precision_gradient_matches_finite_differences():
     """The marginal curvature is a constant between refreshes, so the ELBO
     is still a smooth function of θ̂ with an exact autograd gradient."""
     model, args, _ = make_logistic_long()
-    guide = AmortizedLaplaceGuide(model, unit_plate="groups", global_precision="marginal",
-                                  init_to_mode=False)
+    guide = AmortizedLaplaceGuide(model, unit_plate="groups", global_precision="marginal", init_to_mode=False)
     guide(*args)
     with torch.no_grad():
         guide.loc_global_unconstrained.add_(0.1)

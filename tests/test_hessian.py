@@ -1,14 +1,13 @@
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
-
-from curvi import ModelView
-from curvi.hessian import dense_hessian, gradient, structured_hessian
+import pytest
+import torch
 from fd import central_gradient
 from models import MODELS
 from test_model import random_point
+
+from curvi import ModelView
+from curvi.hessian import dense_hessian, gradient, structured_hessian
 
 
 def view_of(name, **kwargs):
@@ -33,9 +32,10 @@ def test_structured_hessian_matches_torch_func_hessian(name):
 def test_gradient_and_value_match_torch_func(name):
     view = view_of(name)
     theta, y = random_point(view)
-    value, (g_theta, g_y) = view.log_joint(theta, y), torch.func.grad(
-        view.log_joint, argnums=(0, 1)
-    )(theta, y)
+    value, (g_theta, g_y) = (
+        view.log_joint(theta, y),
+        torch.func.grad(view.log_joint, argnums=(0, 1))(theta, y),
+    )
     H = structured_hessian(view, theta, y)
     for got in (gradient(view, theta, y), (H.grad_theta, H.grad_y)):
         torch.testing.assert_close(got[0], g_theta, rtol=1e-12, atol=1e-12)
@@ -118,9 +118,7 @@ def test_partial_hessian_with_total_derivative_through_history():
     y = mode_like(theta)
     H = structured_hessian(view, theta, y, create_graph=True)
     # the value is the partial Hessian at the point ...
-    torch.testing.assert_close(
-        H.to_dense().detach(), dense_hessian(view, theta.detach(), y.detach())
-    )
+    torch.testing.assert_close(H.to_dense().detach(), dense_hessian(view, theta.detach(), y.detach()))
     # ... and its derivative runs through y's history
     (grad,) = torch.autograd.grad(H.D.sum() + H.B.sum(), theta)
     torch.testing.assert_close(grad, central_gradient(total, theta0), rtol=1e-7, atol=1e-8)

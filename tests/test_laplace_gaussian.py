@@ -2,11 +2,11 @@
 read with curvi.guides.laplace_gaussian): against a dense reference built from
 its blocks (S, M, D), and sampled from its own factors."""
 
-import pytest
-import torch
-
 import pyro
 import pyro.poutine as poutine
+import pytest
+import torch
+from models import make_linear_gaussian, make_poisson_vector
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.poutine.messenger import Messenger
@@ -14,7 +14,6 @@ from pyro.poutine.messenger import Messenger
 from curvi.arrowhead import ArrowheadPrecision, arrowhead_to_dense
 from curvi.guides import AmortizedLaplaceGuide, LaplaceGuide, laplace_gaussian
 from curvi.posterior import LaplaceGaussian
-from models import make_linear_gaussian, make_poisson_vector
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -40,7 +39,8 @@ def configured(name):
         model, args, plate = make_poisson_vector()
         kwargs = {"global_precision": "marginal"} if name == "marginal" else {}
         guide = (LaplaceGuide if name == "laplace" else AmortizedLaplaceGuide)(
-            model, unit_plate=plate, init_to_mode=False, **kwargs)
+            model, unit_plate=plate, init_to_mode=False, **kwargs
+        )
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
     for _ in range(3):
         svi.step(*args)
@@ -96,8 +96,9 @@ def test_published_gaussian_is_the_dense_gaussian_sampled(name, particles):
     reference = torch.distributions.MultivariateNormal(flat(*q.mean), precision_matrix=dense)
     log_q = q.log_prob((theta, y))
     torch.testing.assert_close(log_q, reference.log_prob(flat(theta, y)), **TOL)
-    sites = (global_site["fn"].log_prob(global_site["value"]).reshape(K)
-             + local_site["fn"].log_prob(local_site["value"]).reshape(K, n).sum(-1))
+    sites = global_site["fn"].log_prob(global_site["value"]).reshape(K) + local_site["fn"].log_prob(
+        local_site["value"]
+    ).reshape(K, n).sum(-1)
     torch.testing.assert_close(log_q, sites, **TOL)  # the sites' own densities
     torch.testing.assert_close(q.entropy(), reference.entropy(), **TOL)
     cov = torch.linalg.inv(dense)
@@ -107,8 +108,9 @@ def test_published_gaussian_is_the_dense_gaussian_sampled(name, particles):
     T = flat(*q.sample((eye[:, :p], eye[:, p:].reshape(d, n, k)))) - flat(*q.mean)
     torch.testing.assert_close(T.T @ T, cov, **TOL)
     cond = q.conditional_local(theta)
-    torch.testing.assert_close(cond.mean, q.y_hat - torch.einsum("nkp,bp->bnk", q.M, theta - q.theta_hat),
-                               **TOL)
+    torch.testing.assert_close(
+        cond.mean, q.y_hat - torch.einsum("nkp,bp->bnk", q.M, theta - q.theta_hat), **TOL
+    )
     torch.testing.assert_close(cond.precision_matrix[0], q.local_precision, **TOL)
 
     # S is q(θ)'s precision as configured
@@ -130,8 +132,20 @@ class FactorisationCount(Messenger):
     """Counts matrix factorisations from the first Laplace site's sampling
     to the last one's, and inside ``with counter.counting():``."""
 
-    NAMES = ("cholesky", "cholesky_ex", "eigh", "eigvalsh", "inv", "inv_ex", "solve", "solve_ex",
-             "lu_factor", "lu_factor_ex", "ldl_factor", "ldl_factor_ex")
+    NAMES = (
+        "cholesky",
+        "cholesky_ex",
+        "eigh",
+        "eigvalsh",
+        "inv",
+        "inv_ex",
+        "solve",
+        "solve_ex",
+        "lu_factor",
+        "lu_factor_ex",
+        "ldl_factor",
+        "ldl_factor_ex",
+    )
 
     def __init__(self, monkeypatch, first, last):
         super().__init__()
@@ -145,6 +159,7 @@ class FactorisationCount(Messenger):
         def counted(*args, **kwargs):
             self.count += int(self.active)
             return real(*args, **kwargs)
+
         return counted
 
     def _pyro_sample(self, msg):
@@ -171,7 +186,9 @@ def test_sampling_and_densities_factorise_nothing_again(name, monkeypatch):
     counter.active = True
     trace.compute_log_prob()
     q = laplace_gaussian(trace)
-    q.log_prob((trace.nodes[first]["value"].reshape(4, -1), trace.nodes[last]["value"].reshape(4, *q.y_hat.shape)))
+    q.log_prob(
+        (trace.nodes[first]["value"].reshape(4, -1), trace.nodes[last]["value"].reshape(4, *q.y_hat.shape))
+    )
     q.entropy()
     assert counter.count == 0
     # the counter does count: building the precision factorises
@@ -202,7 +219,7 @@ def test_read_outs_use_the_same_gaussian():
     for a, b in zip(post.gaussian.marginal_variances(), published.marginal_variances()):
         torch.testing.assert_close(a, b.detach(), **TOL)
     sd_theta, _ = post.marginal_sd()
-    torch.testing.assert_close(sd_theta ** 2, published.marginal_variances()[0].detach(), **TOL)
+    torch.testing.assert_close(sd_theta**2, published.marginal_variances()[0].detach(), **TOL)
 
 
 def test_bad_shapes():

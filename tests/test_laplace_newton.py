@@ -13,11 +13,12 @@ zero, as antithetic pairs do.
 import functools
 import math
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
+from eight_schools import AMORTIZED_GUIDE_BEST_ELBO, amortized_guide_elbo, make_eight_schools
+from models import make_linear_gaussian, make_logistic_long
 from pyro.infer import SVI, Trace_ELBO
 
 from curvi import AmortizedLaplaceGuide, fit
@@ -32,8 +33,6 @@ from curvi.laplace_newton import (
     particle_elbos,
     sufficient_increase,
 )
-from eight_schools import AMORTIZED_GUIDE_BEST_ELBO, amortized_guide_elbo, make_eight_schools
-from models import make_linear_gaussian, make_logistic_long
 
 PERTURBATION = torch.tensor([0.7, -0.4])
 
@@ -108,8 +107,12 @@ def adam_optimum(model, args, plate, steps=800, particles=16):
     pyro.clear_param_store()
     pyro.set_rng_seed(1)
     guide = AmortizedLaplaceGuide(model, unit_plate=plate)
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.999}),
-              Trace_ELBO(num_particles=particles, vectorize_particles=True))
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.999}),
+        Trace_ELBO(num_particles=particles, vectorize_particles=True),
+    )
     total = 0.0
     for step in range(steps):
         svi.step(*args)
@@ -302,7 +305,8 @@ def test_particle_elbos_average_to_trace_elbo():
         values = particle_elbos(model, guide, *args, num_particles=6)
     with FixedNoise(seed=2, antithetic=False):
         reference = -Trace_ELBO(num_particles=6, vectorize_particles=True).differentiable_loss(
-            model, guide, *args)
+            model, guide, *args
+        )
     assert values.shape == (6,)
     torch.testing.assert_close(values.mean(), reference)
 
@@ -436,8 +440,15 @@ def test_fit_default_names_the_particle_plate_when_the_model_does_not_broadcast(
     guide = AmortizedLaplaceGuide(model, unit_plate="groups")
     with pytest.raises(ValueError, match="vectorized particles"):
         fit(model, guide, obs, steps=3, progress=False)
-    result = fit(model, guide, obs, steps=3, progress=False,  # the way out
-                 optim=pyro.optim.Adam({"lr": 0.01}), loss=Trace_ELBO())
+    result = fit(
+        model,
+        guide,
+        obs,
+        steps=3,
+        progress=False,  # the way out
+        optim=pyro.optim.Adam({"lr": 0.01}),
+        loss=Trace_ELBO(),
+    )
     assert len(result.elbo) == 3
 
 
@@ -462,7 +473,13 @@ def test_eight_schools_adam_divergence_is_reported_by_name():
     pyro.set_rng_seed(0)
     guide = AmortizedLaplaceGuide(model, unit_plate=plate)
     with pytest.warns(RuntimeWarning, match="diverged"):
-        result = fit(model, guide, *args, optim=pyro.optim.Adam({"lr": 1.0}),
-                     loss=Trace_ELBO(num_particles=8, vectorize_particles=True),
-                     steps=1000, progress=False)
+        result = fit(
+            model,
+            guide,
+            *args,
+            optim=pyro.optim.Adam({"lr": 1.0}),
+            loss=Trace_ELBO(num_particles=8, vectorize_particles=True),
+            steps=1000,
+            progress=False,
+        )
     assert not result.converged and result.message.startswith("diverged")

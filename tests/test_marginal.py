@@ -1,16 +1,15 @@
 import math
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
-
-from curvi import ModelView
-from curvi.marginal import NoLaplaceApproximation, laplace_log_marginal, laplace_mode
+import pytest
+import torch
 from fd import central_gradient
 from models import MODELS, make_gaussian
 from test_model import random_point
+
+from curvi import ModelView
+from curvi.marginal import NoLaplaceApproximation, laplace_log_marginal, laplace_mode
 
 
 def gaussian_log_marginal(obs, mu):
@@ -59,6 +58,7 @@ def test_laplace_mode_on_the_gaussian_is_the_marginal_posterior_mode():
 def test_no_laplace_approximation_at_a_non_concave_unit():
     """Started exactly at u = 0, where the gradient vanishes but log p is
     convex (a local minimum between two modes), Newton cannot move."""
+
     def model():
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         with pyro.plate("groups", 2):
@@ -74,6 +74,7 @@ def test_no_laplace_approximation_at_a_non_concave_unit():
 def test_a_users_own_error_in_the_model_surfaces_from_the_marginal():
     """Only a missing Laplace approximation rejects θ (log density −inf): a
     ValueError of the user's own model propagates with its traceback."""
+
     def model(obs):
         mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
         with pyro.plate("groups", obs.shape[0], dim=-2):
@@ -144,8 +145,9 @@ def test_sample_locals_draws_the_laplace_conditional():
     marginal = LaplaceMarginal(make_gaussian()[0], unit_plate="groups")
     obs = make_gaussian()[1][0]
     pyro.poutine.trace(marginal).get_trace(obs)  # set up
-    draws = marginal.sample_locals({"mu": torch.full((4000,), 0.4)}, obs,
-                                   generator=torch.Generator().manual_seed(0))
+    draws = marginal.sample_locals(
+        {"mu": torch.full((4000,), 0.4)}, obs, generator=torch.Generator().manual_seed(0)
+    )
     u = draws["u"].squeeze(-1)  # (4000, 6, 1) -> (4000, 6)
     prec = 1 / 0.49 + obs.shape[1] / 0.25  # exact conditional of u given mu
     mean = (0.4 / 0.49 + obs.sum(1) / 0.25) / prec

@@ -1,9 +1,8 @@
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from torch.distributions import constraints
-
-import pyro
-import pyro.distributions as dist
 
 from curvi.datasets import CBPP_GLMMTMB, load_cbpp
 from curvi.mle import laplace_mle
@@ -23,11 +22,11 @@ def cbpp_ml_model(design, herd, size, incidence):
 
 def test_cbpp_reproduces_glmmtmb():
     data = load_cbpp()
-    fit = laplace_mle(cbpp_ml_model, data.design, data.herd, data.size, data.incidence,
-                      unit_plate="herds")
+    fit = laplace_mle(cbpp_ml_model, data.design, data.herd, data.size, data.incidence, unit_plate="herds")
     assert fit.converged
-    torch.testing.assert_close(fit.params["beta"], torch.tensor(CBPP_GLMMTMB["fixed_effects"]),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        fit.params["beta"], torch.tensor(CBPP_GLMMTMB["fixed_effects"]), atol=1e-4, rtol=0
+    )
     assert abs(fit.params["sigma"].item() - CBPP_GLMMTMB["herd_sd"]) < 1e-4
     assert abs(fit.log_likelihood - CBPP_GLMMTMB["log_likelihood"]) < 1e-5
     torch.testing.assert_close(fit.std_errors["beta"], torch.tensor(CBPP_GLMMTMB_SE), atol=1e-4, rtol=0)

@@ -1,12 +1,11 @@
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
+from models import MODELS, make_gaussian, make_logistic_long, make_poisson_vector
 from pyro.infer.mcmc.util import initialize_model
 
 from curvi import ModelView
-from models import MODELS, make_gaussian, make_logistic_long, make_poisson_vector
 
 EXPECTED_LAYOUT = {  # globals, locals, p, k, N
     "logistic_long": (("beta", "sigma"), ("u",), 4, 2, 7),
@@ -100,12 +99,14 @@ def test_subsampled_unit_plate_scales_unit_terms():
     theta, y = torch.tensor([0.2, -0.3]), torch.randn(4, 1)
     mu, tau = theta[0], theta[1].exp()
     unit_terms = (
-        dist.LogNormal(mu, tau).log_prob(y.exp()) + y  # log|J| of exp
+        dist.LogNormal(mu, tau).log_prob(y.exp())
+        + y  # log|J| of exp
         + dist.Normal(y.exp(), 0.5).log_prob(obs[units]).sum(-1, keepdim=True)
     ).sum()
     expected = (
         dist.Normal(0.0, 2.0).log_prob(mu)
-        + dist.HalfNormal(1.0).log_prob(tau) + theta[1]
+        + dist.HalfNormal(1.0).log_prob(tau)
+        + theta[1]
         + 10 / 4 * unit_terms
     )
     torch.testing.assert_close(view.log_joint(theta, y, units=units), expected)
@@ -263,4 +264,6 @@ def test_with_args_rebinds_the_data():
     theta, y = view.init_theta, view.init_y
     assert other.global_sites == view.global_sites
     assert not torch.allclose(other.log_joint(theta, y), view.log_joint(theta, y))
-    torch.testing.assert_close(ModelView(model, args[0] + 1.0, unit_plate=plate).log_joint(theta, y), other.log_joint(theta, y))
+    torch.testing.assert_close(
+        ModelView(model, args[0] + 1.0, unit_plate=plate).log_joint(theta, y), other.log_joint(theta, y)
+    )

@@ -1,8 +1,10 @@
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
+from fd import central_gradient
+from models import MODELS
+from test_model import random_point
 
 from curvi import ModelView
 from curvi.hessian import gradient, structured_hessian
@@ -13,9 +15,6 @@ from curvi.modes import (
     solve_modes,
     warn_unconverged,
 )
-from fd import central_gradient
-from models import MODELS, make_gaussian
-from test_model import random_point
 
 
 def view_of(name, **kwargs):
@@ -66,8 +65,13 @@ def test_implicit_derivative_is_minus_d_inverse_b():
     theta0, y0 = random_point(view)
     theta = theta0.clone().requires_grad_()
     y = implicit_modes(view, theta, solve_modes(view, theta, y0))
-    jac = torch.stack([torch.autograd.grad(y[i, j], theta, retain_graph=True)[0]
-                       for i in range(y.shape[0]) for j in range(y.shape[1])])
+    jac = torch.stack(
+        [
+            torch.autograd.grad(y[i, j], theta, retain_graph=True)[0]
+            for i in range(y.shape[0])
+            for j in range(y.shape[1])
+        ]
+    )
     H = structured_hessian(view, theta0, y.detach())
     expected = -torch.linalg.solve(H.D, H.B)  # (n, k, p): -D^-1 B with Hessian blocks
     torch.testing.assert_close(jac.reshape(expected.shape), expected, rtol=1e-8, atol=1e-10)
@@ -98,6 +102,7 @@ def test_long_format_uses_the_total_line_search_and_converges():
 
 def test_indefinite_unit_blocks_still_give_ascent_steps():
     """A bimodal unit term: the Hessian block is indefinite between the modes."""
+
     def model():
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         with pyro.plate("groups", 3):

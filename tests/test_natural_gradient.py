@@ -2,16 +2,15 @@
 
 import math
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
+from models import make_linear_gaussian
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 from curvi import NaturalGradient, fit
-from models import make_linear_gaussian
 
 
 def svi_for(model, guide, optim):
@@ -50,10 +49,12 @@ def test_diagonal_guides_reach_mean_field_optimum(cls):
     values = torch.cat([median["mu"].reshape(-1), median["b"].reshape(-1), median["u"].reshape(-1)])
     assert torch.allclose(values, exact["mean"], atol=1e-8, rtol=0)
     if cls is AutoNormal:
-        scales = torch.cat([guide.scales.mu.reshape(-1), guide.scales.b.reshape(-1), guide.scales.u.reshape(-1)])
+        scales = torch.cat(
+            [guide.scales.mu.reshape(-1), guide.scales.b.reshape(-1), guide.scales.u.reshape(-1)]
+        )
     else:
         scales = guide.scale
-    assert torch.allclose(scales ** -2, exact["precision"].diagonal(), atol=1e-8, rtol=0)
+    assert torch.allclose(scales**-2, exact["precision"].diagonal(), atol=1e-8, rtol=0)
 
 
 def logistic(n=60, seed=0):
@@ -75,9 +76,16 @@ def test_logistic_reaches_adams_optimum():
     model, args = logistic()
     pyro.set_rng_seed(0)
     adam_guide = AutoMultivariateNormal(model)
-    fit(model, adam_guide, *args, steps=3000, tol=None, progress=False,
+    fit(
+        model,
+        adam_guide,
+        *args,
+        steps=3000,
+        tol=None,
+        progress=False,
         optim=pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.999}),
-        loss=Trace_ELBO(num_particles=16, vectorize_particles=True))
+        loss=Trace_ELBO(num_particles=16, vectorize_particles=True),
+    )
     pyro.set_rng_seed(1)
     guide = AutoMultivariateNormal(model)
     guide(*args)
@@ -128,15 +136,27 @@ def test_fit_runs_natural_gradient():
 def test_errors():
     """A wrong value is a ValueError, a wrong type a TypeError, each naming
     the argument."""
-    for kwargs, match in [(dict(lr=0.0), "lr"), (dict(lr=1.5), "lr"), (dict(num_samples=-1), "num_samples"),
-                          (dict(damping=-1.0), "damping"), (dict(damping=math.inf), "damping"),
-                          (dict(correction="x"), "correction"), (dict(curvature="fisher"), "curvature"),
-                          (dict(elbo_particles=0), "elbo_particles")]:
+    for kwargs, match in [
+        (dict(lr=0.0), "lr"),
+        (dict(lr=1.5), "lr"),
+        (dict(num_samples=-1), "num_samples"),
+        (dict(damping=-1.0), "damping"),
+        (dict(damping=math.inf), "damping"),
+        (dict(correction="x"), "correction"),
+        (dict(curvature="fisher"), "curvature"),
+        (dict(elbo_particles=0), "elbo_particles"),
+    ]:
         with pytest.raises(ValueError, match=match):
             NaturalGradient(**kwargs)
-    for kwargs, match in [(dict(antithetic=1), "antithetic"), (dict(lr="0.5"), "lr"), (dict(lr=True), "lr"),
-                          (dict(num_samples=2.0), "num_samples"), (dict(curvature=None), "curvature"),
-                          (dict(correction=1), "correction"), (dict(damping="0"), "damping")]:
+    for kwargs, match in [
+        (dict(antithetic=1), "antithetic"),
+        (dict(lr="0.5"), "lr"),
+        (dict(lr=True), "lr"),
+        (dict(num_samples=2.0), "num_samples"),
+        (dict(curvature=None), "curvature"),
+        (dict(correction=1), "correction"),
+        (dict(damping="0"), "damping"),
+    ]:
         with pytest.raises(TypeError, match=match):
             NaturalGradient(**kwargs)
     model, args = logistic()
@@ -161,8 +181,15 @@ def test_old_usage_fails_with_the_new_usage_in_the_message():
     with pytest.raises(TypeError, match=r"SVI\(model, guide, optim, optim.loss\)"):
         SVI(model, guide, pyro.optim.SGD({"lr": 1.0}), NaturalGradient(lr=0.5, num_samples=8)).step(*args)
     with pytest.raises(TypeError, match=r"optim.loss"):
-        fit(model, guide, *args, steps=2, progress=False, optim=pyro.optim.SGD({"lr": 1.0}),
-            loss=NaturalGradient(lr=0.5, num_samples=8))
+        fit(
+            model,
+            guide,
+            *args,
+            steps=2,
+            progress=False,
+            optim=pyro.optim.SGD({"lr": 1.0}),
+            loss=NaturalGradient(lr=0.5, num_samples=8),
+        )
     with pytest.raises(ValueError, match=r"SVI\(model, guide, optim, optim.loss\)"):
         SVI(model, guide, NaturalGradient(lr=0.5, num_samples=8), Trace_ELBO()).step(*args)
     other = NaturalGradient(num_samples=2)  # another optimiser's loss records for that one only
@@ -199,7 +226,11 @@ def test_state_is_pyro_optims(tmp_path):
     for _ in range(3):
         svi.step(*args)
     state = optim.get_state()
-    names = {"AutoMultivariateNormal.loc", "AutoMultivariateNormal.scale", "AutoMultivariateNormal.scale_tril"}
+    names = {
+        "AutoMultivariateNormal.loc",
+        "AutoMultivariateNormal.scale",
+        "AutoMultivariateNormal.scale_tril",
+    }
     assert names <= set(state)
     assert all(state[n]["state"][0]["step"] == 3 for n in names)
     assert isinstance(optim, pyro.optim.PyroOptim) and len(optim.optim_objs) == 3
@@ -223,8 +254,19 @@ def test_fit_resumes_bitwise_from_a_checkpoint(tmp_path, cls):
     def run(steps, path, callback=None):
         optim = NaturalGradient(lr=0.5, num_samples=4, curvature="gradient", correction="always")
         guide = cls(model)
-        result = fit(model, guide, *args, steps=steps, tol=None, progress=False, optim=optim,
-                     loss=optim.loss, checkpoint=path, checkpoint_every=4, callback=callback)
+        result = fit(
+            model,
+            guide,
+            *args,
+            steps=steps,
+            tol=None,
+            progress=False,
+            optim=optim,
+            loss=optim.loss,
+            checkpoint=path,
+            checkpoint_every=4,
+            callback=callback,
+        )
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
         return result, params, optim, optim.get_state()  # (get_state names by the live param store)
 
