@@ -33,7 +33,7 @@ ELBO tells which q the variational objective prefers.
 
 Usage::
 
-    python benchmarks/global_precision.py                        # stored cbpp NUTS -> results/global_precision.md
+    python benchmarks/global_precision.py  # stored cbpp NUTS reference
     python benchmarks/global_precision.py --cbpp-nuts-chains 4   # + a fresh cbpp NUTS run (~6 min)
     python benchmarks/global_precision.py --no-write             # printed only
 """
@@ -78,11 +78,17 @@ def bench_problem(dtype):
 
     x, y, *_ = simulate(BENCH_N, seed=0)
     data = (torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype))
-    return {"name": "bench", "title": f"hierarchical logistic, {BENCH_N:,} groups",
-            "model": torch_model, "data": data, "unit_plate": "groups",
-            "max_plate_nesting": 2, "sites": BENCH_SITES,
-            "flatten": lambda v: torch.cat([v["beta"].reshape(-1, 2), v["sigma"].reshape(-1, 2)], -1),
-            "num_obs": x.size}
+    return {
+        "name": "bench",
+        "title": f"hierarchical logistic, {BENCH_N:,} groups",
+        "model": torch_model,
+        "data": data,
+        "unit_plate": "groups",
+        "max_plate_nesting": 2,
+        "sites": BENCH_SITES,
+        "flatten": lambda v: torch.cat([v["beta"].reshape(-1, 2), v["sigma"].reshape(-1, 2)], -1),
+        "num_obs": x.size,
+    }
 
 
 def cbpp_problem(dtype):
@@ -92,11 +98,17 @@ def cbpp_problem(dtype):
     from curvi.demo import cbpp_model
 
     d = load_cbpp(dtype=dtype)
-    return {"name": "cbpp", "title": "cbpp (lme4), 15 herds",
-            "model": cbpp_model, "data": (d.design, d.herd, d.size, d.incidence),
-            "unit_plate": "herds", "max_plate_nesting": 1, "sites": CBPP_SITES,
-            "flatten": lambda v: torch.cat([v["beta"].reshape(-1, 4), v["sigma"].reshape(-1, 1)], -1),
-            "num_obs": len(d.herd)}
+    return {
+        "name": "cbpp",
+        "title": "cbpp (lme4), 15 herds",
+        "model": cbpp_model,
+        "data": (d.design, d.herd, d.size, d.incidence),
+        "unit_plate": "herds",
+        "max_plate_nesting": 1,
+        "sites": CBPP_SITES,
+        "flatten": lambda v: torch.cat([v["beta"].reshape(-1, 4), v["sigma"].reshape(-1, 1)], -1),
+        "num_obs": len(d.herd),
+    }
 
 
 def _sd_rel_se(draws, ess):
@@ -104,29 +116,35 @@ def _sd_rel_se(draws, ess):
     import numpy as np
 
     c = draws - draws.mean(0)
-    kurt = (c ** 4).mean(0) / (c ** 2).mean(0) ** 2
+    kurt = (c**4).mean(0) / (c**2).mean(0) ** 2
     return np.sqrt((kurt - 1) / (4 * np.asarray(ess)))
 
 
 def bench_reference():
     """Means and sds of the committed NumPyro NUTS reference at 1 000 groups."""
     import numpy as np
-
     from guides import data_fingerprint, reference_paths
 
     npz, note = reference_paths(BENCH_N)
     info = json.loads(note.read_text())
     if info.get("data_sha256_16") != data_fingerprint(BENCH_N):
-        raise SystemExit(f"{npz.name} was made from other data than simulate({BENCH_N}, seed=0): "
-                         "rerun python benchmarks/guides.py --regenerate-nuts")
+        raise SystemExit(
+            f"{npz.name} was made from other data than simulate({BENCH_N}, seed=0): "
+            "rerun python benchmarks/guides.py --regenerate-nuts"
+        )
     draws = np.load(npz)["draws"].astype(np.float64).reshape(-1, 4)
-    return {"mean": draws.mean(0), "sd": draws.std(0, ddof=1),
-            "sd_rel_se": _sd_rel_se(draws, info["ess"]),
-            "text": (f"NumPyro NUTS on the non-centred model, {info['chains']} chains × "
-                     f"({info['warmup']:,} warm-up + {info['samples']:,} draws), "
-                     f"{info['divergences']} divergences, R-hat ≤ {max(info['r_hat']):.4f}, "
-                     f"ESS ≥ {min(info['ess']):,.0f} (`benchmarks/reference/{npz.name}`, "
-                     f"{info['date']})")}
+    return {
+        "mean": draws.mean(0),
+        "sd": draws.std(0, ddof=1),
+        "sd_rel_se": _sd_rel_se(draws, info["ess"]),
+        "text": (
+            f"NumPyro NUTS on the non-centred model, {info['chains']} chains × "
+            f"({info['warmup']:,} warm-up + {info['samples']:,} draws), "
+            f"{info['divergences']} divergences, R-hat ≤ {max(info['r_hat']):.4f}, "
+            f"ESS ≥ {min(info['ess']):,.0f} (`benchmarks/reference/{npz.name}`, "
+            f"{info['date']})"
+        ),
+    }
 
 
 def cbpp_stored_reference():
@@ -136,18 +154,22 @@ def cbpp_stored_reference():
 
     mean = np.array(list(CBPP_NUTS["fixed_effects_mean"]) + [CBPP_NUTS["herd_sd_mean"]])
     sd = np.array(list(CBPP_NUTS["fixed_effects_sd"]) + [CBPP_NUTS["herd_sd_sd"]])
-    return {"mean": mean, "sd": sd, "sd_rel_se": np.full(5, 1 / math.sqrt(2 * 2397)),
-            "text": ("`curvi.datasets.CBPP_NUTS`: Pyro NUTS, one chain, 1 500 warm-up + 8 000 "
-                     "draws, R-hat 1.00, no divergences, ESS ≥ 2 397 (`benchmarks/cbpp_nuts.py`; "
-                     "sds' MC error assumed normal-kurtosis, 1/√(2 ESS))")}
+    return {
+        "mean": mean,
+        "sd": sd,
+        "sd_rel_se": np.full(5, 1 / math.sqrt(2 * 2397)),
+        "text": (
+            "`curvi.datasets.CBPP_NUTS`: Pyro NUTS, one chain, 1 500 warm-up + 8 000 "
+            "draws, R-hat 1.00, no divergences, ESS ≥ 2 397 (`benchmarks/cbpp_nuts.py`; "
+            "sds' MC error assumed normal-kurtosis, 1/√(2 ESS))"
+        ),
+    }
 
 
 def cbpp_nuts_reference(problem, chains, warmup, draws, seed):
     """Pyro NUTS on the cbpp model: ``chains`` chains run one after another."""
-    import numpy as np
-    import torch
-
     import pyro
+    import torch
     from pyro.infer import MCMC, NUTS
     from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
@@ -155,8 +177,7 @@ def cbpp_nuts_reference(problem, chains, warmup, draws, seed):
     start = time.perf_counter()
     for c in range(chains):
         pyro.set_rng_seed(seed + c)
-        mcmc = MCMC(NUTS(problem["model"]), warmup_steps=warmup, num_samples=draws,
-                    disable_progbar=True)
+        mcmc = MCMC(NUTS(problem["model"]), warmup_steps=warmup, num_samples=draws, disable_progbar=True)
         mcmc.run(*problem["data"])
         runs.append(problem["flatten"](mcmc.get_samples()).double())
         divergences += len(mcmc.diagnostics()["divergences"]["chain 0"])
@@ -166,10 +187,16 @@ def cbpp_nuts_reference(problem, chains, warmup, draws, seed):
     ess = effective_sample_size(stacked, chain_dim=0, sample_dim=1).numpy()
     rhat = split_gelman_rubin(stacked, chain_dim=0, sample_dim=1).numpy()
     flat = stacked.reshape(-1, stacked.shape[-1]).numpy()
-    return {"mean": flat.mean(0), "sd": flat.std(0, ddof=1), "sd_rel_se": _sd_rel_se(flat, ess),
-            "text": (f"Pyro NUTS on the same (centred) model, run here: {chains} chains × "
-                     f"({warmup:,} warm-up + {draws:,} draws), {seconds:.0f} s, {divergences} "
-                     f"divergences, split R-hat ≤ {rhat.max():.3f}, ESS ≥ {ess.min():,.0f}")}
+    return {
+        "mean": flat.mean(0),
+        "sd": flat.std(0, ddof=1),
+        "sd_rel_se": _sd_rel_se(flat, ess),
+        "text": (
+            f"Pyro NUTS on the same (centred) model, run here: {chains} chains × "
+            f"({warmup:,} warm-up + {draws:,} draws), {seconds:.0f} s, {divergences} "
+            f"divergences, split R-hat ≤ {rhat.max():.3f}, ESS ≥ {ess.min():,.0f}"
+        ),
+    }
 
 
 # =====================================================================
@@ -203,8 +230,7 @@ def drawn_moments(post, flatten, num_draws, chunk=2000):
     out = []
     with torch.no_grad():
         for start in range(0, num_draws, chunk):
-            out.append(flatten(post.sample(min(chunk, num_draws - start), generator=gen))
-                       .double().numpy())
+            out.append(flatten(post.sample(min(chunk, num_draws - start), generator=gen)).double().numpy())
     draws = np.concatenate(out)
     return draws.mean(0), draws.std(0, ddof=1)
 
@@ -213,12 +239,12 @@ def precise_elbo(problem, guide, se, seconds):
     """Independent ELBO estimate at the guide's θ̂: chunk means of a
     vectorized Trace_ELBO until their SE is ≤ ``se`` (≥ 8 chunks) or ``seconds``."""
     import torch
-
     from pyro.infer import Trace_ELBO
 
     chunk = int(min(1000, max(1, 2.5e6 // problem["num_obs"])))
-    loss = Trace_ELBO(num_particles=chunk, vectorize_particles=True,
-                      max_plate_nesting=problem["max_plate_nesting"])
+    loss = Trace_ELBO(
+        num_particles=chunk, vectorize_particles=True, max_plate_nesting=problem["max_plate_nesting"]
+    )
     means, start = [], time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -232,15 +258,15 @@ def precise_elbo(problem, guide, se, seconds):
 
 def run_setting(problem, setting, reference, args):
     import numpy as np
-
     import pyro
 
     import curvi
 
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    guide = curvi.AmortizedLaplaceGuide(problem["model"], unit_plate=problem["unit_plate"],
-                                        global_precision=setting)
+    guide = curvi.AmortizedLaplaceGuide(
+        problem["model"], unit_plate=problem["unit_plate"], global_precision=setting
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
@@ -254,17 +280,32 @@ def run_setting(problem, setting, reference, args):
     if check > 5 / math.sqrt(2 * args.draws):
         log(f"  WARNING: drawn sds differ from the quadrature's by {check:.1%}")
     elbo, elbo_se, particles = precise_elbo(problem, guide, args.elbo_se, args.elbo_seconds)
-    out = {"setting": setting, "seconds": seconds, "converged": r.converged, "message": r.message,
-           "num_evaluations": r.num_evaluations, "final_elbo": r.final_elbo,
-           "final_elbo_se": r.final_elbo_se, "theta_se": r.info.get("theta_se"),
-           "elbo": elbo, "elbo_se": elbo_se, "elbo_particles": particles,
-           "mean": mean, "sd": sd, "draws_check": float(check),
-           "z": (mean - reference["mean"]) / reference["sd"], "ratio": sd / reference["sd"],
-           "repair": None if post.precision.report is None else str(post.precision.report),
-           "warnings": sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}"
-                               for w in caught})}
-    log(f"  [{problem['name']} {setting}] {seconds:.1f} s, {r.message}; independent ELBO "
-        f"{elbo:.3f} ± {elbo_se:.3f}; sd ratios " + ", ".join(f"{v:.3f}" for v in out["ratio"]))
+    out = {
+        "setting": setting,
+        "seconds": seconds,
+        "converged": r.converged,
+        "message": r.message,
+        "num_evaluations": r.num_evaluations,
+        "final_elbo": r.final_elbo,
+        "final_elbo_se": r.final_elbo_se,
+        "theta_se": r.info.get("theta_se"),
+        "elbo": elbo,
+        "elbo_se": elbo_se,
+        "elbo_particles": particles,
+        "mean": mean,
+        "sd": sd,
+        "draws_check": float(check),
+        "z": (mean - reference["mean"]) / reference["sd"],
+        "ratio": sd / reference["sd"],
+        "repair": None if post.precision.report is None else str(post.precision.report),
+        "warnings": sorted(
+            {f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught}
+        ),
+    }
+    log(
+        f"  [{problem['name']} {setting}] {seconds:.1f} s, {r.message}; independent ELBO "
+        f"{elbo:.3f} ± {elbo_se:.3f}; sd ratios " + ", ".join(f"{v:.3f}" for v in out["ratio"])
+    )
     return out
 
 
@@ -283,7 +324,8 @@ def site_table(problem, reference, runs):
             lines.append(
                 f"| {problem['name']} | {run['setting']} | {site} | {run['mean'][j]:.4f} | "
                 f"{reference['mean'][j]:.4f} | {run['z'][j]:+.2f} | {run['sd'][j]:.4f} | "
-                f"{reference['sd'][j]:.4f} | {run['ratio'][j]:.3f} | {'yes' if ok else '**no**'} |")
+                f"{reference['sd'][j]:.4f} | {run['ratio'][j]:.3f} | {'yes' if ok else '**no**'} |"
+            )
     return "\n".join(lines)
 
 
@@ -293,15 +335,15 @@ def fit_table(results):
         "| independent ELBO ± SE (particles) | θ̂ MC error (post. sds) | fit message |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for name, (problem, reference, runs) in results.items():
+    for name, (_problem, _reference, runs) in results.items():
         for run in runs:
             lines.append(
                 f"| {name} | {run['setting']} | {run['seconds']:.1f} | {run['num_evaluations']} | "
                 f"{run['final_elbo']:.3f} ± {run['final_elbo_se']:.3f} | {run['elbo']:.3f} ± "
                 f"{run['elbo_se']:.3f} ({run['elbo_particles']:,}) | "
                 f"{run['theta_se'] if run['theta_se'] is None else format(run['theta_se'], '.3f')} | "
-                f"{run['message']}"
-                + (f"; joint P's {run['repair']}" if run["repair"] else "") + " |")
+                f"{run['message']}" + (f"; joint P's {run['repair']}" if run["repair"] else "") + " |"
+            )
     return "\n".join(lines)
 
 
@@ -309,37 +351,49 @@ def verdicts(results):
     lines, meets = [], {}
     for setting in SETTINGS:
         misses = []
-        for name, (problem, reference, runs) in results.items():
+        for name, (problem, _reference, runs) in results.items():
             run = next(r for r in runs if r["setting"] == setting)
             for j, site in enumerate(problem["sites"]):
                 if abs(run["ratio"][j] - 1) > TOLERANCE:
-                    misses.append(f"{name} {site} {run['ratio'][j]:.3f}× "
-                                  f"({100 * (run['ratio'][j] - 1):+.1f} %)")
+                    misses.append(
+                        f"{name} {site} {run['ratio'][j]:.3f}× ({100 * (run['ratio'][j] - 1):+.1f} %)"
+                    )
         meets[setting] = not misses
-        worst = max(abs(r["ratio"] - 1).max() for _, _, rs in results.values() for r in rs
-                    if r["setting"] == setting)
-        lines.append(f"- `{setting}`: " + ("meets the target on both models (largest deviation "
-                                          f"{100 * worst:.1f} %)." if not misses else
-                                          "misses it: " + "; ".join(misses) + "."))
-    for name, (problem, reference, runs) in results.items():
+        worst = max(
+            abs(r["ratio"] - 1).max() for _, _, rs in results.values() for r in rs if r["setting"] == setting
+        )
+        lines.append(
+            f"- `{setting}`: "
+            + (
+                f"meets the target on both models (largest deviation {100 * worst:.1f} %)."
+                if not misses
+                else "misses it: " + "; ".join(misses) + "."
+            )
+        )
+    for name, (problem, _reference, runs) in results.items():
         by = {r["setting"]: r for r in runs}
         diff = by["marginal"]["elbo"] - by["joint"]["elbo"]
         se = math.hypot(by["marginal"]["elbo_se"], by["joint"]["elbo_se"])
         pref = "marginal" if diff > 0 else "joint"
-        lines.append(f"- {name}: ELBO(marginal) − ELBO(joint) = {diff:+.3f} ± {se:.3f} nats "
-                     f"(independent estimates): the ELBO prefers `{pref}`"
-                     + (" (within 2 SE: no clear preference)" if abs(diff) < 2 * se else "") + ".")
+        lines.append(
+            f"- {name}: ELBO(marginal) − ELBO(joint) = {diff:+.3f} ± {se:.3f} nats "
+            f"(independent estimates): the ELBO prefers `{pref}`"
+            + (" (within 2 SE: no clear preference)" if abs(diff) < 2 * se else "")
+            + "."
+        )
     return "\n".join(lines), meets
 
 
 def reading(results, meets):
     """A short reading of the numbers, with the recommendation that follows from the target."""
     if meets.get("marginal") and not meets.get("joint"):
-        rec = ("Recommendation: make `global_precision=\"marginal\"` the default. It is the only "
-               "setting that meets the target on both models; `joint` misses it on every "
-               "random-effect sd and on no fixed effect.")
+        rec = (
+            'Recommendation: make `global_precision="marginal"` the default. It is the only '
+            "setting that meets the target on both models; `joint` misses it on every "
+            "random-effect sd and on no fixed effect."
+        )
     elif meets.get("joint") and not meets.get("marginal"):
-        rec = "Recommendation: keep `global_precision=\"joint\"` the default: only it meets the target."
+        rec = 'Recommendation: keep `global_precision="joint"` the default: only it meets the target.'
     elif all(meets.values()):
         rec = "Both settings meet the target: the ELBO may decide."
     else:
@@ -358,7 +412,8 @@ def reading(results, meets):
             "nats: the variational objective and the sd target disagree, so the default cannot "
             "be chosen by the ELBO. Both settings centre sigma[1] low, "
             f"{by['joint']['z'][3]:+.2f} (joint) and {by['marginal']['z'][3]:+.2f} (marginal) NUTS "
-            "sds from NUTS's mean: a bias of the mean, which this target does not measure.")
+            "sds from NUTS's mean: a bias of the mean, which this target does not measure."
+        )
     cbpp = results.get("cbpp")
     if cbpp:
         by = {r["setting"]: r for r in cbpp[2]}
@@ -367,7 +422,8 @@ def reading(results, meets):
             f"NUTS's (marginal {by['marginal']['ratio'][-1]:.2f}×), the fixed effects agree "
             "within 6 % under both, and the ELBO prefers `marginal` "
             f"(+{by['marginal']['elbo'] - by['joint']['elbo']:.2f} nats). Fit times are alike "
-            "(seconds).")
+            "(seconds)."
+        )
     return "\n\n".join(lines)
 
 
@@ -377,15 +433,18 @@ def curvi_provenance():
     path = Path(curvi.__file__).resolve().parent
     repo = HERE.parent
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = "?"
     if path == (repo / "curvi").resolve():
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "curvi"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "curvi"], capture_output=True, text=True
+        ).stdout.strip()
         return f"curvi from this checkout at {commit}" + (
-            " with uncommitted changes in curvi/" if dirty else " (clean)")
+            " with uncommitted changes in curvi/" if dirty else " (clean)"
+        )
     return f"curvi imported from {path} (repository HEAD {commit})"
 
 
@@ -394,13 +453,18 @@ def main():
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0, help="pyro.set_rng_seed before each fit")
-    parser.add_argument("--draws", type=int, default=20_000,
-                        help="draws of the guide's posterior that check the quadrature")
+    parser.add_argument(
+        "--draws", type=int, default=20_000, help="draws of the guide's posterior that check the quadrature"
+    )
     parser.add_argument("--elbo-se", type=float, default=0.2, help="SE (nats) of the independent ELBO")
     parser.add_argument("--elbo-seconds", type=float, default=120.0, help="cap on one ELBO estimate")
     parser.add_argument("--models", nargs="+", default=["bench", "cbpp"], choices=["bench", "cbpp"])
-    parser.add_argument("--cbpp-nuts-chains", type=int, default=0,
-                        help="run Pyro NUTS on cbpp with this many chains (0: the stored reference)")
+    parser.add_argument(
+        "--cbpp-nuts-chains",
+        type=int,
+        default=0,
+        help="run Pyro NUTS on cbpp with this many chains (0: the stored reference)",
+    )
     parser.add_argument("--cbpp-nuts-warmup", type=int, default=1000)
     parser.add_argument("--cbpp-nuts-draws", type=int, default=1000)
     parser.add_argument("--cbpp-nuts-seed", type=int, default=2)
@@ -408,9 +472,8 @@ def main():
     args = parser.parse_args()
 
     import numpy as np
-    import torch
-
     import pyro
+    import torch
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -426,15 +489,27 @@ def main():
         else:
             stored = cbpp_stored_reference()
             if args.cbpp_nuts_chains > 0:
-                log(f"cbpp NUTS: {args.cbpp_nuts_chains} chains × ({args.cbpp_nuts_warmup} + "
-                    f"{args.cbpp_nuts_draws}) ...")
-                reference = cbpp_nuts_reference(problem, args.cbpp_nuts_chains,
-                                                args.cbpp_nuts_warmup, args.cbpp_nuts_draws,
-                                                args.cbpp_nuts_seed)
-                notes.append("cbpp, the stored reference for comparison ("
-                             + stored["text"] + "): sds " + ", ".join(
-                                 f"{s} {v:.4f} ({v / r:.3f}× this run's)" for s, v, r in
-                                 zip(CBPP_SITES, stored["sd"], reference["sd"])) + ".")
+                log(
+                    f"cbpp NUTS: {args.cbpp_nuts_chains} chains × ({args.cbpp_nuts_warmup} + "
+                    f"{args.cbpp_nuts_draws}) ..."
+                )
+                reference = cbpp_nuts_reference(
+                    problem,
+                    args.cbpp_nuts_chains,
+                    args.cbpp_nuts_warmup,
+                    args.cbpp_nuts_draws,
+                    args.cbpp_nuts_seed,
+                )
+                notes.append(
+                    "cbpp, the stored reference for comparison ("
+                    + stored["text"]
+                    + "): sds "
+                    + ", ".join(
+                        f"{s} {v:.4f} ({v / r:.3f}× this run's)"
+                        for s, v, r in zip(CBPP_SITES, stored["sd"], reference["sd"])
+                    )
+                    + "."
+                )
             else:
                 reference = stored
         problem["reference_text"] = reference["text"]
@@ -444,7 +519,7 @@ def main():
 
     cmd = "python benchmarks/global_precision.py " + " ".join(sys.argv[1:])
     text = (
-        "# global_precision: \"joint\" or \"marginal\" against NUTS's global sds\n\n"
+        '# global_precision: "joint" or "marginal" against NUTS\'s global sds\n\n'
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}, "
         f"{args.threads} torch thread(s), {args.dtype}; {provenance}; "
@@ -459,14 +534,19 @@ def main():
         + f"{max(r['draws_check'] for _, _, rs in results.values() for r in rs):.2%}). "
         "Target: every global sd within 10 % of NUTS's.\n\n"
         "References:\n\n"
-        + "".join(f"- {n} ({p['title']}): {ref['text']}; relative MC error of its sds "
-                  f"{100 * np.min(ref['sd_rel_se']):.1f}–{100 * np.max(ref['sd_rel_se']):.1f} %.\n"
-                  for n, (p, ref, _) in results.items())
+        + "".join(
+            f"- {n} ({p['title']}): {ref['text']}; relative MC error of its sds "
+            f"{100 * np.min(ref['sd_rel_se']):.1f}–{100 * np.max(ref['sd_rel_se']):.1f} %.\n"
+            for n, (p, ref, _) in results.items()
+        )
         + "".join(f"- {note}\n" for note in notes)
         + "\n### Global posterior against NUTS\n\n"
         + "\n".join(site_table(p, ref, runs) for p, ref, runs in results.values()).replace(
-            "\n| model |", "\n\n| model |")
-        + "\n\n### Fits\n\n" + fit_table(results) + "\n\n"
+            "\n| model |", "\n\n| model |"
+        )
+        + "\n\n### Fits\n\n"
+        + fit_table(results)
+        + "\n\n"
         "*fit's final ELBO*: `FitResult.final_elbo ± final_elbo_se` (the optimiser's own "
         "estimate, 32 antithetic particles at the averaged θ̂); *independent ELBO*: "
         "`Trace_ELBO(vectorize_particles=True)` at the fitted guide, chunks until the SE of "
@@ -479,8 +559,9 @@ def main():
     for name, (_, _, runs) in results.items():
         for run in runs:
             if run["warnings"]:
-                extra.append(f"- {name} {run['setting']}: warnings during the fit: "
-                             + "; ".join(run["warnings"]))
+                extra.append(
+                    f"- {name} {run['setting']}: warnings during the fit: " + "; ".join(run["warnings"])
+                )
     if extra:
         text += "\n" + "\n".join(extra) + "\n"
     verdict, meets = verdicts(results)
