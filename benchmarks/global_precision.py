@@ -33,7 +33,7 @@ ELBO tells which q the variational objective prefers.
 
 Usage::
 
-    python benchmarks/global_precision.py  # stored cbpp NUTS reference
+    python benchmarks/global_precision.py                        # stored cbpp NUTS reference
     python benchmarks/global_precision.py --cbpp-nuts-chains 4   # + a fresh cbpp NUTS run (~6 min)
     python benchmarks/global_precision.py --no-write             # printed only
 """
@@ -370,7 +370,7 @@ def verdicts(results):
                 else "misses it: " + "; ".join(misses) + "."
             )
         )
-    for name, (problem, _reference, runs) in results.items():
+    for name, (_problem, _reference, runs) in results.items():
         by = {r["setting"]: r for r in runs}
         diff = by["marginal"]["elbo"] - by["joint"]["elbo"]
         se = math.hypot(by["marginal"]["elbo_se"], by["joint"]["elbo_se"])
