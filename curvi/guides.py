@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import pyro
 import pyro.distributions as dist
@@ -191,7 +191,12 @@ class LaplaceGuideBase(AutoGuide):
         S = self._global_precision(P, subsampled)
         s = view.num_units / y_hat.shape[0]
         Q = P if S is P.schur and s == 1 else P.with_schur(S, cross_scale=1 / math.sqrt(s))
-        return LaplaceGaussian(theta_hat, y_hat, Q, subsampled=subsampled, units=units)
+        return LaplaceGaussian(theta_hat, y_hat, Q, subsampled=subsampled, units=units, epoch=self._epoch())
+
+    def _epoch(self):
+        """How often the rule that computes S from θ̂ has changed (see
+        :class:`~curvi.posterior.LaplaceGaussian`); 0 when it never does."""
+        return 0
 
     def _precision(self, view, theta_hat, y_hat, units):
         """The repaired arrowhead precision at the mean, from the Hessian of the
@@ -473,19 +478,24 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
     :param float xtol: Newton step tolerance (default ``sqrt(eps)``; the
         final implicit step makes the modes accurate to about ``xtol²``).
     :param int max_iter: Newton iteration cap per call.
-    :param str global_precision: the precision of q(θ). ``"joint"`` (default,
-        docs/design.md §4.6): the Schur complement of the partial Hessian of log p at
-        (θ̂, ŷ(θ̂)). ``"marginal"``: the negative Hessian of the Laplace log
+    :param str global_precision: the precision of q(θ) (docs/design.md
+        §4.6). ``"joint"`` (default) or ``"marginal"``: the negative Hessian of the Laplace log
         marginal of θ at θ̂ (:func:`~curvi.marginal.laplace_hessian`), as TMB
-        and INLA use for θ. In centred hierarchies (funnels) the joint
-        curvature of a variance parameter can be far from its posterior
-        width -- even indefinite at the optimum, then repaired -- while the
-        marginal curvature tracks it; the ELBO, whose guide family cannot
-        follow the funnel, may still prefer ``"joint"``. The marginal
-        curvature costs ``2p`` extra gradients and is recomputed (treated as
-        a constant in the gradient) when θ̂ has moved more than half a
-        posterior sd since it was last computed. Not available under
-        subsampling.
+        and INLA use for θ. ``"joint"``: the Schur complement of the partial
+        Hessian of log p at (θ̂, ŷ(θ̂)). In hierarchies the joint curvature of
+        a variance parameter can be far from its posterior width -- even
+        indefinite at the optimum, then repaired -- while the marginal
+        curvature tracks it (measured against NUTS in
+        ``benchmarks/results/global_precision.md``); the ELBO, whose guide
+        family cannot follow a funnel, may still prefer ``"joint"``. The
+        marginal curvature costs ``2p`` extra gradients of the Laplace
+        marginal, is recomputed at every call whose θ̂ has changed (within
+        :meth:`holding_global_precision`, not at all) and is treated as a
+        constant in the gradient; it needs every unit at each call, so it is
+        not available under subsampling. The default is ``"joint"``: with
+        ``"marginal"`` a weakly identified variance parameter gets a wide
+        q(θ) whose draws meet q(yᵢ | θ)'s precision fixed at θ̂, and the
+        ELBO's draws become heavy-tailed (docs/design.md §4.6).
     :param create_plates, check_structure, running_weight, init_to_mode: as in
         :class:`LaplaceGuide`.
     """
@@ -507,6 +517,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
             raise ValueError(f"global_precision must be 'joint' or 'marginal', got {global_precision!r}")
         self.mode_fn, self.xtol, self.max_iter = mode_fn, xtol, max_iter
         self.global_precision = global_precision
+        self._held = 0  # depth of holding_global_precision()
         super().__init__(model, unit_plate=unit_plate, **kwargs)
 
     def default_optim(self, *args, **kwargs) -> pyro.optim.PyroOptim:
@@ -584,14 +595,46 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         self.mode_slope[slice(None) if units is None else units] = -q.M.detach()
         return q
 
+    def _epoch(self):
+        return int(self.marginal_count) if self.global_precision == "marginal" else 0
+
+    @contextmanager
+    def holding_global_precision(self) -> Iterator[None]:
+        """Within this context the rule for q(θ)'s precision S is held: the
+        ``"marginal"`` curvature is not recomputed however far θ̂ moves, so
+        the ELBO is one smooth function of θ̂ -- what a line search needs
+        (:class:`~curvi.laplace_newton.LaplaceNewton` holds it within a noise
+        block). Without effect for ``"joint"``.
+
+        Usage::
+
+            import pyro, pyro.distributions as dist
+
+            def model(obs):
+                mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+                with pyro.plate("groups", obs.shape[0], dim=-2):
+                    u = pyro.sample("u", dist.Normal(mu, 1.0))
+                    with pyro.plate("obs", obs.shape[1], dim=-1):
+                        pyro.sample("z", dist.Poisson(u.exp()), obs=obs)
+
+            obs = torch.poisson(torch.full((8, 4), 3.0))
+            guide = AmortizedLaplaceGuide(model, unit_plate="groups")
+            guide(obs)
+            with guide.holding_global_precision(), torch.no_grad():
+                guide.loc_global_unconstrained.add_(3.0)
+                guide(obs)   # S from the curvature computed before the move
+        """
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+
     def _refresh_marginal(self, view, theta, y, schur):
-        """Recompute the marginal curvature when θ̂ has moved more than half a
-        posterior sd (in its own metric) since it was last computed."""
-        if self.marginal_count > 0:
-            shift = theta - self.marginal_theta
-            metric = schur + self.marginal_correction
-            if shift @ metric @ shift <= 0.25:
-                return
+        """Recompute the marginal curvature at θ̂ unless it was computed at this
+        θ̂ or the rule is held: q(θ) is then a function of θ̂ alone."""
+        if self.marginal_count > 0 and (self._held or torch.equal(theta, self.marginal_theta)):
+            return
         marginal = -laplace_hessian(view, theta, y)
         self.marginal_correction = marginal - schur
         self.marginal_theta = theta.clone()

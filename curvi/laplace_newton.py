@@ -28,6 +28,7 @@ line-searched Newton iterations maximise it; then the noise is refreshed
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -391,6 +392,8 @@ class Evaluation(NamedTuple):
         estimate only, else ``nan``).
     :ivar float tail: the variance of the estimate's independent draws
         (antithetic pair means) per latent dimension (final estimate only).
+    :ivar int epoch: the Gaussian's epoch (the guide's rule for S; see
+        :class:`~curvi.posterior.LaplaceGaussian`).
     """
 
     value: float
@@ -399,6 +402,7 @@ class Evaluation(NamedTuple):
     param: torch.Tensor
     se: float = math.nan
     tail: float = math.nan
+    epoch: int = 0
 
 
 class NewtonELBO(Trace_ELBO):
@@ -424,7 +428,11 @@ class NewtonELBO(Trace_ELBO):
         optim = self.optim
         if optim.finishing:
             return -self._final_estimate(model, guide, args, kwargs)
-        values, trace = self._values(model, guide, args, kwargs, optim.noise_seed)
+        # within a block the guide's rule for S is held (where it has one to
+        # hold), so that trial points are compared on one objective
+        hold = getattr(guide, "holding_global_precision", None)
+        with hold() if hold is not None and optim.phase == "trial" else contextlib.nullcontext():
+            values, trace = self._values(model, guide, args, kwargs, optim.noise_seed)
         gaussian = laplace_gaussian(trace)
         if gaussian is None:
             raise ValueError(
@@ -443,7 +451,11 @@ class NewtonELBO(Trace_ELBO):
             raise ValueError("the guide's θ̂ received no gradient from the ELBO")
         # the ELBO's gradient (the loss's is its negative)
         self.last = Evaluation(
-            value.item(), -param.grad.detach().clone(), gaussian.global_precision.detach(), param
+            value.item(),
+            -param.grad.detach().clone(),
+            gaussian.global_precision.detach(),
+            param,
+            epoch=gaussian.epoch,
         )
         return -value.item()
 
@@ -519,9 +531,11 @@ class LaplaceNewton(pyro.optim.PyroOptim):
     fresh noise (``eval_particles``) with its standard error. If the
     estimate's independent draws vary by more than two nat² per latent
     dimension -- a heavy tail (a funnel, say) that the sample average of
-    ``num_particles`` draws does not represent -- the blocks run again from
-    there with twice the particles, up to ``max_particles``, after which
-    the fit says so and is not converged. Then :attr:`outcome` is set, and
+    ``num_particles`` draws does not represent -- or the blocks' solutions
+    scatter so that θ̂'s Monte Carlo error exceeds ``max_theta_se``
+    posterior sds, the blocks run again from there with twice the
+    particles, up to ``max_particles``, after which the fit says so and is
+    not converged. Then :attr:`outcome` is set, and
     :func:`curvi.fit` stops.
 
     Usage::
@@ -561,7 +575,11 @@ class LaplaceNewton(pyro.optim.PyroOptim):
     :param int eval_particles: particles of the final ELBO estimate (a
         multiple of ``num_particles``; default ``4 · num_particles``).
     :param int max_particles: the most particles per evaluation that the
-        heavy-tail rule may double ``num_particles`` to.
+        rules for heavy tails and imprecise solutions may double
+        ``num_particles`` to.
+    :param float max_theta_se: the largest Monte Carlo error of θ̂, in
+        posterior sds, that a fit may end with (``math.inf``: any); the
+        ELBO lost to it is about ``max_theta_se² / 2`` nats.
     :param int seed: seed of the first block's noise.
     :param dict others: :class:`torch.optim.Adam` arguments for parameters
         other than θ̂; ``None`` raises a ValueError naming any such parameter.
@@ -580,6 +598,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         quasi_newton: bool = True,
         eval_particles: int | None = None,
         max_particles: int = 128,
+        max_theta_se: float = 0.5,
         seed: int = 0,
         others: dict | None = None,
     ):
@@ -602,6 +621,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
                 f"eval_particles must be a multiple of num_particles={num_particles}, got {eval_particles!r}"
             )
         check_count("max_particles", max_particles, num_particles)
+        check_positive("max_theta_se", max_theta_se, allow_inf=True)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an integer, got {seed!r}")
         if others is not None and not isinstance(others, dict):
@@ -611,7 +631,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         self.num_particles, self.antithetic, self.blocks = num_particles, antithetic, blocks
         self.max_iter, self.tol, self.fallback_lr = max_iter, tol, fallback_lr
         self.quasi_newton, self.eval_particles, self.seed = quasi_newton, eval_particles, int(seed)
-        self.max_particles = max_particles
+        self.max_particles, self.max_theta_se = max_particles, max_theta_se
         self.region = TrustRegion(max_step)
         self.loss = NewtonELBO(self)
         self._reset()
@@ -629,6 +649,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         self.trial = None  # (start θ̂, full step, fraction, halvings, NewtonStep, kind)
         self.solutions, self.block_elbos, self.block_converged = [], [], []
         self.num_evaluations, self.num_iterations, self.num_fallbacks = 0, 0, 0
+        self.num_refreshes = 0  # changes of the guide's rule for S (epochs)
         self.outcome: FitOutcome | None = None
         self.region.reset()
 
@@ -707,6 +728,14 @@ class LaplaceNewton(pyro.optim.PyroOptim):
     def _judge_trial(self, param, record):
         start, step, fraction, halvings, kind = self.trial
         current = self.current
+        if record.epoch != current.epoch:
+            # the guide changed how it computes S (the marginal curvature was
+            # recomputed): another objective, so no comparison with the last
+            # point; go on from here with the new S
+            self.metric = record.precision
+            self.region.reset()
+            self.num_refreshes += 1
+            return self._accept_as_start(param, record)
         predicted = (current.grad * step.step).sum().item()
         # rounding error of the summed log density (float32 resolves a
         # 10⁵-term ELBO only to ~0.01 nat)
@@ -734,6 +763,12 @@ class LaplaceNewton(pyro.optim.PyroOptim):
             self.num_fallbacks += 1
             return self._propose(param, step, "gradient")
         self._end_block(param, converged=False)
+
+    def _accept_as_start(self, param, record):
+        self.current = record
+        self.iteration += 1
+        self.num_iterations += 1
+        self._plan(param)
 
     def _accept(self, param, record, step, fraction, kind):
         self.region.update(fraction, step.clipped)
@@ -770,11 +805,21 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         self.phase = "finishing"
 
     def _finish(self, record):
-        """From the final estimate: the outcome, or, when the draws' ELBOs
-        vary by more than two nat² per latent dimension (a heavy tail that K
-        particles do not average), another round with twice the particles."""
+        """From the final estimate: the outcome, or another round with twice
+        the particles when the draws' ELBOs vary by more than two nat² per
+        latent dimension (a heavy tail that K particles do not average) or
+        the blocks' solutions scatter by more than ``max_theta_se``
+        posterior sds (θ̂'s Monte Carlo error)."""
+        averaged = self._averaged()
+        theta = torch.stack(averaged).mean(0)
+        theta_se = math.nan
+        if len(averaged) > 1:
+            spread = torch.stack(averaged) - theta
+            mean_sq = ((spread @ record.precision) * spread).sum().item() / (len(averaged) - 1)
+            theta_se = math.sqrt(max(mean_sq, 0.0) / len(averaged))
         heavy = not record.tail <= 2.0
-        if heavy and 2 * self.num_particles <= self.max_particles:
+        imprecise = theta_se > self.max_theta_se
+        if (heavy or imprecise) and 2 * self.num_particles <= self.max_particles:
             self.num_particles *= 2
             self.eval_particles *= 2
             self.loss.num_particles = self.num_particles
@@ -784,15 +829,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
             self.region.reset()
             self.phase = "start"
             return
-        averaged = self._averaged()
-        theta = torch.stack(averaged).mean(0)
-        theta_se = math.nan
-        S = record.precision
-        if len(averaged) > 1:
-            spread = torch.stack(averaged) - theta
-            mean_sq = ((spread @ S) * spread).sum().item() / (len(averaged) - 1)
-            theta_se = math.sqrt(max(mean_sq, 0.0) / len(averaged))
-        converged = all(self.block_converged) and not heavy
+        converged = all(self.block_converged) and not heavy and not imprecise
         status = "converged" if converged else "not converged"
         message = (
             f"{status}: ELBO {record.value:.6g} ± {record.se:.2g} (MC SE, {self.eval_particles} "
@@ -805,6 +842,12 @@ class LaplaceNewton(pyro.optim.PyroOptim):
                 f"dimension with max_particles={self.max_particles}): the estimate and θ̂ "
                 "are unreliable"
                 if heavy
+                else ""
+            )
+            + (
+                f"; θ̂'s Monte Carlo error is above max_theta_se={self.max_theta_se:g} posterior sds "
+                f"with max_particles={self.max_particles}"
+                if imprecise
                 else ""
             )
         )
@@ -844,6 +887,7 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         "num_evaluations",
         "num_iterations",
         "num_fallbacks",
+        "num_refreshes",
         "outcome",
     )
 
@@ -933,6 +977,7 @@ def fit_newton(
 
 
 _NEWTON_OPTIONS = (
+    "max_theta_se",
     "num_particles",
     "antithetic",
     "blocks",

@@ -62,12 +62,18 @@ class LaplaceGaussian:
     :param bool subsampled: whether the unit plate was subsampled (then the
         batch is ``n`` of the plate's units).
     :param torch.Tensor units: the batch's unit indices, or ``None`` for all.
+    :param int epoch: how many times the guide has changed the rule by which
+        it computes ``S`` from θ̂ (the ``global_precision="marginal"``
+        curvature is recomputed when θ̂ has moved far): two Gaussians of one
+        guide with the same epoch come from one smooth function of θ̂, which
+        a line search on the ELBO relies on.
 
     :ivar torch.Tensor theta_hat: θ̂, ``(p,)``.
     :ivar torch.Tensor y_hat: ŷ, ``(n, k)``.
     :ivar ArrowheadPrecision precision: ``P``.
     :ivar bool subsampled: whether the unit plate was subsampled.
     :ivar units: the unit indices of the batch, or ``None``.
+    :ivar int epoch: as the parameter.
     :ivar torch.Tensor global_precision: ``S``, the precision of q(θ),
         ``(p, p)`` (``precision.schur``; differentiable).
     :ivar torch.Tensor local_precision: the ``Dᵢ``, ``(n, k, k)``.
@@ -82,6 +88,7 @@ class LaplaceGaussian:
         *,
         subsampled: bool = False,
         units: torch.Tensor | None = None,
+        epoch: int = 0,
     ):
         if tuple(theta_hat.shape) != (precision.global_dim,) or tuple(y_hat.shape) != (
             precision.num_units,
@@ -93,7 +100,7 @@ class LaplaceGaussian:
                 f"{tuple(theta_hat.shape)} and {tuple(y_hat.shape)}"
             )
         self.theta_hat, self.y_hat, self.precision = theta_hat, y_hat, precision
-        self.subsampled, self.units = bool(subsampled), units
+        self.subsampled, self.units, self.epoch = bool(subsampled), units, int(epoch)
 
     def __repr__(self):
         P = self.precision

@@ -346,17 +346,33 @@ def test_marginal_global_precision_is_the_laplace_marginal_curvature():
 
 
 def test_marginal_global_precision_gradient_matches_finite_differences():
-    """The marginal curvature is a constant between refreshes, so the ELBO
-    is still a smooth function of θ̂ with an exact autograd gradient."""
+    """With the marginal curvature held (as LaplaceNewton holds it within a
+    block) the ELBO is a smooth function of θ̂ with an exact autograd
+    gradient; outside a hold the curvature is recomputed at each new θ̂, so
+    q(θ) is a function of θ̂ alone."""
     model, args, _ = make_logistic_long()
     guide = AmortizedLaplaceGuide(model, unit_plate="groups", global_precision="marginal", init_to_mode=False)
     guide(*args)
     with torch.no_grad():
         guide.loc_global_unconstrained.add_(0.1)
-    elbo(model, guide, args, 0)  # refresh at the new point
+    elbo(model, guide, args, 0)  # recomputed at the new point
+    count = guide.marginal_count.item()
     param = guide.loc_global_unconstrained
-    (grad,) = torch.autograd.grad(elbo(model, guide, args, 4), param)
-    torch.testing.assert_close(grad, fd_gradient(model, guide, args, 4, param), rtol=1e-5, atol=1e-6)
+    with guide.holding_global_precision():
+        (grad,) = torch.autograd.grad(elbo(model, guide, args, 4), param)
+        torch.testing.assert_close(grad, fd_gradient(model, guide, args, 4, param), rtol=1e-5, atol=1e-6)
+    assert guide.marginal_count.item() == count  # held: never recomputed
+    theta = param.detach().clone()
+    with torch.no_grad():
+        param.add_(1e-3)
+    elbo(model, guide, args, 0)
+    assert guide.marginal_count.item() == count + 1  # a new θ̂: recomputed
+    with torch.no_grad():
+        param.copy_(theta)
+    first = elbo(model, guide, args, 4)
+    assert guide.marginal_count.item() == count + 2
+    assert elbo(model, guide, args, 4) == first  # the same θ̂: the same q, no recomputation
+    assert guide.marginal_count.item() == count + 2
 
 
 def test_marginal_global_precision_is_refused_under_subsampling():
