@@ -688,7 +688,10 @@ class ArrowheadPrecision:
         :return: a :class:`PrecisionCholeskyNormal` with ``batch_shape (..., N)``,
             ``event_shape (k,)`` and precision ``Dᵢ``.
         """
-        return PrecisionCholeskyNormal(self.conditional_mean(delta_theta), self._cholesky.L_D)
+        # factors of a Cholesky decomposition: valid by construction
+        return PrecisionCholeskyNormal(
+            self.conditional_mean(delta_theta), self._cholesky.L_D, validate_args=False
+        )
 
     def global_covariance(self) -> torch.Tensor:
         """

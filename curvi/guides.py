@@ -247,7 +247,7 @@ class LaplaceGuideBase(AutoGuide):
             infer={"is_auxiliary": True, INFER_KEY: q},
         )
         batch = theta.shape[:-1]  # the particle plates, e.g. (K, 1, 1)
-        q_y = q.conditional_local(theta.reshape(-1, view.global_dim))  # batch (B, n)
+        loc_y = q.conditional_mean(theta.reshape(-1, view.global_dim))  # ŷ − M(θ − θ̂): (B, n, k)
         # unit axis at the plate's dim, particle plates to its left
         n, k = y_hat.shape
         unit_shape = (n,) + (1,) * (-view.unit_dim - 1)
@@ -256,8 +256,9 @@ class LaplaceGuideBase(AutoGuide):
             y = pyro.sample(
                 f"_{self._pyro_name}_local",
                 PrecisionCholeskyNormal(
-                    q_y.loc.reshape(outer + unit_shape + (k,)),
+                    loc_y.reshape(outer + unit_shape + (k,)),
                     q.precision.cholesky.L_D.reshape(unit_shape + (k, k)),
+                    validate_args=False,  # Cholesky factors: valid by construction
                 ),
                 infer={"is_auxiliary": True},
             )

@@ -158,7 +158,8 @@ class LaplaceGaussian:
 
     def marginal_global(self) -> PrecisionCholeskyNormal:
         """q(θ) = N(θ̂, S⁻¹), from the factor of ``S``."""
-        return PrecisionCholeskyNormal(self.theta_hat, self.precision.cholesky.L_S)
+        # the factor of a Cholesky decomposition: valid by construction
+        return PrecisionCholeskyNormal(self.theta_hat, self.precision.cholesky.L_S, validate_args=False)
 
     def conditional_mean(self, theta: torch.Tensor) -> torch.Tensor:
         """The mean ``ŷᵢ − Mᵢ(θ − θ̂)`` of q(yᵢ | θ) for ``theta`` of shape
@@ -168,7 +169,9 @@ class LaplaceGaussian:
     def conditional_local(self, theta: torch.Tensor) -> PrecisionCholeskyNormal:
         """q(yᵢ | θ) = N(ŷᵢ − Mᵢ(θ − θ̂), Dᵢ⁻¹) for ``theta`` of shape ``(..., p)``:
         batch shape ``(..., n)``, event shape ``(k,)``, precision ``Dᵢ``."""
-        return PrecisionCholeskyNormal(self.conditional_mean(theta), self.precision.cholesky.L_D)
+        return PrecisionCholeskyNormal(
+            self.conditional_mean(theta), self.precision.cholesky.L_D, validate_args=False
+        )
 
     def marginal_variances(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Marginal variances ``(var_theta (p,), var_y (n, k))``:
