@@ -36,6 +36,8 @@ from torch.distributions.utils import _standard_normal
 
 from curvi.repair import Jitter, SpectralRepair, as_repair
 
+from .tensor_ops import symmetrize
+
 __all__ = [
     "ArrowheadCholesky",
     "ArrowheadPrecision",
@@ -95,10 +97,6 @@ def _check_pair(v, p, N, k, name="v"):
     if v_y.dim() < 2 or v_y.shape[-2:] != (N, k):
         raise ValueError(f"{name}[1] (y part): expected shape (..., {N}, {k}), given {tuple(v_y.shape)}")
     return v_theta, v_y
-
-
-def _sym(M):
-    return 0.5 * (M + M.mT)
 
 
 def _first_units(mask):
@@ -277,7 +275,7 @@ class RepairReport(NamedTuple):
 def _eliminate(L_D, B):
     """``Wᵢ = Lᵢ⁻¹ Bᵢ`` and ``Σᵢ Bᵢᵀ Dᵢ⁻¹ Bᵢ = Σᵢ Wᵢᵀ Wᵢ``."""
     W = torch.linalg.solve_triangular(L_D, B, upper=False)
-    return W, _sym(torch.einsum("nkp,nkq->pq", W, W))
+    return W, symmetrize(torch.einsum("nkp,nkq->pq", W, W))
 
 
 def _moved(before, after):
@@ -335,7 +333,7 @@ class ArrowheadPrecision:
         self._p, self._N, self._k = _check_blocks(A, B, D)
         _check_finite(A=A, B=B, D=D)
         self._repair = as_repair(repair)
-        A, D = _sym(A), _sym(D)
+        A, D = symmetrize(A), symmetrize(D)
         if self._repair is None:
             self._factor_exact(A, B, D)
         else:
@@ -353,7 +351,7 @@ class ArrowheadPrecision:
                 "'softplus', 'clip', 'jitter') to repair them"
             )
         W, BtDinvB = _eliminate(L_D, B)
-        S = _sym(A - BtDinvB)
+        S = symmetrize(A - BtDinvB)
         L_S, info = torch.linalg.cholesky_ex(S)
         if info > 0:
             raise ValueError(
@@ -367,7 +365,7 @@ class ArrowheadPrecision:
         D_rep = self._repair(D)
         L_D = torch.linalg.cholesky(D_rep.matrix)
         W, BtDinvB = _eliminate(L_D, B)
-        S_rep = self._repair(_sym(A - BtDinvB))
+        S_rep = self._repair(symmetrize(A - BtDinvB))
         L_S = torch.linalg.cholesky(S_rep.matrix)
         report = RepairReport(
             num_units=self._N,
@@ -420,7 +418,7 @@ class ArrowheadPrecision:
         if cross_scale != 1.0:
             W = cross_scale * W
         M = None if self._M is None else cross_scale * self._M
-        BtDinvB = _sym(torch.einsum("nkp,nkq->pq", W, W))
+        BtDinvB = symmetrize(torch.einsum("nkp,nkq->pq", W, W))
         return self._new(S + BtDinvB, cross_scale * self._B, self._D, S, ArrowheadCholesky(L_D, W, L_S), M)
 
     def detach(self) -> ArrowheadPrecision:

@@ -22,10 +22,10 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, JitTrace_ELBO, JitTraceGraph_ELBO, Trace_ELBO, TraceGraph_ELBO
 from pyro.infer.tracegraph_elbo import _construct_baseline
-from pyro.util import get_rng_state, set_rng_state
 
 from .leave_one_out import tracegraph_terms
 from .taylor_cv import trace_elbo_terms
+from .tensor_ops import rng_state, set_rng_state
 
 
 class ParameterStats(NamedTuple):
@@ -111,7 +111,7 @@ def gradient_variance(
     if not isinstance(num_draws, int) or num_draws < 2:
         raise ValueError(f"num_draws must be an integer >= 2, got {num_draws!r}")
 
-    rng = get_rng_state()
+    rng = rng_state()
     store = pyro.get_param_store()
     saved_grads = {name: p.grad for name, p in store.named_parameters()}
     buffers = _snapshot_buffers(guide)

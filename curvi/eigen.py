@@ -34,6 +34,7 @@ import torch
 from .arrowhead import arrowhead_matvec
 from .hessian import ArrowheadHessian
 from .model import ModelView
+from .tensor_ops import symmetrize
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -349,7 +350,7 @@ class _Operator:
                 raise TypeError(f"the Hessian must be a floating-point tensor, got dtype {obj.dtype}")
             if not torch.isfinite(obj).all():
                 raise ValueError("the Hessian has non-finite entries")
-            self.dense = 0.5 * (obj + obj.transpose(0, 1)).detach()
+            self.dense = symmetrize(obj).detach()
             self.dim, self.dtype, self.device = obj.shape[0], obj.dtype, obj.device
             self.matmat = lambda V: self.dense @ V
         elif all(hasattr(obj, a) for a in ("A", "B", "D")):
@@ -392,7 +393,7 @@ class _Operator:
         if getattr(self, "_to_dense", None) is not None:
             return self._to_dense().detach()
         M = self.matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device))
-        return 0.5 * (M + M.T)
+        return symmetrize(M)
 
 
 def _checked(out, shape):
@@ -454,7 +455,7 @@ def _lanczos(op, k_lo, k_hi, *, names, tol, block, max_matvecs, seed):
             Tn[:j, :j] = T
             Tn[:, j:] = h
             Tn[j:, :j] = h[:j].T
-            Tn[j:, j:] = 0.5 * (h[j:] + h[j:].T)
+            Tn[j:, j:] = symmetrize(h[j:])
             V, T, last = Vn, Tn, Q.shape[1]
             if V.shape[1] >= d:
                 Q = V.new_zeros(d, 0)

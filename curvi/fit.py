@@ -56,6 +56,7 @@ from pyro.infer.util import torch_item, zero_grads
 from tqdm.auto import tqdm
 
 from .checks import check_count, check_positive
+from .tensor_ops import rng_state, set_rng_state
 
 __all__ = ["FitOutcome", "FitResult", "elbo_converged", "fit"]
 
@@ -534,30 +535,16 @@ def _volatile_state(modules):
         role: {name: b.detach().clone() for name, b in module.named_buffers()}
         for role, module in modules.items()
     }
-    return _rng_state(), buffers
+    return rng_state(), buffers
 
 
 def _set_volatile_state(modules, state):
     rng, buffers = state
-    _set_rng_state(rng)
+    set_rng_state(rng)
     for role, module in modules.items():
         for name, value in buffers[role].items():
             owner, _, leaf = name.rpartition(".")
             setattr(module.get_submodule(owner), leaf, value)
-
-
-def _rng_state():
-    """Python, NumPy and torch random states (and CUDA's, when in use)."""
-    state = pyro.util.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    pyro.util.set_rng_state(state)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _zero_all_grads(modules):
@@ -584,7 +571,7 @@ def _capture(step, elbo, optim, modules):
         "param_store": pyro.get_param_store().get_state(),
         "optim": optim.get_state(),
         "modules": {role: module.state_dict() for role, module in modules.items()},
-        "rng": _rng_state(),
+        "rng": rng_state(),
     }
 
 
@@ -646,7 +633,7 @@ def _restore(state, svi, modules, args, kwargs, path):
     svi.optim.optim_objs.clear()  # forget torch optimisers of any earlier run
     svi.optim.grad_clip.clear()
     svi.optim.set_state(state["optim"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
 
 
 def _used_params(svi, args, kwargs):

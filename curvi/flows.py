@@ -65,6 +65,9 @@ from pyro.nn import DenseNN
 from pyro.nn.dense_nn import ConditionalDenseNN
 from torch.distributions import transforms as T
 
+from .tensor_ops import grad as _grad
+from .tensor_ops import symmetrize
+
 __all__ = ["FlowHessian", "log_density_hessian"]
 
 
@@ -175,7 +178,7 @@ def log_density_hessian(
         lp, g, H = _autograd_hessian(dist.log_prob, value, event_shape)
         out = FlowHessian(H, g, lp, value if flow is None else _inverse_point(flow, value))
     _check_finite(out.log_prob)
-    out = FlowHessian(_sym(out.hessian), *out[1:])
+    out = FlowHessian(symmetrize(out.hessian), *out[1:])
     return out if full_output else out.hessian
 
 
@@ -886,19 +889,11 @@ def _per_point(ldj, lead_ndim, lead_shape):
     return ldj.expand(lead_shape)
 
 
-def _grad(out, inputs, grad_outputs=None, **kwargs):
-    return torch.autograd.grad(out, inputs, grad_outputs, allow_unused=True, materialize_grads=True, **kwargs)
-
-
 def _clear_cache(m):
     """Drop the transform's one-element cache (it holds our autograd graph)."""
     t = m._inv if isinstance(m, T._InverseTransform) else m
     if getattr(t, "_cache_size", 0) == 1:
         t._cached_x_y = None, None
-
-
-def _sym(M):
-    return 0.5 * (M + M.transpose(-1, -2))
 
 
 def _name(t):

@@ -51,6 +51,7 @@ from .arrowhead import ArrowheadPrecision, arrowhead_matvec
 from .guides import LaplaceGuideBase, laplace_gaussian
 from .hessian import structured_hessian
 from .model import ModelView
+from .tensor_ops import symmetrize
 
 SUPPORTED = (
     "AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
@@ -185,7 +186,7 @@ class Curvature:
                 if isinstance(error, torch.OutOfMemoryError):
                     raise
                 H = torch.stack([torch.autograd.grad(grad, x, e, retain_graph=True)[0] for e in eye])
-        H = 0.5 * (H + H.T)
+        H = symmetrize(H)
         return cls(value.detach(), grad.detach(), dense=H.detach(), layout=layout)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch
 from .arrowhead import ArrowheadPrecision, arrowhead_matvec, arrowhead_to_dense
 from .model import ModelView
 from .repair import Jitter, SpectralRepair
+from .tensor_ops import grad as _grad
+from .tensor_ops import symmetrize
 
 
 class ArrowheadHessian:
@@ -129,7 +131,7 @@ def structured_hessian(
     A = torch.stack([r[0] for r in rows[:p]]) if p else theta.new_zeros(0, 0)
     B = torch.stack([r[1] for r in rows[:p]], dim=-1) if p else y.new_zeros(y.shape + (0,))
     D = torch.stack([r[1] for r in rows[p:]], dim=-1)
-    A, D = _symmetrize(A), _symmetrize(D)
+    A, D = symmetrize(A), symmetrize(D)
     H = ArrowheadHessian(A, B, D, log_prob=log_prob, grad_theta=g_theta, grad_y=g_y)
     if not create_graph:
         for name in ("A", "B", "D", "log_prob", "grad_theta", "grad_y"):
@@ -180,7 +182,7 @@ def local_hessian(
             ]
             for l in range(k)
         ]
-    D = _symmetrize(torch.stack(columns, dim=-1))
+    D = symmetrize(torch.stack(columns, dim=-1))
     if create_graph:
         return log_prob, g_y, D
     return log_prob.detach(), g_y.detach(), D.detach()
@@ -258,14 +260,6 @@ def _as_inputs(x, create_graph):
     if create_graph and x.requires_grad:
         return x.view_as(x)
     return x.detach().requires_grad_(True)
-
-
-def _grad(out, inputs, **kwargs):
-    return torch.autograd.grad(out, inputs, allow_unused=True, materialize_grads=True, **kwargs)
-
-
-def _symmetrize(M):
-    return 0.5 * (M + M.transpose(-1, -2))
 
 
 def _check_finite(view, theta, y, units, log_prob, g_theta, g_y):

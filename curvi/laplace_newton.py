@@ -44,6 +44,7 @@ from pyro.poutine.messenger import Messenger
 from .checks import check_count, check_positive
 from .fit import FitOutcome, FitResult, fit
 from .posterior import laplace_gaussian
+from .tensor_ops import symmetrize
 
 __all__ = [
     "FixedNoise",
@@ -211,7 +212,7 @@ def bfgs_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tens
     if not (ys > 1e-8 * sHs and sHs > 0):
         return H
     H = H - torch.outer(Hs, Hs) / sHs + torch.outer(y, y) / ys
-    return 0.5 * (H + H.T)
+    return symmetrize(H)
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pyro.poutine.runtime import Message
 from .hessian import local_hessian
 from .model import ModelView
 from .modes import ModeResult, implicit_modes, solve_modes, warn_unconverged
+from .tensor_ops import symmetrize
 
 
 class NoLaplaceApproximation(ValueError):
@@ -190,7 +191,7 @@ def central_hessian(
         h = step * max(1.0, abs((x * e).sum().item()))
         columns.append((gradient_fn(x + h * e) - gradient_fn(x - h * e)) / (2 * h))
     hessian = torch.stack(columns, dim=-1)
-    return 0.5 * (hessian + hessian.T)
+    return symmetrize(hessian)
 
 
 def laplace_hessian(

@@ -49,6 +49,7 @@ import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 from .guide_moments import FlatLayout, batched_log_density, flat_log_density, gaussian_view
+from .tensor_ops import symmetrize
 
 __all__ = ["NaturalGradient", "NaturalGradientLoss", "StepRecord"]
 
@@ -206,14 +207,14 @@ class NaturalGradientLoss(pyro.infer.Trace_ELBO):
                 hessians = rows.transpose(0, 1)  # (K, d, d)
         grads = grads.detach()
         if self.curvature == "hessian":
-            hess = hessians.diagonal(dim1=-2, dim2=-1) if diagonal else 0.5 * (hessians + hessians.mT)
+            hess = hessians.diagonal(dim1=-2, dim2=-1) if diagonal else symmetrize(hessians)
         else:
             delta = points - mean
             if diagonal:
                 hess = precision * delta * grads
             else:
                 outer = (delta @ precision).unsqueeze(-1) * grads.unsqueeze(-2)  # S δ ∇ᵀ
-                hess = 0.5 * (outer + outer.mT)
+                hess = symmetrize(outer)
         grad, hess = grads.mean(0), hess.mean(0)
         if not (torch.isfinite(grad).all() and torch.isfinite(hess).all()):
             raise ValueError(
@@ -503,7 +504,7 @@ class NaturalGradient(pyro.optim.PyroOptim):
             else:
                 B = torch.linalg.solve_triangular(torch.linalg.cholesky(precision), step, upper=False)
                 new = 0.5 * precision + 0.5 * B.T @ B
-                new = 0.5 * (new + new.T)
+                new = symmetrize(new)
         else:
             new = plain
         if not (torch.isfinite(new).all() and _is_pd(new, diagonal)):
@@ -540,7 +541,7 @@ class _FullAdapter:
         mean, cov = q.moments()
         L = cov.factor
         precision = torch.cholesky_inverse(torch.linalg.cholesky(L @ L.T))
-        return mean, 0.5 * (precision + precision.T)
+        return mean, symmetrize(precision)
 
     def targets(self, layout, mean, precision):
         g = self.guide

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .tensor_ops import symmetrize
+
 __all__ = [
     "RepairResult",
     "SpectralRepair",
@@ -57,10 +59,6 @@ class RepairResult(NamedTuple):
     matrix: torch.Tensor
     eigvals_before: torch.Tensor
     eigvals_after: torch.Tensor
-
-
-def _symmetrize(M):
-    return 0.5 * (M + M.mT)
 
 
 def _divided_differences(lam, f_lam, df, rtol):
@@ -123,7 +121,7 @@ def spectral_map(
         return RepairResult(M, lam, f_lam)
     F_dk = _divided_differences(lam, f_lam, df, rtol)
     inner = torch.diag_embed(f_lam) + F_dk * (Q.mT @ (M - M0) @ Q)
-    return RepairResult(_symmetrize(Q @ inner @ Q.mT), lam, f_lam)
+    return RepairResult(symmetrize(Q @ inner @ Q.mT), lam, f_lam)
 
 
 class SpectralRepair:

@@ -30,6 +30,8 @@ MODULES = [
     "curvi.flows",
     "curvi.eigen",
     "curvi.laplace_newton",
+    "curvi.checks",
+    "curvi.tensor_ops",
 ]
 
 
