@@ -51,7 +51,7 @@ from .arrowhead import ArrowheadPrecision, arrowhead_matvec
 from .guides import LaplaceGuideBase, laplace_gaussian
 from .hessian import structured_hessian
 from .model import ModelView
-from .tensor_ops import symmetrize
+from .tensor_ops import hessian_rows, symmetrize
 
 SUPPORTED = (
     "AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
@@ -179,13 +179,7 @@ class Curvature:
             x = x.clone().requires_grad_(True)
             value = log_density(x)
             (grad,) = torch.autograd.grad(value, x, create_graph=True)
-            eye = torch.eye(x.numel(), dtype=x.dtype, device=x.device)
-            try:
-                (H,) = torch.autograd.grad(grad, x, eye, is_grads_batched=True, retain_graph=True)
-            except RuntimeError as error:  # an op without a batching rule: one row at a time
-                if isinstance(error, torch.OutOfMemoryError):
-                    raise
-                H = torch.stack([torch.autograd.grad(grad, x, e, retain_graph=True)[0] for e in eye])
+            H = hessian_rows(grad, x, torch.eye(x.numel(), dtype=x.dtype, device=x.device))
         H = symmetrize(H)
         return cls(value.detach(), grad.detach(), dense=H.detach(), layout=layout)
 

@@ -49,7 +49,7 @@ import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 from .guide_moments import FlatLayout, batched_log_density, flat_log_density, gaussian_view
-from .tensor_ops import symmetrize
+from .tensor_ops import hessian_rows, symmetrize
 
 __all__ = ["NaturalGradient", "NaturalGradientLoss", "StepRecord"]
 
@@ -203,7 +203,7 @@ class NaturalGradientLoss(pyro.infer.Trace_ELBO):
                 d = mean.shape[-1]
                 directions = torch.eye(d, dtype=mean.dtype, device=mean.device)
                 directions = directions.unsqueeze(1).expand(d, len(points), d)
-                (rows,) = torch.autograd.grad(grads, x, directions, is_grads_batched=True)
+                rows = hessian_rows(grads, x, directions)
                 hessians = rows.transpose(0, 1)  # (K, d, d)
         grads = grads.detach()
         if self.curvature == "hessian":
