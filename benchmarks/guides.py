@@ -5,9 +5,16 @@ Model and data (``benchmarks/common.py``): 4 globals (intercept and slope,
 the two random-effect sds), a random intercept and slope per group, 10
 Bernoulli observations per group, ``simulate(N, seed=0)``; 1 000 and 10 000
 groups. Guides, each trained with Adam through ``curvi.fit`` (single-particle
-``Trace_ELBO``) for a wall-clock budget or until its ELBO stops improving:
+``Trace_ELBO``) for a wall-clock budget or until its ELBO stops improving
+(except the default fit, which stops by itself):
 
 * ``AmortizedLaplaceGuide`` and ``LaplaceGuide`` (curvi);
+* what a user gets with no options: ``AmortizedLaplaceGuide`` fitted by
+  ``curvi.fit(model, guide, *data)`` with no ``optim``/``loss``/``steps`` (its
+  sample-average Newton, ``curvi.LaplaceNewton``, which stops by itself: one
+  run, no learning rate, the budget only a cap; its final ELBO is the state
+  the fit returns, not the best point), with the default
+  ``global_precision="joint"`` and with ``"marginal"`` (rows "..., default fit");
 * Pyro's ``AutoNormal``, ``AutoMultivariateNormal`` (skipped where its dense
   ``scale_tril`` would not fit in ``--memory-gb``) and
   ``AutoLaplaceApproximation`` (MAP by Adam, then ``laplace_approximation()``
@@ -45,6 +52,17 @@ Usage::
     python benchmarks/guides.py --budgets 60 150 --lrs-curvi 0.01 --threads 1 --final-seconds 120
                                                   # the committed table (its command is in its header)
     python benchmarks/guides.py --regenerate-nuts # recompute the NUTS reference first
+    python benchmarks/guides.py --budgets 60 150 --lrs-curvi 0.01 --threads 1 --final-seconds 120 \
+        --eval-seconds 15 --guides amortized-default amortized-default-marginal --merge
+                                                  # re-run only these rows, merged into the table
+
+``--guides`` takes short names (see ``--help``). With ``--merge`` only those
+guides run, and their rows replace (or join) theirs in the existing results
+file (``--out``, default ``results/guides.md``): the speed rows' Δ vs amortized
+use the file's AmortizedLaplaceGuide ELBO, the default-fit lines of Targets
+are replaced, and a note after the header's command says which rows came from
+which run (date, machine, checkout, command). Without ``--merge``, a subset
+runs with AmortizedLaplaceGuide added and is written only to ``--out``.
 """
 
 from __future__ import annotations
@@ -74,9 +92,25 @@ HESSIAN_RESULTS = HERE / "results" / "hessian.md"
 REFERENCE_DIR = HERE / "reference"
 AMORTIZED = "AmortizedLaplaceGuide"
 AMORTIZED_MARGINAL = "AmortizedLaplaceGuide(global_precision='marginal')"
-CURVI_GUIDES = [AMORTIZED, AMORTIZED_MARGINAL, "LaplaceGuide"]
+# what a user gets with no options: curvi.fit(model, guide, *data), sample-average Newton
+AMORTIZED_DEFAULT = "AmortizedLaplaceGuide, default fit (`curvi.fit` with no options)"
+AMORTIZED_DEFAULT_MARGINAL = "AmortizedLaplaceGuide(global_precision='marginal'), default fit"
+DEFAULT_FIT_GUIDES = [AMORTIZED_DEFAULT, AMORTIZED_DEFAULT_MARGINAL]
+CURVI_GUIDES = [AMORTIZED, AMORTIZED_MARGINAL, "LaplaceGuide"]  # trained with Adam
 PYRO_GUIDES = ["AutoNormal", "AutoMultivariateNormal", "AutoLaplaceApproximation"]
-GUIDES = CURVI_GUIDES + PYRO_GUIDES
+# table order; AMORTIZED runs first (the others' target is its ELBO)
+GUIDES = [AMORTIZED, *DEFAULT_FIT_GUIDES, AMORTIZED_MARGINAL, "LaplaceGuide", *PYRO_GUIDES]
+# short names for --guides (the full names are accepted too)
+GUIDE_KEYS = {
+    "amortized": AMORTIZED,
+    "amortized-default": AMORTIZED_DEFAULT,
+    "amortized-default-marginal": AMORTIZED_DEFAULT_MARGINAL,
+    "amortized-marginal": AMORTIZED_MARGINAL,
+    "laplace": "LaplaceGuide",
+    "autonormal": "AutoNormal",
+    "automvn": "AutoMultivariateNormal",
+    "autolaplace": "AutoLaplaceApproximation",
+}
 GLOBALS = ["beta[0]", "beta[1]", "sigma[0]", "sigma[1]"]
 SIZES, BUDGETS = [1000, 10_000], [120.0, 300.0]
 REFERENCE_N = 1000
@@ -107,9 +141,9 @@ def make_guide(name, model):
 
     from curvi import AmortizedLaplaceGuide, LaplaceGuide
 
-    if name == AMORTIZED:
+    if name in (AMORTIZED, AMORTIZED_DEFAULT):
         return AmortizedLaplaceGuide(model, unit_plate="groups")
-    if name == AMORTIZED_MARGINAL:
+    if name in (AMORTIZED_MARGINAL, AMORTIZED_DEFAULT_MARGINAL):
         return AmortizedLaplaceGuide(model, unit_plate="groups", global_precision="marginal")
     if name == "LaplaceGuide":
         return LaplaceGuide(model, unit_plate="groups")
@@ -221,14 +255,19 @@ def restore(guide, state):
             v.copy_(state[k])  # in place: the param store holds the same tensors
 
 
-def train(label, model, guide, data, lr, budget, evaluate, args):
+def train(label, model, guide, data, lr, budget, evaluate, args, default_fit=False):
     """Adam through ``curvi.fit`` for ``budget`` seconds of training (the
-    evaluations excluded) or until the ELBO stops improving.
+    evaluations excluded) or until the ELBO stops improving; with
+    ``default_fit``, ``curvi.fit(model, guide, *data)`` with no optimiser,
+    loss or steps (the guide's sample-average Newton, which stops by itself;
+    ``budget`` is only a cap).
 
     At each evaluation point the clock stops, the guide's state is kept and its
     ELBO estimated to ``--se-trajectory``. Returns a dict: ``points`` (train
     seconds, steps, Estimate, state), steps, train seconds, and an error
-    message if the fit failed (the points up to then are kept).
+    message if the fit failed (the points up to then are kept); with
+    ``default_fit`` also the fit's own account (``fit_*``, ``theta_se``),
+    ``fit_seconds`` being None unless the fit returned by itself.
     """
     import pyro
     from pyro.infer import Trace_ELBO
@@ -255,29 +294,51 @@ def train(label, model, guide, data, lr, budget, evaluate, args):
         stop = False
         if state["clock"] >= state["next"] or state["clock"] >= budget:
             t = state["clock"]
+            kept = snapshot(guide) if default_fit else None
             est = evaluate(guide, args.se_trajectory, args.eval_seconds)
+            if default_fit:
+                # leave the fit as it was: an evaluation at a new θ̂ recomputes the
+                # 'marginal' curvature (a new epoch for LaplaceNewton's line
+                # search) and moves the units' warm starts
+                restore(guide, kept)
             state["eval_seconds"] += est.seconds
-            state["points"].append((t, step, est, snapshot(guide)))
+            state["points"].append((t, step, est, kept if default_fit else snapshot(guide)))
             log(f"  [{label}] t = {t:7.2f} s  step {step:>7,}  {est}")
             state["next"] = t + min(max(t * (args.eval_growth - 1), args.eval_min_gap), max_gap)
-            stop = t >= budget or stop_rule()
+            stop = t >= budget or (not default_fit and stop_rule())
         state["resumed"] = time.perf_counter()
         return stop
 
-    error = None
+    error, extra = None, {}
     state["resumed"] = time.perf_counter()
     try:
-        fit(
-            model,
-            guide,
-            *data,
-            steps=10**12,
-            optim=pyro.optim.Adam({"lr": lr}),
-            loss=Trace_ELBO(),
-            tol=None,
-            progress=False,
-            callback=callback,
-        )
+        if default_fit:
+            result = fit(model, guide, *data, progress=False, callback=callback)
+            returned = time.perf_counter()
+            extra = {
+                "fit_message": result.message,
+                "fit_converged": result.converged,
+                "fit_elbo": result.final_elbo,
+                "fit_elbo_se": result.final_elbo_se,
+                "theta_se": result.info.get("theta_se"),
+                "fit_seconds": None,
+            }
+            state["steps"] = result.num_evaluations
+            if result.info.get("theta") is not None:  # stopped by itself, not by the budget
+                state["clock"] += returned - state["resumed"]  # its bookkeeping after the last step
+                extra["fit_seconds"] = state["clock"]
+        else:
+            fit(
+                model,
+                guide,
+                *data,
+                steps=10**12,
+                optim=pyro.optim.Adam({"lr": lr}),
+                loss=Trace_ELBO(),
+                tol=None,
+                progress=False,
+                callback=callback,
+            )
     except Exception as exc:  # a diverged fit: keep the points so far
         error = _error_text(exc)
         log(f"  [{label}] failed after step {state['steps']}: {error}")
@@ -287,6 +348,7 @@ def train(label, model, guide, data, lr, budget, evaluate, args):
         "train_seconds": state["clock"],
         "error": error,
         "eval_seconds": state["eval_seconds"],
+        **extra,
     }
 
 
@@ -366,7 +428,7 @@ def work(guide_name, num_groups, lr, budget, args):
     data = (torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype))
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    label = f"{guide_name} lr={lr} N={num_groups:,}"
+    label = f"{guide_name}{f' lr={lr}' if lr is not None else ''} N={num_groups:,}"
     guide = make_guide(guide_name, torch_model)
     precise = PreciseELBO(torch_model, data, args, num_groups)
     out = {
@@ -436,7 +498,8 @@ def work(guide_name, num_groups, lr, budget, args):
         if args.target_elbo is not None:
             out["reach_target_seconds"] = ready if est.mean >= args.target_elbo - 1 else None
     else:
-        run = train(label, torch_model, guide, data, lr, budget, precise, args)
+        default_fit = guide_name in DEFAULT_FIT_GUIDES
+        run = train(label, torch_model, guide, data, lr, budget, precise, args, default_fit=default_fit)
         points = run["points"]
         out.update(
             steps=run["steps"],
@@ -444,26 +507,40 @@ def work(guide_name, num_groups, lr, budget, args):
             error=run["error"],
             eval_seconds=run["eval_seconds"],
         )
-        if not points:
+        out.update({k: v for k, v in run.items() if k.startswith("fit_") or k == "theta_se"})
+        # the default fit stops by itself: what the user gets is the state it
+        # returns (the blocks' average θ̂), not the best point of the trajectory
+        returned = default_fit and run.get("fit_seconds") is not None and run["error"] is None
+        if not points and not returned:
             out["peak_mb"] = _peak_mb()
             return out
-        best = max(points, key=lambda p: p[2].mean)
-        restore(guide, best[3])
+        if returned:
+            final_state, where = snapshot(guide), f"the fit's final state, t = {run['fit_seconds']:.2f} s"
+        else:
+            best = max(points, key=lambda p: p[2].mean)
+            final_state, where = best[3], f"best point, t = {best[0]:.2f} s"
+        restore(guide, final_state)
         try:
             est = final_estimate(guide)
         except FloatingPointError as exc:
             out["error"] = f"final ELBO: {exc}"
             out["peak_mb"] = _peak_mb()
             return out
-        log(f"  [{label}] final (best point, t = {best[0]:.2f} s, re-evaluated): {est}")
+        if returned:  # the final state is the trajectory's last point
+            point = (run["fit_seconds"], run["steps"], est, final_state)
+            if points and points[-1][1] == run["steps"]:
+                points[-1] = point
+            else:
+                points.append(point)
+        log(f"  [{label}] final ({where}, re-evaluated): {est}")
         out["converge_seconds"] = first_reaching(points, est.mean - 1, guide, precise, args, label)
         if args.target_elbo is not None:
             out["reach_target_seconds"] = first_reaching(
                 points, args.target_elbo - 1, guide, precise, args, label
             )
         out["trajectory"] = [(t, s, e.mean, e.se) for t, s, e, _ in points]
-        restore(guide, best[3])
-        if guide_name in CURVI_GUIDES:  # was the precision at the final point repaired?
+        restore(guide, final_state)
+        if guide_name in CURVI_GUIDES or default_fit:  # was the precision at the final point repaired?
             try:
                 out["repair"] = str(guide.get_posterior(*data).precision.report)
             except Exception as exc:
@@ -479,7 +556,8 @@ def work(guide_name, num_groups, lr, budget, args):
 
 
 def worker(argv, args):
-    guide_name, n, lr, budget = argv[0], int(argv[1]), float(argv[2]), float(argv[3])
+    guide_name, n, budget = argv[0], int(argv[1]), float(argv[3])
+    lr = None if guide_name in DEFAULT_FIT_GUIDES else float(argv[2])  # one run: no learning rate
     out = work(guide_name, n, lr, budget, args)
     print(json.dumps(out))
 
@@ -751,13 +829,24 @@ def choose(runs):
     return best
 
 
+def amortized_elbo(n, results, args):
+    """The final ELBO of AmortizedLaplaceGuide (trained with Adam) at ``n``
+    groups: of this run, else (``--merge``) read from the results file."""
+    if AMORTIZED in results.get(n, {}):
+        return choose(results[n][AMORTIZED]).get("final_elbo")
+    return args.merged_amortized.get(n)
+
+
 def measure(sizes, budgets, args, reference):
     results = {}
     measured = {}  # guide -> (n, seconds) for extrapolation to larger N
     for n, budget in zip(sizes, budgets):
         results[n] = {}
         for guide_name in args.guide_list:
-            lrs = args.lrs_curvi if guide_name in CURVI_GUIDES else args.lrs_pyro
+            if guide_name in DEFAULT_FIT_GUIDES:
+                lrs = [None]  # one run: the fit chooses its own steps
+            else:
+                lrs = args.lrs_curvi if guide_name in CURVI_GUIDES else args.lrs_pyro
             reason = skip_reason(guide_name, n, budget, args, measured)
             if reason:
                 log(f"[{guide_name} N={n:,}] skipped: {reason}")
@@ -766,9 +855,9 @@ def measure(sizes, budgets, args, reference):
             runs = []
             target = None
             if guide_name != AMORTIZED:
-                target = choose(results[n][AMORTIZED]).get("final_elbo")
+                target = amortized_elbo(n, results, args)
             for lr in lrs:
-                log(f"[{guide_name} lr={lr} N={n:,}] budget {budget:.0f} s")
+                log(f"[{guide_name}{f' lr={lr}' if lr is not None else ''} N={n:,}] budget {budget:.0f} s")
                 r = run_worker(
                     guide_name,
                     n,
@@ -817,29 +906,39 @@ def run_summary(r):
     return text
 
 
-def table_for_n(n, runs_by_guide, chosen, args):
-    amort = chosen.get(AMORTIZED)
-    ref_elbo = amort.get("final_elbo") if amort else None
-    budget = runs_by_guide[AMORTIZED][0].get("budget", 0)
-    lines = [
-        f"### {n:,} groups (dimension {dimension(n):,}; budget {budget:.0f} s)",
-        "",
-        "| guide | lr | steps | ms/step | time to converge (s) | final ELBO ± SE | Δ vs amortized "
-        "| time to amortized's ELBO − 1 nat (s) | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+def fmt_lr(r):
+    if r.get("guide") in DEFAULT_FIT_GUIDES:
+        return "default"
+    return "–" if r.get("lr") is None else str(r["lr"])
+
+
+def speed_rows(runs_by_guide, chosen, args, ref_elbo):
+    """{guide: its row of the speed table}; ``ref_elbo``: AmortizedLaplaceGuide's final ELBO."""
+    rows = {}
+    has_ref = ref_elbo is not None and math.isfinite(ref_elbo)
     for guide_name in args.guide_list:
         runs = runs_by_guide[guide_name]
         r = chosen[guide_name]
         if "skip" in r:
-            lines.append(f"| {guide_name} | – | – | – | – | – | – | – | skipped: {r['skip']} |")
+            rows[guide_name] = f"| {guide_name} | – | – | – | – | – | – | – | skipped: {r['skip']} |"
             continue
         notes = []
+        default_fit = guide_name in DEFAULT_FIT_GUIDES
         if r.get("error") and r.get("final_elbo") is None:
             notes.append(f"failed: {r['error']}")
         elif r.get("error"):
             notes.append(f"stopped at step {steps_of(r):,} (the best point before is reported): {r['error']}")
-        if r.get("trajectory") and guide_name in CURVI_GUIDES:
+        if default_fit and r.get("fit_seconds") is not None:
+            notes.append(
+                f"stopped by itself after {steps_of(r):,} evaluations, {r['fit_seconds']:.3g} s of "
+                f"training (its final state is reported); the fit's message: {r.get('fit_message')}"
+            )
+        elif default_fit and not r.get("error"):
+            notes.append(
+                "did not stop by itself within the budget (the best point is reported): "
+                f"{r.get('fit_message')}"
+            )
+        if r.get("trajectory") and (guide_name in CURVI_GUIDES or default_fit):
             notes.append(f"first step (with the set-up) done at {r['trajectory'][0][0]:.3g} s")
         if r.get("repair"):
             notes.append(f"precision at the final point: {r['repair']}")
@@ -861,21 +960,25 @@ def table_for_n(n, runs_by_guide, chosen, args):
         steps = r.get("steps") or 0
         ms = f"{1e3 * r['train_seconds'] / steps:.3g}" if steps else "–"
         has_elbo = r.get("final_elbo") is not None and math.isfinite(r["final_elbo"])
-        delta = (
-            f"{r['final_elbo'] - ref_elbo:+,.2f}"
-            if has_elbo and ref_elbo is not None and math.isfinite(ref_elbo)
-            else "–"
-        )
-        reach = (
-            fmt_time(r.get("reach_target_seconds"))
-            if has_elbo and ref_elbo is not None and math.isfinite(ref_elbo)
-            else "–"
-        )
-        lines.append(
-            f"| {guide_name} | {r['lr']} | {steps:,} | {ms} | "
+        delta = f"{r['final_elbo'] - ref_elbo:+,.2f}" if has_elbo and has_ref else "–"
+        reach = fmt_time(r.get("reach_target_seconds")) if has_elbo and has_ref else "–"
+        rows[guide_name] = (
+            f"| {guide_name} | {fmt_lr(r)} | {steps:,} | {ms} | "
             f"{fmt_time(r.get('converge_seconds')) if has_elbo else '–'} | {fmt_elbo(r)} | {delta} | "
             f"{reach} | {'; '.join(notes)} |"
         )
+    return rows
+
+
+def table_for_n(n, budget, runs_by_guide, chosen, args, ref_elbo):
+    lines = [
+        f"### {n:,} groups (dimension {dimension(n):,}; budget {budget:.0f} s)",
+        "",
+        "| guide | lr | steps | ms/step | time to converge (s) | final ELBO ± SE | Δ vs amortized "
+        "| time to amortized's ELBO − 1 nat (s) | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    lines += speed_rows(runs_by_guide, chosen, args, ref_elbo).values()
     return "\n".join(lines)
 
 
@@ -920,87 +1023,182 @@ def accuracy_table(chosen, reference, message, args):
         "| abs(Δmean)/sd: " + ", ".join(GLOBALS) + " | sd ratio: " + ", ".join(GLOBALS) + " |",
         "|---|---:|---:|---:|---:|---|---|",
     ]
+    lines += accuracy_rows(chosen, reference, args).values()
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_rows(chosen, reference, args):
+    """{guide: its row of the accuracy table}."""
+    rows = {}
     for guide_name in args.guide_list:
         r = chosen[REFERENCE_N][guide_name]
         a = accuracy_stats(r, reference)
         if a is None:
             why = r.get("skip") or r.get("error") or "no draws"
-            lines.append(f"| {guide_name} | {r.get('lr') or '–'} | – | – | – | {why} | |")
+            rows[guide_name] = f"| {guide_name} | {fmt_lr(r)} | – | – | – | {why} | |"
             continue
-        lines.append(
-            f"| {guide_name} | {r['lr']} | {a['draws']:,} | {a['max_z']:.3f} | "
+        rows[guide_name] = (
+            f"| {guide_name} | {fmt_lr(r)} | {a['draws']:,} | {a['max_z']:.3f} | "
             f"{a['min_ratio']:.3f} – {a['max_ratio']:.3f} | "
             + ", ".join(f"{v:.3f}" for v in a["z"])
             + " | "
             + ", ".join(f"{v:.3f}" for v in a["ratio"])
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return rows
 
 
-def summary(sizes, results, chosen, reference):
+def summary(sizes, results, chosen, reference, args):
     """One line per target of the issue, computed from the runs."""
     lines = []
     speed_n = max(sizes)
     c = chosen[speed_n]
-    amort = c[AMORTIZED]
-    if amort.get("converge_seconds") is not None:
-        t = amort["converge_seconds"]
-        lines.append(
-            f"- Speed at {speed_n:,} groups: {AMORTIZED} converged (to within 1 nat of its final "
-            f"ELBO) in {t:.3g} s of training (target ≤ 10 s: {'met' if t <= 10 else 'NOT met'})."
-        )
-        runs = [r for g in PYRO_GUIDES for r in results[speed_n].get(g, []) if "skip" not in r]
-        reached = [(r.get("reach_target_seconds"), r["guide"], r["lr"]) for r in runs]
-        reached_ok = [x for x in reached if x[0] is not None]
-        if reached_ok:
-            t2, g, lr = min(reached_ok)
-            ratio = t2 / t
+    if AMORTIZED in c:
+        amort = c[AMORTIZED]
+        if amort.get("converge_seconds") is not None:
+            t = amort["converge_seconds"]
             lines.append(
-                f"- The fastest Pyro guide to reach {AMORTIZED}'s ELBO − 1 nat is {g} "
-                f"(lr {lr}), in {t2:.3g} s: {ratio:.1f}× the amortized guide's time "
-                f"(target ≥ 10×: {'met' if ratio >= 10 else 'NOT met'})."
+                f"- Speed at {speed_n:,} groups: {AMORTIZED} converged (to within 1 nat of its final "
+                f"ELBO) in {t:.3g} s of training (target ≤ 10 s: {'met' if t <= 10 else 'NOT met'})."
             )
+            runs = [r for g in PYRO_GUIDES for r in results[speed_n].get(g, []) if "skip" not in r]
+            reached = [(r.get("reach_target_seconds"), r["guide"], r["lr"]) for r in runs]
+            reached_ok = [x for x in reached if x[0] is not None]
+            if reached_ok:
+                t2, g, lr = min(reached_ok)
+                ratio = t2 / t
+                lines.append(
+                    f"- The fastest Pyro guide to reach {AMORTIZED}'s ELBO − 1 nat is {g} "
+                    f"(lr {lr}), in {t2:.3g} s: {ratio:.1f}× the amortized guide's time "
+                    f"(target ≥ 10×: {'met' if ratio >= 10 else 'NOT met'})."
+                )
+            else:
+                ran = sorted({g for _, g, _ in reached})
+                budget = amort.get("budget", math.nan)
+                lines.append(
+                    f"- No Pyro guide ({', '.join(ran) or 'none ran'}) reached {AMORTIZED}'s ELBO "
+                    f"within 1 nat in its {budget:.0f} s budget: ≥ {budget / t:.1f}× "
+                    f"(target ≥ 10×: {'met' if budget / t >= 10 else 'not shown'})."
+                )
         else:
-            ran = sorted({g for _, g, _ in reached})
-            budget = amort.get("budget", math.nan)
             lines.append(
-                f"- No Pyro guide ({', '.join(ran) or 'none ran'}) reached {AMORTIZED}'s ELBO "
-                f"within 1 nat in its {budget:.0f} s budget: ≥ {budget / t:.1f}× "
-                f"(target ≥ 10×: {'met' if budget / t >= 10 else 'not shown'})."
+                f"- Speed at {speed_n:,} groups: {AMORTIZED} did not converge: "
+                f"{amort.get('error') or amort.get('skip') or '?'}."
             )
-    else:
-        lines.append(
-            f"- Speed at {speed_n:,} groups: {AMORTIZED} did not converge: "
-            f"{amort.get('error') or amort.get('skip') or '?'}."
-        )
-    if reference is not None and REFERENCE_N in chosen:
-        a = accuracy_stats(chosen[REFERENCE_N][AMORTIZED], reference)
-        if a:
-            ok_mean, ok_sd = a["max_z"] <= 0.1, a["min_ratio"] >= 0.9 and a["max_ratio"] <= 1.1
-            lines.append(
-                f"- Accuracy at {REFERENCE_N:,} groups: {AMORTIZED}'s global means within "
-                f"{a['max_z']:.3f} NUTS sd (target ≤ 0.1: {'met' if ok_mean else 'NOT met'}); "
-                f"sds {a['min_ratio']:.3f}–{a['max_ratio']:.3f} of NUTS' "
-                f"(target within 10 %: {'met' if ok_sd else 'NOT met'})."
-            )
+        if reference is not None and REFERENCE_N in chosen:
+            a = accuracy_stats(chosen[REFERENCE_N][AMORTIZED], reference)
+            if a:
+                ok_mean, ok_sd = a["max_z"] <= 0.1, a["min_ratio"] >= 0.9 and a["max_ratio"] <= 1.1
+                lines.append(
+                    f"- Accuracy at {REFERENCE_N:,} groups: {AMORTIZED}'s global means within "
+                    f"{a['max_z']:.3f} NUTS sd (target ≤ 0.1: {'met' if ok_mean else 'NOT met'}); "
+                    f"sds {a['min_ratio']:.3f}–{a['max_ratio']:.3f} of NUTS' "
+                    f"(target within 10 %: {'met' if ok_sd else 'NOT met'})."
+                )
+    for more in default_fit_targets(sizes, results, chosen, reference, args).values():
+        lines += more
     return "\n".join(lines)
 
 
-def header(args, sizes, budgets):
+def default_fit_prefix(guide_name):
+    """How the Targets lines of a default-fit row begin (``--merge`` replaces them)."""
+    return f"- {guide_name}:"
+
+
+def default_fit_targets(sizes, results, chosen, reference, args):
+    """{default-fit guide: its lines of the Targets section}: the speed target
+    judged on the time until the fit stopped by itself (what its user waits),
+    the accuracy targets as for the amortized guide."""
+    out = {}
+    speed_n = max(sizes)
+    for g in [g for g in args.guide_list if g in DEFAULT_FIT_GUIDES]:
+        lines = []
+        r = chosen[speed_n][g]
+        t_stop, t_conv = r.get("fit_seconds"), r.get("converge_seconds")
+        if t_stop is not None:
+            ref = amortized_elbo(speed_n, results, args)
+            delta = (
+                f"; final ELBO {r['final_elbo'] - ref:+,.2f} nat vs {AMORTIZED} trained with Adam"
+                if ref is not None and r.get("final_elbo") is not None
+                else ""
+            )
+            lines.append(
+                f"{default_fit_prefix(g)} at {speed_n:,} groups it stopped by itself after "
+                f"{t_stop:.3g} s of training (within 1 nat of its final ELBO from {fmt_time(t_conv)} s)"
+                f"{delta} (target ≤ 10 s: {'met' if t_stop <= 10 else 'NOT met'})."
+            )
+        else:
+            lines.append(
+                f"{default_fit_prefix(g)} at {speed_n:,} groups it did not stop by itself: "
+                f"{r.get('error') or r.get('skip') or r.get('fit_message') or '?'}."
+            )
+        if reference is not None and REFERENCE_N in chosen:
+            a = accuracy_stats(chosen[REFERENCE_N][g], reference)
+            if a:
+                ok_mean, ok_sd = a["max_z"] <= 0.1, a["min_ratio"] >= 0.9 and a["max_ratio"] <= 1.1
+                lines.append(
+                    f"{default_fit_prefix(g)} accuracy at {REFERENCE_N:,} groups: global means within "
+                    f"{a['max_z']:.3f} NUTS sd (target ≤ 0.1: {'met' if ok_mean else 'NOT met'}); "
+                    f"sds {a['min_ratio']:.3f}–{a['max_ratio']:.3f} of NUTS' "
+                    f"(target within 10 %: {'met' if ok_sd else 'NOT met'})."
+                )
+        out[g] = lines
+    return out
+
+
+def default_fit_text():
+    """What the default-fit rows measure (in the header, or in a merge's note)."""
+    return (
+        "**Default fit** (the rows '…, default fit'): `curvi.fit(model, guide, *data)` with no "
+        "`optim`, `loss` or `steps` -- the guide's `LaplaceNewton()`: sample-average Newton, 8 "
+        "antithetic particles per evaluation (doubled when its checks ask), which stops by "
+        "itself -- plus `progress=False` and the `callback` that pauses the clock; one run (no "
+        "learning rate); *steps* are its loss-and-gradient evaluations. Its ELBO is estimated "
+        "at the same evaluation points as the Adam runs, each from a copy of the guide's state "
+        "that is put back afterwards (so the estimates do not change the fit). Its final ELBO "
+        "is that of the state the fit returns (the blocks' average θ̂), not the trajectory's "
+        "best point, and its time to converge the first point within 1 nat of it; the budget "
+        "is only a cap. The training time includes the guide's set-up."
+    )
+
+
+def provenance():
+    """Machine, versions and checkout, for a header or a merge's note."""
     import pyro
     import torch
 
-    cmd = "python benchmarks/guides.py " + " ".join(sys.argv[1:])
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        checkout = f"; curvi at {sha}{' (uncommitted changes)' if dirty else ''}" if sha else ""
+    except OSError:
+        checkout = ""
+    return (
+        f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, torch "
+        f"{torch.__version__}, pyro {pyro.__version__}{checkout}; {datetime.date.today().isoformat()}"
+    )
+
+
+def command_line():
+    return ("python benchmarks/guides.py " + " ".join(sys.argv[1:])).strip()
+
+
+def header(args, sizes, budgets):
+    cmd = command_line()
     return (
         "# Time to a converged ELBO: Laplace guides vs Pyro's autoguides\n\n"
         f"Hierarchical logistic model (`benchmarks/common.py`): 4 globals, random intercept + "
         f"slope per group, {OBS_PER_GROUP} observations per group, `simulate(N, seed=0)`; "
         f"{args.dtype}.\n"
-        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python "
-        f"{platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}; "
-        f"{datetime.date.today().isoformat()}. Command: `{cmd.strip()}`.\n\n"
-        "Each guide is trained with Adam (`curvi.fit`, single-particle `Trace_ELBO`) for a "
+        f"Machine: {provenance()}. Command: `{cmd}`.\n\n"
+        "Each guide is trained with Adam (`curvi.fit`, single-particle `Trace_ELBO`; the "
+        "default-fit rows: see below) for a "
         "wall-clock budget ("
         + ", ".join(f"{b:.0f} s at {n:,} groups" for n, b in zip(sizes, budgets))
         + f") or until its best ELBO estimate gains < {args.stop_tol:g} nat over the second half "
@@ -1023,7 +1221,99 @@ def header(args, sizes, budgets):
         "Laplace marginal and solve the units' modes: that is in their first step). Each run is "
         f"a process of its own that first touches {args.prefault_gb:g} GB of memory, untimed "
         "(first touches of memory are slow in VMs); a peak RSS is noted when it exceeds that.\n\n"
+        + (default_fit_text() + "\n\n" if any(g in DEFAULT_FIT_GUIDES for g in args.guide_list) else "")
     )
+
+
+# ------------------------------------------------------------------- merge
+def table_cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def section_bounds(lines, prefix, path):
+    """(first, end) line indices of the section whose heading starts with ``prefix``."""
+    start = next((i for i, line in enumerate(lines) if line.startswith(prefix)), None)
+    if start is None:
+        raise SystemExit(f"--merge: {path} has no section '{prefix}...': run the full table first")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("### ")), len(lines))
+    return start, end
+
+
+def table_rows(lines, start, end):
+    """Indices of the data rows of the (first) table between ``start`` and ``end``."""
+    table = [i for i in range(start, end) if lines[i].startswith("|")]
+    return [i for i in table[1:] if not lines[i].startswith("|---")]
+
+
+def read_amortized_elbos(path, sizes):
+    """{N: AmortizedLaplaceGuide's final ELBO} from the speed tables of a results file."""
+    lines, out = path.read_text().splitlines(), {}
+    for n in sizes:
+        start, end = section_bounds(lines, f"### {n:,} groups (", path)
+        for i in table_rows(lines, start, end):
+            cells = table_cells(lines[i])
+            if cells[0] == AMORTIZED and len(cells) > 5 and "±" in cells[5]:
+                out[n] = float(cells[5].split("±")[0].replace(",", ""))
+    return out
+
+
+def put_row(lines, start, end, guide_name, row):
+    """Replace ``guide_name``'s row of the table in lines[start:end], or insert it
+    after the rows of the guides before it in GUIDES' order."""
+    rows = table_rows(lines, start, end)
+    for i in rows:
+        if table_cells(lines[i])[0] == guide_name:
+            lines[i] = row
+            return
+    order = GUIDES.index(guide_name)
+    before = [i for i in rows if table_cells(lines[i])[0] in GUIDES[:order]]
+    if before:
+        at = before[-1] + 1
+    elif rows:
+        at = rows[0]
+    else:
+        at = max(i for i in range(start, end) if lines[i].startswith("|---")) + 1
+    lines.insert(at, row)
+
+
+def merge_results(path, speed, accuracy, targets, args):
+    """The text of the results file at ``path`` with the rows of this run in
+    place of (or added to) its own, a note of where they came from after its
+    header's command, and the default-fit lines of its Targets replaced."""
+    lines = path.read_text().splitlines()
+    for n, rows in speed.items():
+        for guide_name, row in rows.items():
+            start, end = section_bounds(lines, f"### {n:,} groups (", path)
+            put_row(lines, start, end, guide_name, row)
+    for guide_name, row in accuracy.items():
+        start, end = section_bounds(lines, "### Accuracy of the global posterior", path)
+        put_row(lines, start, end, guide_name, row)
+    if targets:
+        start, end = section_bounds(lines, "### Targets", path)
+        prefixes = tuple(default_fit_prefix(g) for g in targets)
+        kept = [line for line in lines[start:end] if not line.startswith(prefixes)]
+        while kept and not kept[-1].strip():
+            kept.pop()
+        kept += [line for more in targets.values() for line in more]
+        lines[start:end] = kept + ([""] if end < len(lines) else [])
+    guides = ", ".join(args.guide_list)
+    tag = f"Merged rows ({guides}):"
+    note = (
+        f"{tag} from a later run; machine: {provenance()}. Command: `{command_line()}`. "
+        f"The other rows are from the command above; these rows' Δ vs amortized and time to "
+        f"amortized's ELBO − 1 nat use the {AMORTIZED} final ELBO of the tables below."
+    )
+    if any(g in DEFAULT_FIT_GUIDES for g in args.guide_list):
+        note += " " + default_fit_text()
+    same = [i for i, line in enumerate(lines) if line.startswith(tag)]
+    if same:
+        lines[same[0]] = note
+    else:
+        at = next(i for i, line in enumerate(lines) if line.startswith("Machine:"))
+        while at + 2 < len(lines) and not lines[at + 1].strip() and lines[at + 2].startswith("Merged rows ("):
+            at += 2
+        lines[at + 1 : at + 1] = ["", note]
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -1038,7 +1328,27 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--lrs-pyro", type=float, nargs="+", default=[0.01, 0.05])
     parser.add_argument("--lrs-curvi", type=float, nargs="+", default=[0.05, 0.01])
-    parser.add_argument("--guides", nargs="+", choices=GUIDES, help="a subset of the guides")
+    parser.add_argument(
+        "--guides",
+        nargs="+",
+        choices=list(GUIDE_KEYS) + GUIDES,
+        metavar="GUIDE",
+        help="a subset of the guides, by short name: "
+        + ", ".join(f"{k} ({v})" for k, v in GUIDE_KEYS.items())
+        + f"; {AMORTIZED} is added (the others' reference) unless --merge",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the rows of --guides into the existing results file (--out, default "
+        "results/guides.md): replace or add them, keep the others, note the run in the header",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results file (default results/guides.md; written by a full run, or with --out/--merge)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--se", type=float, default=0.2, help="SE (nats) of the final ELBO and of points judged near a level"
@@ -1128,7 +1438,26 @@ def main():
         )
     if len(budgets) != len(sizes):
         parser.error("--budgets needs one value per size")
-    args.guide_list = [g for g in GUIDES if not args.guides or g in args.guides or g == AMORTIZED]
+    selected = [GUIDE_KEYS.get(g, g) for g in args.guides or []]
+    out_path = args.out or (RESULTS if not args.quick and not args.guides else None)
+    args.merged_amortized = {}
+    if args.merge:
+        if not selected:
+            parser.error("--merge needs --guides: the rows to re-run")
+        out_path = args.out or RESULTS
+        if not out_path.exists():
+            parser.error(f"--merge: {out_path} does not exist (run the full table first)")
+        args.guide_list = [g for g in GUIDES if g in selected]
+        if AMORTIZED not in args.guide_list:
+            args.merged_amortized = read_amortized_elbos(out_path, sizes)
+            log(f"{AMORTIZED}'s final ELBO from {out_path}: {args.merged_amortized}")
+        else:
+            log(
+                f"note: {AMORTIZED} is re-run, but the kept rows' Δ vs amortized and the Targets "
+                "lines of the Adam-trained guides are not recomputed: run the full table for that"
+            )
+    else:
+        args.guide_list = [g for g in GUIDES if not selected or g in selected or g == AMORTIZED]
 
     reference, message = None, None
     if REFERENCE_N in sizes and not args.no_accuracy:
@@ -1140,18 +1469,32 @@ def main():
 
     results = measure(sizes, budgets, args, reference if REFERENCE_N in sizes else None)
     chosen = {n: {g: choose(runs) for g, runs in results[n].items()} for n in sizes}
+    ref = reference if REFERENCE_N in sizes else None
+    if args.merge:
+        speed = {n: speed_rows(results[n], chosen[n], args, amortized_elbo(n, results, args)) for n in sizes}
+        accuracy = (
+            accuracy_rows(chosen, reference, args)
+            if REFERENCE_N in sizes and reference is not None and not args.no_accuracy
+            else {}
+        )
+        targets = default_fit_targets(sizes, results, chosen, ref, args)
+        text = merge_results(out_path, speed, accuracy, targets, args)
+        print("\n".join(["", *(r for rows in speed.values() for r in rows.values()), *accuracy.values()]))
+        out_path.write_text(text)
+        print(f"merged into {out_path}")
+        return
     text = header(args, sizes, budgets)
-    for n in sizes:
-        text += table_for_n(n, results[n], chosen[n], args) + "\n\n"
+    for n, budget in zip(sizes, budgets):
+        ref_elbo = amortized_elbo(n, results, args)
+        text += table_for_n(n, budget, results[n], chosen[n], args, ref_elbo) + "\n\n"
     if REFERENCE_N in sizes and not args.no_accuracy:
         text += accuracy_table(chosen, reference, message, args) + "\n"
-    ref = reference if REFERENCE_N in sizes else None
-    text += "### Targets\n\n" + summary(sizes, results, chosen, ref) + "\n"
+    text += "### Targets\n\n" + summary(sizes, results, chosen, ref, args) + "\n"
     print("\n" + text)
-    if not args.quick and not args.guides:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text)
-        print(f"written to {RESULTS}")
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(text)
+        print(f"written to {out_path}")
 
 
 if __name__ == "__main__":
