@@ -388,12 +388,13 @@ def reading(results, meets):
     """A short reading of the numbers, with the recommendation that follows from the target."""
     if meets.get("marginal") and not meets.get("joint"):
         rec = (
-            'Recommendation: make `global_precision="marginal"` the default. It is the only '
-            "setting that meets the target on both models; `joint` misses it on every "
-            "random-effect sd and on no fixed effect."
+            'By this target alone, `global_precision="marginal"`: it is the only setting that '
+            "meets it on both models; `joint` misses it on every random-effect sd and on no "
+            "fixed effect. (The default also weighs what the ELBO and robustness say: see "
+            "docs/design.md §4.6.)"
         )
     elif meets.get("joint") and not meets.get("marginal"):
-        rec = 'Recommendation: keep `global_precision="joint"` the default: only it meets the target.'
+        rec = 'By this target alone, `global_precision="joint"`: only it meets the target.'
     elif all(meets.values()):
         rec = "Both settings meet the target: the ELBO may decide."
     else:

@@ -333,7 +333,7 @@ class NaturalGradient(pyro.optim.PyroOptim):
         svi = SVI(model, guide, optim, optim.loss)
         for _ in range(20):
             svi.step(x, obs)
-        optim.num_steps, optim.get_state()  # 20 steps; per-parameter state for checkpoints
+        optim.num_iterations, optim.get_state()  # 20 steps; per-parameter state for checkpoints
 
     :param float lr: the step size ρ in (0, 1].
     :param int num_samples: draws of q per expectation (0: at the mean).
@@ -381,7 +381,7 @@ class NaturalGradient(pyro.optim.PyroOptim):
         #: the loss to run with this optimiser: ``SVI(model, guide, optim, optim.loss)``
         self.loss: NaturalGradientLoss = loss
         #: steps taken (restored by ``set_state``)
-        self.num_steps = 0
+        self.num_iterations = 0
         #: how many steps used the positive-definite correction (restored by ``set_state``)
         self.num_corrected = 0
 
@@ -442,14 +442,14 @@ class NaturalGradient(pyro.optim.PyroOptim):
                 f"{others} (pyro.param sites of the model): make them latent or fit them separately"
             )
         super().__call__(params, targets={p: value for _, p, value in targets})
-        self.num_steps += 1
+        self.num_iterations += 1
         self.num_corrected += int(corrected)
 
     def get_state(self) -> dict:
         """PyroOptim's per-parameter state (by parameter name) and the step
         counters, for checkpoints (:func:`curvi.fit` saves it)."""
         state = super().get_state()
-        state[_STATE_KEY] = {"num_steps": self.num_steps, "num_corrected": self.num_corrected}
+        state[_STATE_KEY] = {"num_iterations": self.num_iterations, "num_corrected": self.num_corrected}
         return state
 
     def set_state(self, state_dict: dict) -> None:
@@ -460,7 +460,7 @@ class NaturalGradient(pyro.optim.PyroOptim):
         state = dict(state_dict)
         counters = state.pop(_STATE_KEY, None)
         if counters is not None:
-            self.num_steps, self.num_corrected = int(counters["num_steps"]), int(counters["num_corrected"])
+            self.num_iterations, self.num_corrected = int(counters["num_iterations"]), int(counters["num_corrected"])
         super().set_state(state)
 
     # ------------------------------------------------------------ the rule

@@ -20,10 +20,8 @@ guide whose reparameterised entropy gradient is itself exact (all supported
 guides but the low-rank one, whose d + r noise variables leave it noisy)
 (Miller et al., 2017, with the full Hessian in place of their diagonal).
 Where log p is far from quadratic over the bulk of q it can add variance
-instead: on the hierarchical logistic benchmark (the log-sds of the random
-effects, 10 observations per group) it did, 0.25× at the optimum with the
-amortized Laplace guide, while it cut it 177× on the Pima logistic
-regression (``benchmarks/results/estimators.md``). Measure with
+instead (for the log-sds of weakly identified random effects, say; the
+measurements are in ``benchmarks/results/estimators.md``). Measure with
 :func:`curvi.gradient_variance` before relying on it.
 H̄ enters only through products H̄(x − μ̄) and the trace, which curvi
 computes from the plate-aware Hessian (p + k backward passes per step

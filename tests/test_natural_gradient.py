@@ -237,10 +237,10 @@ def test_state_is_pyro_optims(tmp_path):
     optim.save(tmp_path / "optim.pt")
     fresh = NaturalGradient(lr=0.5, num_samples=2)
     fresh.load(tmp_path / "optim.pt")
-    assert fresh.num_steps == 3
+    assert fresh.num_iterations == 3
     svi = svi_for(model, guide, fresh)
     svi.step(*args)
-    assert all(fresh.get_state()[n]["state"][0]["step"] == 4 for n in names) and fresh.num_steps == 4
+    assert all(fresh.get_state()[n]["state"][0]["step"] == 4 for n in names) and fresh.num_iterations == 4
 
 
 @pytest.mark.parametrize("cls", [AutoMultivariateNormal, AutoNormal])
@@ -289,7 +289,7 @@ def test_fit_resumes_bitwise_from_a_checkpoint(tmp_path, cls):
     assert set(resumed_params) == set(full_params)
     for name in full_params:
         assert torch.equal(resumed_params[name], full_params[name]), name
-    assert resumed_optim.num_steps == full_optim.num_steps == 12
+    assert resumed_optim.num_iterations == full_optim.num_iterations == 12
     assert resumed_optim.num_corrected == full_optim.num_corrected == 12
     assert full.elbo[-1] > full.elbo[0]
     assert resumed_state == full_state
