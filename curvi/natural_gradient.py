@@ -460,7 +460,8 @@ class NaturalGradient(pyro.optim.PyroOptim):
         state = dict(state_dict)
         counters = state.pop(_STATE_KEY, None)
         if counters is not None:
-            self.num_iterations, self.num_corrected = int(counters["num_iterations"]), int(counters["num_corrected"])
+            self.num_iterations = int(counters["num_iterations"])
+            self.num_corrected = int(counters["num_corrected"])
         super().set_state(state)
 
     # ------------------------------------------------------------ the rule
