@@ -326,7 +326,10 @@ def fit(
             try:
                 value = stepper(*args, **kwargs)
             except (RuntimeError, ValueError) as error:
-                if from_guide and first_call:
+                # the hint only where it may be the cause (the first step of the
+                # guide's own optimiser) and only for the plain types, which
+                # take a message; anything else propagates untouched
+                if from_guide and first_call and type(error) in (RuntimeError, ValueError):
                     raise type(error)(
                         f"{error}\n(curvi.fit used the optimiser {type(optim).__name__} that "
                         f"{type(guide).__name__} prefers; its loss draws "
