@@ -134,6 +134,15 @@ class LaplaceGuideBase(AutoGuide):
         self._init_locs(view, self._initial_theta(view))
         self._check_stored_shapes(view)
 
+    def _apply(self, fn, recurse=True):
+        """``guide.to(dtype or device)`` (and ``double()``, ``cuda()``, ...):
+        the parameters and buffers as for any module, and the tensors of the
+        guide's view of the model with them."""
+        super()._apply(fn, recurse)
+        if getattr(self, "view", None) is not None:
+            self.view = self.view.apply_to_tensors(fn)
+        return self
+
     def _check_stored_shapes(self, view):
         """Pyro's param store keeps parameters by name across guides: one left
         by an earlier guide of another model would be used silently."""

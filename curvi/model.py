@@ -328,6 +328,30 @@ class ModelView:
                     self._separable = g is None or not bool(g.abs().max() > 0)
         return self._separable
 
+    def apply_to_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ModelView:
+        """The same view with ``fn`` applied to the tensors it holds (the
+        initial point and the traced subsample's unit indices), as
+        :meth:`torch.nn.Module._apply` applies it to a module's parameters:
+        what ``guide.to(dtype)`` or ``guide.to(device)`` does to the view.
+
+        Usage::
+
+            import pyro, pyro.distributions as dist
+
+            def model():
+                mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+                with pyro.plate("groups", 3):
+                    pyro.sample("u", dist.Normal(mu, 1.0))
+
+            view = ModelView(model, unit_plate="groups")
+            view.apply_to_tensors(lambda t: t.double() if t.is_floating_point() else t).dtype
+        """
+        view = copy.copy(self)
+        view.init_theta, view.init_y = fn(self.init_theta), fn(self.init_y)
+        if self.unit_indices is not None:
+            view.unit_indices = fn(self.unit_indices)
+        return view
+
     def with_args(self, *args, **kwargs) -> ModelView:
         """The same view (same layout, no re-tracing) of the model called with
         other arguments, e.g. a new minibatch of data."""

@@ -396,3 +396,21 @@ def test_stale_parameter_of_another_model_is_an_error(Guide):
         Guide(other, unit_plate=plate)(*other_args)
     pyro.clear_param_store()
     Guide(other, unit_plate=plate)(*other_args)
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_to_dtype_moves_the_model_view_with_the_parameters(Guide):
+    """``guide.to(dtype)`` converts the view's tensors too: on a subsampled
+    model ``median`` writes batches into the view's dtype, and failed with
+    "Index put requires the source and destination dtypes match"."""
+    model, args, plate, _ = make_linear_gaussian(num_groups=12, subsample_size=4)
+    guide = Guide(model, unit_plate=plate)
+    guide(*args)
+    assert guide.to(torch.float32) is guide
+    assert guide.view.init_y.dtype == guide.view.init_theta.dtype == torch.float32
+    cast = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    median = guide.median(*cast)
+    assert all(v.dtype == torch.float32 for v in median.values())
+    guide.to(torch.float64)
+    assert guide.view.init_y.dtype == torch.float64
+    assert all(v.dtype == torch.float64 for v in guide.median(*args).values())
