@@ -53,17 +53,25 @@ def newton_inverse(precision: torch.Tensor) -> torch.Tensor:
     """Inverses of the unit precision blocks for a Newton step, ``(n, k, k)``.
 
     Positive-definite blocks are inverted through their Cholesky factor; an
-    indefinite block is replaced by its absolute value (eigenvalues ``|λ|``,
+    indefinite or singular block (a coordinate without curvature: a masked
+    latent, say) is replaced by its absolute value (eigenvalues ``|λ|``,
     floored), which keeps the step an ascent direction.
 
     Usage::
 
-        P = torch.stack([torch.eye(2), -torch.eye(2)])  # a PD and an indefinite block
-        newton_inverse(P)  # [I, I]
+        P = torch.stack([torch.eye(2), -torch.eye(2), torch.zeros(2, 2)])  # PD, indefinite, singular
+        newton_inverse(P)  # [I, I, I / floor]
     """
     L, info = torch.linalg.cholesky_ex(precision)
-    inverse = torch.cholesky_inverse(L)
     bad = info > 0
+    if not bad.any():
+        return torch.cholesky_inverse(L)
+    # a failed factor is not a factor (a singular block's has a zero on its
+    # diagonal, which cholesky_inverse rejects): invert only the good ones
+    inverse = torch.empty_like(precision)
+    good = ~bad
+    if good.any():
+        inverse[good] = torch.cholesky_inverse(L[good])
     if bad.any():
         lam, Q = torch.linalg.eigh(precision[bad])
         scale = lam.abs().amax(-1, keepdim=True).clamp_min(1.0)

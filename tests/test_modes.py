@@ -122,6 +122,18 @@ def test_newton_inverse():
     torch.testing.assert_close(inv[1], torch.diag(torch.tensor([1.0, 0.25])))
 
 
+def test_newton_inverse_of_a_singular_block_is_the_floored_one():
+    """A coordinate without curvature (a masked latent) makes a block
+    singular; its failed Cholesky factor must not reach cholesky_inverse
+    (which raised LinAlgError), the eigenvalue fallback inverts it."""
+    P = torch.stack([torch.tensor([[2.0, 0.5], [0.5, 1.0]]), torch.tensor([[3.0, 0.0], [0.0, 0.0]])])
+    inv = newton_inverse(P)
+    torch.testing.assert_close(inv[0], torch.linalg.inv(P[0]))
+    floor = torch.finfo(P.dtype).eps ** 0.5 * 3.0
+    torch.testing.assert_close(inv[1], torch.diag(torch.tensor([1 / 3.0, 1 / floor])))
+    assert torch.isfinite(newton_inverse(torch.zeros(3, 2, 2))).all()
+
+
 def test_unconverged_units_are_named():
     view = view_of("poisson_vector")
     theta, _ = random_point(view)
