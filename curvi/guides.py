@@ -351,7 +351,20 @@ class LaplaceGuideBase(AutoGuide):
     def _read_out_view(self, args, kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        return self.view.with_args(*args, **kwargs) if (args or kwargs) else self.view
+        if not (args or kwargs):
+            return self.view
+        num_units = self.view.num_units_of(*args, **kwargs)
+        if num_units != self.view.num_units:
+            raise ValueError(self._other_units_message(num_units))
+        return self.view.with_args(*args, **kwargs)
+
+    def _other_units_message(self, num_units):
+        return (
+            f"{type(self).__name__} was set up for {self.view.num_units} units of plate "
+            f"'{self.unit_plate}'; these data have {num_units}. Its per-unit means (loc_local) "
+            "belong to the units it was fitted on and cannot describe others; fit a guide on "
+            "these data, or use AmortizedLaplaceGuide, whose unit modes are solved from the data"
+        )
 
 
 def _unit_batches(view):
@@ -660,6 +673,14 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         if self.global_precision == "joint":
             return P
         return P.with_schur(-laplace_hessian(view, theta_hat, y))
+
+    def _other_units_message(self, num_units):
+        return (
+            f"AmortizedLaplaceGuide was set up for {self.view.num_units} units of plate "
+            f"'{self.unit_plate}'; these data have {num_units}, and reading out a fitted guide "
+            "on data with other units is not supported yet: make a new guide on these data and "
+            "copy loc_global into it (its only parameter; the unit modes are solved from the data)"
+        )
 
     def _user_modes(self, view, theta, units):
         y = self.mode_fn(theta, *view.args, **view.kwargs)

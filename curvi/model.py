@@ -26,7 +26,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
@@ -327,6 +327,28 @@ class ModelView:
                     (g,) = torch.autograd.grad(rest, y, allow_unused=True)
                     self._separable = g is None or not bool(g.abs().max() > 0)
         return self._separable
+
+    def num_units_of(self, *args, **kwargs) -> int:
+        """The number of units the model has when called with ``*args,
+        **kwargs`` (new data may have other units than the traced ones): one
+        blocked trace of the model at a feasible point (no random draws).
+
+        Usage::
+
+            import pyro, pyro.distributions as dist
+
+            def model(obs):
+                mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+                with pyro.plate("groups", len(obs)):
+                    pyro.sample("u", dist.Normal(mu, 1.0))
+
+            view = ModelView(model, torch.zeros(3), unit_plate="groups")
+            view.num_units, view.num_units_of(torch.zeros(5))   # 3, 5
+        """
+        frame = _find_unit_frame(
+            _trace_prototype(self.model, init_to_feasible, args, kwargs), self.unit_plate
+        )
+        return frame.full_size if frame.full_size is not None else frame.size
 
     def apply_to_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ModelView:
         """The same view with ``fn`` applied to the tensors it holds (the

@@ -414,3 +414,19 @@ def test_to_dtype_moves_the_model_view_with_the_parameters(Guide):
     guide.to(torch.float64)
     assert guide.view.init_y.dtype == torch.float64
     assert all(v.dtype == torch.float64 for v in guide.median(*args).values())
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_read_outs_on_data_with_other_units_raise_a_clear_error(Guide):
+    """LaplaceGuide returned the fitted units' means for data with other
+    units; both guides now say that those data have another number of units."""
+    model, args, plate = make_poisson_vector()
+    guide = Guide(model, unit_plate=plate)
+    guide(*args)
+    X, counts = args
+    more = (torch.cat([X, X[:2]]), torch.cat([counts, counts[:2]]))
+    message = f"set up for {X.shape[0]} units .* these data have {X.shape[0] + 2}"
+    for read_out in (lambda: guide.median(*more), lambda: guide.quantiles([0.5], *more)):
+        with pytest.raises(ValueError, match=message):
+            read_out()
+    guide.median(*args)  # the same units: fine
