@@ -69,6 +69,26 @@ class FitOutcome(NamedTuple):
     :func:`fit`: such an optimiser has an attribute ``outcome``, ``None``
     while it runs).
 
+    Usage::
+
+        import torch, pyro, pyro.distributions as dist
+        from curvi import AmortizedLaplaceGuide, FitOutcome, LaplaceNewton, fit
+
+        def model(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            with pyro.plate("groups", obs.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, 1.0))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Normal(u, 0.5), obs=obs)
+
+        pyro.clear_param_store()
+        obs = torch.randn(6, 3)
+        optim = LaplaceNewton(blocks=2)
+        result = fit(model, AmortizedLaplaceGuide(model, unit_plate="groups"), obs,
+                     optim=optim, progress=False)
+        assert isinstance(optim.outcome, FitOutcome)
+        assert result.final_elbo == optim.outcome.elbo
+
     :ivar bool converged: whether it met its convergence test.
     :ivar str message: a one-line summary.
     :ivar float elbo: its final ELBO estimate.
@@ -314,7 +334,7 @@ def fit(
         if checkpoint is not None and elbo:
             _write_checkpoint(checkpoint, _capture(len(elbo), elbo, optim, modules))
 
-    watch = _Watch(window, tol if not decides else None)
+    watch = _Watch(window, tol if not decides else None, elbo)
     reason = _stop_reason(optim, watch, elbo, decides)
     # an optimiser that decides when it is done has no known total
     bar = tqdm(
@@ -411,10 +431,12 @@ class _Watch:
     trace has settled below its best window; a fall by an order of
     magnitude is divergence."""
 
-    def __init__(self, window, tol):
+    def __init__(self, window, tol, history=()):
         self.window, self.tol = window, tol
-        self.best = -math.inf
         self.fell = None  # (best, now) when the last window sits clearly below the best
+        # the best window so far, a resumed fit's earlier windows included
+        means = [statistics.fmean(history[i - window : i]) for i in range(window, len(history) + 1, window)]
+        self.best = max(means, default=-math.inf)
 
     def __call__(self, elbo):
         if not elbo or len(elbo) % self.window:

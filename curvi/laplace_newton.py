@@ -419,6 +419,7 @@ class NewtonELBO(Trace_ELBO):
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """The ELBO estimate at the current θ̂ (no gradient, no record)."""
+        self._set_nesting(guide)
         with torch.no_grad():
             values, _ = self._values(model, guide, args, kwargs, self.optim.noise_seed)
         return -values.mean().item()
@@ -678,6 +679,8 @@ class LaplaceNewton(pyro.optim.PyroOptim):
                 "SVI(model, guide, optim, optim.loss)"
             )
         self.loss.last = None
+        if self.phase == "done":
+            raise ValueError("LaplaceNewton has finished; make a new one to fit again")
         param = record.param
         rest = [p for p in params if p is not param and p.grad is not None]
         if rest:
@@ -689,8 +692,6 @@ class LaplaceNewton(pyro.optim.PyroOptim):
                     f"for {names}: pass Adam arguments for them as others="
                 )
             super().__call__(rest, *args, **kwargs)
-        if self.phase == "done":
-            raise ValueError("LaplaceNewton has finished; make a new one to fit again")
         self.num_evaluations += 1
         with torch.no_grad():
             if self.phase == "finishing":
@@ -839,6 +840,11 @@ class LaplaceNewton(pyro.optim.PyroOptim):
             + (f", {self.num_fallbacks} gradient fallbacks" if self.num_fallbacks else "")
             + (f"; {self.num_particles} particles after {self.round} doublings" if self.round else "")
             + (
+                f"; the guide recomputed q(θ)'s precision rule {self.num_refreshes} times mid-block"
+                if self.num_refreshes
+                else ""
+            )
+            + (
                 f"; the draws' ELBOs are heavy-tailed ({record.tail:.3g} nat² per latent "
                 f"dimension with max_particles={self.max_particles}): the estimate and θ̂ "
                 "are unreliable"
@@ -928,10 +934,10 @@ def fit_newton(
 
     Keyword arguments that :class:`LaplaceNewton` takes (``num_particles``,
     ``antithetic``, ``blocks``, ``max_iter``, ``tol``, ``max_step``,
-    ``fallback_lr``, ``quasi_newton``, ``eval_particles``, ``seed``,
-    ``others``) configure it; ``checkpoint``, ``callback`` and ``progress``
-    go to :func:`curvi.fit`; the rest go to the model and guide. The result
-    is :func:`curvi.fit`'s, with the final ELBO and its Monte Carlo standard
+    ``fallback_lr``, ``quasi_newton``, ``eval_particles``, ``max_particles``,
+    ``max_theta_se``, ``seed``, ``others``) configure it; ``checkpoint``,
+    ``callback`` and ``progress`` go to :func:`curvi.fit`; the rest go to
+    the model and guide. The result is :func:`curvi.fit`'s, with the final ELBO and its Monte Carlo standard
     error, and in ``info`` the final θ̂ (``theta``), its Monte Carlo error in
     posterior sds (``theta_se``: the ELBO lost to it is about
     ``theta_se² / 2`` nats), each block's ELBO, the Newton iterations and

@@ -442,7 +442,7 @@ def usage_examples():
 
 
 def test_every_public_object_has_an_example():
-    assert len(usage_examples()) == 3
+    assert len(usage_examples()) == 4  # the module, FitOutcome, elbo_converged, fit
 
 
 @pytest.mark.parametrize("code", usage_examples())
@@ -503,3 +503,17 @@ def test_the_final_elbo_carries_its_monte_carlo_standard_error():
     result = fit(noop, noop, steps=2000, window=400, tol=None, loss=trace_loss(values), progress=False)
     assert result.final_elbo_se == pytest.approx(2.0 / math.sqrt(400), rel=0.2)
     assert abs(result.final_elbo + 10.0) < 4 * result.final_elbo_se
+
+
+def test_a_resumed_fit_remembers_its_best_window_for_divergence(tmp_path):
+    """The best windowed ELBO is rebuilt from the checkpoint's trace: a fall
+    right after a resume is still a fall from the best window before it."""
+    rng = random.Random(0)
+    values = [-40.0 + rng.gauss(0, 1) for _ in range(100)] + [-1e6 + rng.gauss(0, 1e3) for _ in range(900)]
+    path = tmp_path / "fit.pt"
+    fit(noop, noop, steps=100, tol=None, loss=trace_loss(values), checkpoint=path, progress=False)
+    resumed_loss = trace_loss(values[100:])  # the loss goes on where the first fit stopped
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        result = fit(noop, noop, steps=1000, tol=None, loss=resumed_loss, checkpoint=path, progress=False)
+    assert not result.converged and result.num_evaluations == 150
+    assert result.message.startswith("diverged: the windowed mean ELBO fell from -39.9")
