@@ -76,7 +76,7 @@ class LaplaceGuideBase(AutoGuide):
         self,
         model: Callable,
         *,
-        unit_plate: str,
+        unit_plate: str | None = None,
         repair: SpectralRepair | Jitter | str = "softabs",
         init_loc_fn: Callable[[Message], torch.Tensor] = init_to_median,
         create_plates: Callable | None = None,
@@ -84,8 +84,8 @@ class LaplaceGuideBase(AutoGuide):
         running_weight: float = 0.1,
         init_to_mode: bool = True,
     ):
-        if not isinstance(unit_plate, str):
-            raise ValueError(f"unit_plate must be the name of a pyro.plate, got {unit_plate!r}")
+        if unit_plate is not None and not isinstance(unit_plate, str):
+            raise ValueError(f"unit_plate must be the name of a pyro.plate or None, got {unit_plate!r}")
         if repair is None:
             raise ValueError(
                 "repair=None would fail on the first indefinite Hessian; pass 'softabs', "
@@ -102,6 +102,7 @@ class LaplaceGuideBase(AutoGuide):
         super().__init__(model, create_plates=create_plates)
 
     # ----------------------------------------------------------------- set-up
+    @torch.enable_grad()  # the initial mode solves differentiate, even from a read-out under no_grad
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
         self.view = ModelView(
@@ -118,6 +119,8 @@ class LaplaceGuideBase(AutoGuide):
                 f"{type(self).__name__} needs at least one global latent site outside plate "
                 f"'{self.unit_plate}'; this model has none"
             )
+        if self.unit_plate is None:
+            _hint_unit_plate(self.prototype_trace, view.global_dim)
         self._frames = {
             name: [f for f in self.prototype_trace.nodes[name]["cond_indep_stack"] if f.vectorized]
             for name in view.global_sites + view.local_sites
@@ -198,7 +201,7 @@ class LaplaceGuideBase(AutoGuide):
         are reused and only ``S`` is factored."""
         P = self._precision(view, theta_hat, y_hat, units)
         S = self._global_precision(P, subsampled)
-        s = view.num_units / y_hat.shape[0]
+        s = view.unit_scale(y_hat.shape[0])
         Q = P if S is P.schur and s == 1 else P.with_schur(S, cross_scale=1 / math.sqrt(s))
         return LaplaceGaussian(theta_hat, y_hat, Q, subsampled=subsampled, units=units, epoch=self._epoch())
 
@@ -212,7 +215,7 @@ class LaplaceGuideBase(AutoGuide):
         (possibly subsampled) log joint: unit blocks are rescaled to one
         unit's own curvature, the cross blocks so that the Schur complement
         is the batch's unbiased estimate of the full one."""
-        s = view.num_units / y_hat.shape[0]
+        s = view.unit_scale(y_hat.shape[0])
         H = structured_hessian(view, theta_hat, y_hat, units=units, create_graph=torch.is_grad_enabled())
         return ArrowheadPrecision(-H.A, -H.B / math.sqrt(s), -H.D / s, repair=self.repair)
 
@@ -243,8 +246,8 @@ class LaplaceGuideBase(AutoGuide):
                 self._setup_prototype(*args, **kwargs)
             view = self.view.with_args(*args, **kwargs)
             plates = self._create_plates(*args, **kwargs)
-            unit_plate = plates[self.unit_plate]
-            subsampled = unit_plate.subsample_size < view.num_units
+            unit_plate = None if self.unit_plate is None else plates[self.unit_plate]
+            subsampled = unit_plate is not None and unit_plate.subsample_size < view.num_units
             units = unit_plate.indices if subsampled or view.unit_indices is not None else None
 
             theta_hat, y_hat = self._locs(view, units)
@@ -256,6 +259,9 @@ class LaplaceGuideBase(AutoGuide):
             infer={"is_auxiliary": True, INFER_KEY: q},
         )
         batch = theta.shape[:-1]  # the particle plates, e.g. (K, 1, 1)
+        if unit_plate is None:  # no unit latents: q is the dense Gaussian of θ
+            values = view.unpack_unconstrained(theta.reshape(-1, view.global_dim), y_hat.expand(1, 0, 0))
+            return self._sample_sites(view, values, batch, plates)
         loc_y = q.conditional_mean(theta.reshape(-1, view.global_dim))  # ŷ − M(θ − θ̂): (B, n, k)
         # unit axis at the plate's dim, particle plates to its left
         n, k = y_hat.shape
@@ -317,7 +323,7 @@ class LaplaceGuideBase(AutoGuide):
         for units, keep in _unit_batches(view):
             theta_hat, y_hat = (t.detach() for t in self._locs(view, units))
             H = structured_hessian(view, theta_hat, y_hat, units=units)
-            s = view.num_units / y_hat.shape[0]
+            s = view.unit_scale(y_hat.shape[0])
             if y is None:
                 y, B, D = (t.new_zeros((view.num_units,) + t.shape[1:]) for t in (y_hat, H.B, H.D))
             y, B, D = (_scatter(t, units, keep, v) for t, v in ((y, y_hat), (B, H.B / s), (D, H.D / s)))
@@ -364,6 +370,30 @@ class LaplaceGuideBase(AutoGuide):
             f"'{self.unit_plate}'; these data have {num_units}. Its per-unit means (loc_local) "
             "belong to the units it was fitted on and cannot describe others; fit a guide on "
             "these data, or use AmortizedLaplaceGuide, whose unit modes are solved from the data"
+        )
+
+
+def _hint_unit_plate(trace, num_coordinates):
+    """Without a unit plate the precision is dense: say so when the model has a
+    plate of latents large enough that the structured path would pay off."""
+    if num_coordinates < 200:
+        return
+    plates = sorted(
+        {
+            f.name
+            for site in trace.nodes.values()
+            if site["type"] == "sample" and not site["is_observed"]
+            for f in site["cond_indep_stack"]
+            if f.vectorized
+        }
+    )
+    if plates:
+        warnings.warn(
+            f"no unit_plate given: all {num_coordinates} latent coordinates are treated as "
+            f"global, with a dense precision (cost grows with their square); if plate "
+            f"{plates[0]!r} holds conditionally independent units, pass unit_plate={plates[0]!r}",
+            UserWarning,
+            stacklevel=5,
         )
 
 
@@ -452,9 +482,12 @@ class LaplaceGuide(LaplaceGuideBase):
 
     def _init_locs(self, view, theta):
         self.loc_global = PyroParam(theta.clone(), constraints.real, event_dim=1)
-        self.loc_local = PyroParam(self._all_units_modes(view, theta), constraints.real, event_dim=2)
+        if view.num_units:
+            self.loc_local = PyroParam(self._all_units_modes(view, theta), constraints.real, event_dim=2)
 
     def _locs(self, view, units):
+        if not view.num_units:  # no unit plate: θ̂ is the whole mean
+            return self.loc_global, view.init_y
         y = self.loc_local if units is None else self.loc_local[units]
         return self.loc_global, y
 
@@ -527,7 +560,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         self,
         model: Callable,
         *,
-        unit_plate: str,
+        unit_plate: str | None = None,
         mode_fn: Callable[..., torch.Tensor] | None = None,
         xtol: float | None = None,
         max_iter: int = 50,

@@ -130,7 +130,7 @@ def structured_hessian(
             rows.append(_grad(out, (th, yy), create_graph=create_graph, retain_graph=retain))
     A = torch.stack([r[0] for r in rows[:p]]) if p else theta.new_zeros(0, 0)
     B = torch.stack([r[1] for r in rows[:p]], dim=-1) if p else y.new_zeros(y.shape + (0,))
-    D = torch.stack([r[1] for r in rows[p:]], dim=-1)
+    D = torch.stack([r[1] for r in rows[p:]], dim=-1) if k else y.new_zeros(y.shape + (0,))
     A, D = symmetrize(A), symmetrize(D)
     H = ArrowheadHessian(A, B, D, log_prob=log_prob, grad_theta=g_theta, grad_y=g_y)
     if not create_graph:
@@ -174,6 +174,9 @@ def local_hessian(
         th = theta.view_as(theta) if create_graph and theta.requires_grad else theta.detach()
         yy = _as_inputs(y, create_graph)
         log_prob = view.log_joint(th, yy, units=units)
+        if y.numel() == 0:  # no unit latents: no local gradient or blocks
+            log_prob = log_prob if create_graph else log_prob.detach()
+            return log_prob, y.detach(), y.new_zeros(y.shape + y.shape[-1:])
         (g_y,) = _grad(log_prob, (yy,), create_graph=True)
         k = view.local_dim
         columns = [

@@ -88,7 +88,7 @@ def laplace_log_marginal(
     result = solve_modes(view, theta, y_start, units=units, xtol=xtol, max_iter=max_iter)
     y = implicit_modes(view, theta, result, units=units, create_graph=create_graph)
     log_prob, _, D = local_hessian(view, theta, y, units=units, create_graph=create_graph)
-    scale = view.num_units / y.shape[0]
+    scale = view.unit_scale(y.shape[0])
     L, info = torch.linalg.cholesky_ex(-D / scale)  # one unit's own precision block
     if (info > 0).any():
         bad = (info > 0).nonzero().flatten()

@@ -90,7 +90,10 @@ class ModelView:
 
     :param callable model: a Pyro model.
     :param args: positional arguments of ``model``, bound to the view.
-    :param str unit_plate: name of the :func:`pyro.plate` of the units.
+    :param str unit_plate: name of the :func:`pyro.plate` of the units, or
+        ``None`` for a model without one: every latent is then global
+        (``p`` coordinates, ``y`` of shape ``(0, 0)``, ``num_units == 0``),
+        and the Hessian is the dense ``p × p`` one.
     :param callable init_loc_fn: a Pyro init strategy that gives the point at
         which the model is traced (see :mod:`pyro.infer.autoguide.initialization`).
     :param bool check_structure: verify at set-up that no term couples two
@@ -106,24 +109,28 @@ class ModelView:
         self,
         model: Callable,
         *args,
-        unit_plate: str,
+        unit_plate: str | None,
         init_loc_fn: Callable[[Message], torch.Tensor] = init_to_median,
         check_structure: bool = True,
         **kwargs,
     ):
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
-        if not isinstance(unit_plate, str):
-            raise ValueError(f"unit_plate must be the name of a pyro.plate, got {unit_plate!r}")
+        if unit_plate is not None and not isinstance(unit_plate, str):
+            raise ValueError(f"unit_plate must be the name of a pyro.plate or None, got {unit_plate!r}")
         self.model = model
         self.args = args
         self.kwargs = kwargs
         self.unit_plate = unit_plate
 
         trace = _trace_prototype(model, init_loc_fn, args, kwargs)
-        frame = _find_unit_frame(trace, unit_plate)
-        self.num_units = frame.full_size if frame.full_size is not None else frame.size
-        self.unit_dim = frame.dim
+        frame = None if unit_plate is None else _find_unit_frame(trace, unit_plate)
+        #: units in the plate (0 without a unit plate: every latent is global)
+        self.num_units = (
+            0 if frame is None else frame.full_size if frame.full_size is not None else frame.size
+        )
+        #: the unit plate's dim (None without a unit plate)
+        self.unit_dim = None if frame is None else frame.dim
         #: how many plate dims the model's sites use (observed ones included):
         #: Trace_ELBO's ``max_plate_nesting``
         self.max_plate_nesting = max(
@@ -136,15 +143,15 @@ class ModelView:
             ),
             default=0,
         )
-        unit_site = trace.nodes[unit_plate]
-        self.unit_indices = unit_site["value"] if frame.size < self.num_units else None
+        subsampled = frame is not None and frame.size < self.num_units
+        self.unit_indices = trace.nodes[unit_plate]["value"] if subsampled else None
 
         latent = [s for s in trace.nodes.values() if _is_latent(s)]
         for site in latent:
             _check_site(site, unit_plate)
         self.global_layout = _layout([s for s in latent if not _in_plate(s, unit_plate)], unit_dim=None)
-        self.local_layout = _layout([s for s in latent if _in_plate(s, unit_plate)], unit_dim=frame.dim)
-        if not self.local_layout:
+        self.local_layout = _layout([s for s in latent if _in_plate(s, unit_plate)], unit_dim=self.unit_dim)
+        if unit_plate is not None and not self.local_layout:
             plates = sorted({f.name for s in latent for f in s["cond_indep_stack"]} - {unit_plate})
             raise ValueError(
                 f"unit plate '{unit_plate}' holds no latent sample site; the unit "
@@ -168,6 +175,8 @@ class ModelView:
             and not _is_factor(s)
         )
 
+        if not latent:
+            raise ValueError("the model has no latent sample site: there is nothing to infer")
         values = {s["name"]: s["value"].detach() for s in latent}
         self.init_theta, self.init_y = self.pack(values)
         self.check_finite(self.init_theta, self.init_y)
@@ -198,6 +207,11 @@ class ModelView:
         """Units in the traced run: the subsample size when the plate subsamples."""
         return self.init_y.shape[0]
 
+    def unit_scale(self, num_present: int) -> float:
+        """``N / n``: how much a batch of ``n`` units' terms are scaled up to
+        stand for all ``N`` (1 without units)."""
+        return self.num_units / num_present if num_present else 1.0
+
     def global_coordinate_names(self) -> list[str]:
         """Readable names of the ``p`` unconstrained global coordinates."""
         return _coordinate_names(self.global_layout)
@@ -219,8 +233,11 @@ class ModelView:
             raise ValueError(f"pack() needs a value for every latent site; missing {missing}")
         y = [_unit_rows(s.transform.inv(values[s.name]), s.unit_axis) for s in self.local_layout]
         sizes = {t.shape[0] for t in y}
-        if len(sizes) != 1:
+        if len(sizes) > 1:
             raise ValueError(f"local site values disagree on the number of units: {sizes}")
+        if not y:  # no unit plate: every latent is global, y has no rows
+            theta = self.pack_globals(values)
+            return theta, theta.new_zeros(0, 0)
         return self.pack_globals(values, like=y[0]), torch.cat(y, dim=-1)
 
     def pack_globals(
@@ -345,6 +362,8 @@ class ModelView:
             view = ModelView(model, torch.zeros(3), unit_plate="groups")
             view.num_units, view.num_units_of(torch.zeros(5))   # 3, 5
         """
+        if self.unit_plate is None:
+            return 0
         frame = _find_unit_frame(
             _trace_prototype(self.model, init_to_feasible, args, kwargs), self.unit_plate
         )
@@ -421,7 +440,11 @@ class ModelView:
                 )
             log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
             log_p = scale_and_mask(log_p, site["scale"], site["mask"])
-            per_unit = _in_plate(site, self.unit_plate) and log_p.dim() >= -self.unit_dim
+            per_unit = (
+                self.unit_dim is not None
+                and _in_plate(site, self.unit_plate)
+                and log_p.dim() >= -self.unit_dim
+            )
             terms[name] = (log_p, per_unit)
         terms.update(log_jac)
         return terms
@@ -517,7 +540,7 @@ class ModelView:
     def _constrain(self, theta, y, *, jacobian, num_present=None):
         values, log_jac = {}, {}
         unconstrained = self.unpack_unconstrained(theta, y)
-        scale = 1.0 if num_present is None else self.num_units / num_present
+        scale = 1.0 if num_present is None else self.unit_scale(num_present)
         for s in self.global_layout + self.local_layout:
             u = unconstrained[s.name]
             values[s.name] = x = s.transform(u)
@@ -543,7 +566,7 @@ def _is_factor(site) -> bool:
 
 
 def _in_plate(site, plate_name) -> bool:
-    return any(f.name == plate_name for f in site["cond_indep_stack"])
+    return plate_name is not None and any(f.name == plate_name for f in site["cond_indep_stack"])
 
 
 def _find_unit_frame(trace, unit_plate):
@@ -572,10 +595,15 @@ def _check_site(site, unit_plate):
         )
     for f in site["cond_indep_stack"]:
         if f.name != unit_plate and f.full_size is not None and f.size < f.full_size:
+            allowed = (
+                f"only the unit plate '{unit_plate}' may subsample"
+                if unit_plate is not None
+                else f"without a unit plate every latent is global (pass unit_plate='{f.name}' if it holds the units)"
+            )
             raise ValueError(
                 f"latent site '{name}' sits in plate '{f.name}', which subsamples "
-                f"({f.size} of {f.full_size}); only the unit plate '{unit_plate}' may "
-                "subsample, since curvi treats latents outside it as global"
+                f"({f.size} of {f.full_size}); {allowed}, since curvi treats latents outside "
+                "the unit plate as global"
             )
 
 

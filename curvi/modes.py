@@ -127,6 +127,9 @@ def solve_modes(
     theta, y = theta.detach(), y_init.detach().clone()
     if xtol is None:
         xtol = torch.finfo(y.dtype).eps ** 0.5
+    if y.numel() == 0:  # no unit latents (a view without a unit plate): nothing to solve
+        empty = y.new_zeros(y.shape + y.shape[-1:])
+        return ModeResult(y, empty, torch.ones(y.shape[0], dtype=torch.bool, device=y.device), y, 0)
     search = _unit_line_search if view.separable else _total_line_search
     value = None  # the log density at y, known after the first line search
     for iteration in range(max_iter + 1):
@@ -173,6 +176,8 @@ def implicit_modes(
         y_hat = implicit_modes(view, theta, solve_modes(view, theta, view.init_y))
         y_hat.sum().backward()  # theta.grad = d(sum of modes)/d mu = 3 * 0.2
     """
+    if result.y.numel() == 0:
+        return result.y
     create_graph = theta.requires_grad if create_graph is None else create_graph
     _, g_y = gradient(view, theta, result.y, units=units, create_graph=create_graph)
     inverse = newton_inverse(result.precision)
