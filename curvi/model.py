@@ -598,7 +598,8 @@ def _check_site(site, unit_plate):
             allowed = (
                 f"only the unit plate '{unit_plate}' may subsample"
                 if unit_plate is not None
-                else f"without a unit plate every latent is global (pass unit_plate='{f.name}' if it holds the units)"
+                else "without a unit plate every latent is global "
+                f"(pass unit_plate='{f.name}' if it holds the units)"
             )
             raise ValueError(
                 f"latent site '{name}' sits in plate '{f.name}', which subsamples "
