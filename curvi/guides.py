@@ -48,7 +48,8 @@ from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn.module import PyroParam
-from pyro.poutine.runtime import Message
+from pyro.poutine.runtime import _PYRO_STACK, Message
+from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import constraints
 
 from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
@@ -121,6 +122,13 @@ class LaplaceGuideBase(AutoGuide):
             )
         if self.unit_plate is None:
             _hint_unit_plate(self.prototype_trace, view.global_dim)
+        if view.hidden.conditioned and self.master is None:
+            raise ValueError(
+                f"sites {list(view.hidden.conditioned)} are hidden from {type(self).__name__} by "
+                "poutine.block and cannot be summed out (they are not enumerable discrete sites); "
+                "its Laplace approximation needs their values: give them to another guide placed "
+                "before this one in an AutoGuideList, or let this guide own them"
+            )
         self._frames = {
             name: [f for f in self.prototype_trace.nodes[name]["cond_indep_stack"] if f.vectorized]
             for name in view.global_sites + view.local_sites
@@ -136,6 +144,8 @@ class LaplaceGuideBase(AutoGuide):
         self.register_buffer("running_count", torch.zeros((), dtype=torch.long))
         self._init_locs(view, self._initial_theta(view))
         self._check_stored_shapes(view)
+        # shapes of data known to hold the set-up units (see _view_and_plates)
+        self._same_units = {_data_signature(args, kwargs)}
 
     def _apply(self, fn, recurse=True):
         """``guide.to(dtype or device)`` (and ``double()``, ``cuda()``, ...):
@@ -244,8 +254,9 @@ class LaplaceGuideBase(AutoGuide):
         with torch.enable_grad():
             if self.prototype_trace is None:
                 self._setup_prototype(*args, **kwargs)
-            view = self.view.with_args(*args, **kwargs)
-            plates = self._create_plates(*args, **kwargs)
+            view, plates = self._view_and_plates(args, kwargs)
+            if view.hidden.conditioned:
+                view = view.with_conditions(self._values_drawn_by_other_guides(view))
             unit_plate = None if self.unit_plate is None else plates[self.unit_plate]
             subsampled = unit_plate is not None and unit_plate.subsample_size < view.num_units
             units = unit_plate.indices if subsampled or view.unit_indices is not None else None
@@ -280,6 +291,29 @@ class LaplaceGuideBase(AutoGuide):
         y = y.reshape(-1, n, k)
         values = view.unpack_unconstrained(theta.reshape(-1, view.global_dim), y)
         return self._sample_sites(view, values, batch, plates)
+
+    def _values_drawn_by_other_guides(self, view):
+        """The values of the conditioned hidden sites, as the parts of the
+        ``AutoGuideList`` before this guide have just drawn them (read from the
+        trace being recorded)."""
+        values = {}
+        for name in view.hidden.conditioned:
+            value = _recorded_value(name)
+            if value is None and not any(isinstance(m, TraceMessenger) for m in _PYRO_STACK):
+                raise ValueError(
+                    f"site '{name}' is hidden from {type(self).__name__}, which conditions on the "
+                    "value another guide draws; it reads that value from the trace being recorded, "
+                    "and there is none: call the AutoGuideList under poutine.trace (as SVI, the "
+                    "ELBOs and Predictive do), or use its median() for a point read-out"
+                )
+            if value is None:
+                raise ValueError(
+                    f"site '{name}' is hidden from {type(self).__name__}, which conditions on its "
+                    "value, but no guide has drawn it in this run: in an AutoGuideList, place the "
+                    "guide that owns it before this one"
+                )
+            values[name] = _one_value(name, value, view.conditions[name].shape)
+        return values
 
     def _sample_sites(self, view, values, batch, plates):
         """A ``Delta`` site per model site at the constrained value, with the
@@ -354,15 +388,60 @@ class LaplaceGuideBase(AutoGuide):
         ``len(quantiles)``."""
         return self.get_posterior(*args, **kwargs).quantiles(quantiles)
 
+    # ------------------------------------------------------------ other data
+    def _view_and_plates(self, args, kwargs):
+        """The view of the model on these data and the guide's plates for them.
+
+        Data whose tensors have the shapes of the set-up data are taken to
+        hold the same units (no extra work). Otherwise the model is traced
+        once at a feasible point to count its units (remembered for data of
+        those shapes): the same number goes on as usual, another goes to
+        :meth:`_other_units`."""
+        view = self.view.with_args(*args, **kwargs)
+        signature = _data_signature(args, kwargs)
+        if (args or kwargs) and signature not in self._same_units:
+            num_units = self.view.num_units_of(*args, **kwargs)
+            if num_units != self.view.num_units:
+                return self._other_units(args, kwargs, signature, num_units)
+            self._same_units.add(signature)
+        return view, self._create_plates(*args, **kwargs)
+
+    def _other_units(self, args, kwargs, signature, num_units):
+        """A view and plates for data with another number of units: refused by
+        a guide whose parameters are per unit."""
+        raise ValueError(self._other_units_message(num_units))
+
     def _read_out_view(self, args, kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        if not (args or kwargs):
-            return self.view
-        num_units = self.view.num_units_of(*args, **kwargs)
-        if num_units != self.view.num_units:
-            raise ValueError(self._other_units_message(num_units))
-        return self.view.with_args(*args, **kwargs)
+        view = self._view_and_plates(args, kwargs)[0] if args or kwargs else self.view
+        if view.hidden.conditioned:
+            view = view.with_conditions(self._medians_of_other_guides(view, args, kwargs))
+        return view
+
+    def _medians_of_other_guides(self, view, args, kwargs):
+        """Read-outs condition the hidden sites on the medians of the guides
+        of the ``AutoGuideList`` that own them."""
+        values = {}
+        for part in self.master() if self.master is not None else ():
+            if part is self or part.prototype_trace is None:
+                continue
+            owned = [n for n in view.hidden.conditioned if n in part.prototype_trace.nodes]
+            if owned:
+                if not hasattr(part, "median"):
+                    raise ValueError(
+                        f"sites {owned} are conditioned on the guide that owns them, "
+                        f"{type(part).__name__}, which has no median() to read them from"
+                    )
+                medians = part.median(*args, **kwargs)
+                values.update({n: medians[n] for n in owned})
+        missing = [n for n in view.hidden.conditioned if n not in values]
+        if missing:
+            raise ValueError(
+                f"sites {missing} are hidden from {type(self).__name__} and no other guide of its "
+                "AutoGuideList has been set up to give their values; call the whole guide once first"
+            )
+        return values
 
     def _other_units_message(self, num_units):
         return (
@@ -371,6 +450,49 @@ class LaplaceGuideBase(AutoGuide):
             "belong to the units it was fitted on and cannot describe others; fit a guide on "
             "these data, or use AmortizedLaplaceGuide, whose unit modes are solved from the data"
         )
+
+
+def _data_signature(args, kwargs):
+    """The shapes of the tensors among a model's arguments: data with the same
+    signature hold the same units."""
+
+    def shape(value):
+        if isinstance(value, (bool, int, float, str, type(None))):
+            return value
+        if isinstance(value, (list, tuple)):
+            return tuple(map(shape, value))
+        if isinstance(value, dict):
+            return tuple((k, shape(v)) for k, v in value.items())
+        return type(value).__name__, tuple(getattr(value, "shape", ()))
+
+    return shape(args), shape(kwargs)
+
+
+def _recorded_value(name):
+    """The value of sample site ``name`` in the innermost trace being recorded
+    (``poutine.trace`` on Pyro's handler stack), or None."""
+    for messenger in reversed(_PYRO_STACK):
+        if isinstance(messenger, TraceMessenger) and name in messenger.trace.nodes:
+            return messenger.trace.nodes[name]["value"]
+    return None
+
+
+def _one_value(name, value, shape):
+    """The site's value without the particle dims of a vectorized ELBO: the
+    guide conditions on one value per call. The value keeps its graph, so the
+    ELBO's gradient with respect to the other guide's parameters includes
+    their effect on this guide's mean and precision."""
+    if value.dim() <= len(shape):
+        return value.reshape(shape)
+    flat = value.reshape((-1,) + tuple(shape))
+    if not (flat.detach() == flat[:1].detach()).all():
+        raise ValueError(
+            f"site '{name}', which this Laplace guide conditions on, has a different value in each "
+            "vectorized particle; the guide builds one Gaussian per call: use "
+            "vectorize_particles=False (each particle is then a call), or a point-mass guide "
+            "(AutoDelta) for that site"
+        )
+    return flat[0]
 
 
 def _hint_unit_plate(trace, num_coordinates):
@@ -625,9 +747,17 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         self.register_buffer("mode_cache", self._all_units_modes(view, theta))
         self.register_buffer("mode_theta", theta.expand(N, p).clone())
         self.register_buffer("mode_slope", theta.new_zeros(N, k, p))
+        # q(θ)'s precision on the fitted data, and the θ̂ it belongs to: what
+        # data with other units are read out with (count 0: not yet computed)
+        self.register_buffer("fitted_precision", theta.new_zeros(p, p))
+        self.register_buffer("fitted_theta", theta.clone())
+        self.register_buffer("fitted_count", torch.zeros((), dtype=torch.long))
+        self._other_data = None  # (signature, view, warm-start modes) of the last other data
 
     def _locs(self, view, units):
         theta = self.loc_global
+        if view.num_units != self.view.num_units:
+            return self._locs_on_other_units(view, theta, units)
         rows = slice(None) if units is None else units
         if self.mode_fn is not None:
             y_start = self._user_modes(view, theta.detach(), units)
@@ -647,9 +777,89 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         return P
 
     def _gaussian(self, view, theta_hat, y_hat, units, subsampled):
+        if view.num_units != self.view.num_units:
+            return self._gaussian_on_other_units(view, theta_hat, y_hat, units, subsampled)
         q = super()._gaussian(view, theta_hat, y_hat, units, subsampled)
         self.mode_slope[slice(None) if units is None else units] = -q.M.detach()
+        self.fitted_precision = q.global_precision.detach()
+        self.fitted_theta = theta_hat.detach().clone()
+        self.fitted_count += 1
         return q
+
+    # ---------------------------------------------------- data with other units
+    def _other_units(self, args, kwargs, signature, num_units):
+        """Data with another number of units (new groups, prediction): a view of
+        the model on them (traced once per data shape) and plates of their sizes."""
+        if self.master is not None:
+            raise ValueError(
+                f"{self._other_units_message(num_units)}; inside an AutoGuideList the plates are "
+                "the list's, set up for the fitted data"
+            )
+        if self._other_data is None or self._other_data[0] != signature:
+            view = ModelView(
+                self.model,
+                *args,
+                unit_plate=self.unit_plate,
+                init_loc_fn=self.init_loc_fn,
+                check_structure=self.check_structure,
+                **kwargs,
+            )
+
+            def shapes(v):
+                return [(s.name, s.shape) for s in v.global_layout + v.local_layout]
+
+            if shapes(view) != shapes(self.view):
+                raise ValueError(
+                    "these data give the model other latent sites or shapes than the fitted data "
+                    f"(globals {view.global_sites} of dimension {view.global_dim}, {view.local_dim} "
+                    f"per unit; fitted: {self.view.global_sites}, {self.view.global_dim}, "
+                    f"{self.view.local_dim})"
+                )
+            self._other_data = (signature, view, view.init_y.clone())
+        view = self._other_data[1].with_args(*args, **kwargs)
+        plates = {}
+        if self.create_plates is not None:
+            made = self.create_plates(*args, **kwargs)
+            plates = {p.name: p for p in ([made] if isinstance(made, pyro.plate) else made)}
+        for name, frame in view.plate_frames.items():
+            if name not in plates:
+                size = frame.full_size or frame.size
+                plates[name] = pyro.plate(name, size, dim=frame.dim, subsample_size=frame.size)
+        return view, plates
+
+    def _locs_on_other_units(self, view, theta, units):
+        """θ̂ and the conditional modes of the other data's units, solved from
+        the last modes found on the same data (the fitted units' cache is
+        left alone)."""
+        cache = self._other_data[2]
+        rows = slice(None) if units is None else units
+        y_start = cache[rows] if self.mode_fn is None else self._user_modes(view, theta.detach(), units)
+        result = solve_modes(view, theta, y_start, units=units, xtol=self.xtol, max_iter=self.max_iter)
+        warn_unconverged(result, units=units, stacklevel=5)
+        cache[rows] = result.y
+        return theta, implicit_modes(view, theta, result, units=units)
+
+    def _gaussian_on_other_units(self, view, theta_hat, y_hat, units, subsampled):
+        """q(θ) as fitted, and each new unit's q(yᵢ | θ) from its own curvature:
+        the posterior of new units given the fitted posterior of θ."""
+        P = LaplaceGuideBase._precision(self, view, theta_hat, y_hat, units)
+        S = self._fitted_global_precision(theta_hat.detach())
+        Q = P.with_schur(S, cross_scale=1 / math.sqrt(view.unit_scale(y_hat.shape[0])))
+        return LaplaceGaussian(theta_hat, y_hat, Q, subsampled=subsampled, units=units, epoch=self._epoch())
+
+    def _fitted_global_precision(self, theta):
+        """S on the fitted data at ``theta``: the stored one if it was computed
+        at this θ̂ (or the plate subsamples: its running average), else
+        recomputed from the fitted data (held by the guide's view)."""
+        if self.view.unit_indices is not None:
+            if self.running_count == 0:
+                raise ValueError("the guide has not been trained yet: no q(θ) to read other data with")
+            return self.running_schur
+        if self.fitted_count == 0 or not torch.equal(theta, self.fitted_theta):
+            with torch.no_grad():
+                theta_hat, y_hat = self._locs(self.view, None)
+                self._gaussian(self.view, theta_hat, y_hat, None, False)
+        return self.fitted_precision
 
     def _epoch(self):
         return int(self.marginal_count) if self.global_precision == "marginal" else 0
@@ -703,6 +913,8 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         return self.repair(S + self.marginal_correction).matrix
 
     def _read_out_precision(self, view, theta_hat, y, P):
+        if view.num_units != self.view.num_units:
+            return P.with_schur(self._fitted_global_precision(theta_hat))
         if self.global_precision == "joint":
             return P
         return P.with_schur(-laplace_hessian(view, theta_hat, y))
@@ -710,9 +922,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
     def _other_units_message(self, num_units):
         return (
             f"AmortizedLaplaceGuide was set up for {self.view.num_units} units of plate "
-            f"'{self.unit_plate}'; these data have {num_units}, and reading out a fitted guide "
-            "on data with other units is not supported yet: make a new guide on these data and "
-            "copy loc_global into it (its only parameter; the unit modes are solved from the data)"
+            f"'{self.unit_plate}'; these data have {num_units}"
         )
 
     def _user_modes(self, view, theta, units):

@@ -31,6 +31,8 @@ from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from .hidden_sites import HiddenSites, check_deterministic, enumerated_terms, without_blocks
+
 
 class SiteLayout(NamedTuple):
     """Where one latent site lives in the flat coordinates.
@@ -124,6 +126,10 @@ class ModelView:
         self.unit_plate = unit_plate
 
         trace = _trace_prototype(model, init_loc_fn, args, kwargs)
+        # the model without its poutine.block wrappers: its density is what the
+        # Laplace approximation needs, including the sites hidden from the guide
+        self._full_model, blocked = without_blocks(model)
+        full_trace = _trace_prototype(self._full_model, init_loc_fn, args, kwargs) if blocked else trace
         frame = None if unit_plate is None else _find_unit_frame(trace, unit_plate)
         #: units in the plate (0 without a unit plate: every latent is global)
         self.num_units = (
@@ -136,7 +142,7 @@ class ModelView:
         self.max_plate_nesting = max(
             (
                 -f.dim
-                for site in trace.nodes.values()
+                for site in full_trace.nodes.values()
                 if site["type"] == "sample"
                 for f in site["cond_indep_stack"]
                 if f.vectorized and f.dim is not None
@@ -149,6 +155,8 @@ class ModelView:
         latent = [s for s in trace.nodes.values() if _is_latent(s)]
         for site in latent:
             _check_site(site, unit_plate)
+        #: the vectorized plates of the latent sites, by name (their sizes on these data)
+        self.plate_frames = {f.name: f for s in latent for f in s["cond_indep_stack"] if f.vectorized}
         self.global_layout = _layout([s for s in latent if not _in_plate(s, unit_plate)], unit_dim=None)
         self.local_layout = _layout([s for s in latent if _in_plate(s, unit_plate)], unit_dim=self.unit_dim)
         if unit_plate is not None and not self.local_layout:
@@ -160,14 +168,24 @@ class ModelView:
             )
         self.global_dim = sum(s.size for s in self.global_layout)
         self.local_dim = sum(s.size for s in self.local_layout)
-        self._latent_names = frozenset(s["name"] for s in latent)
+        owned = frozenset(s["name"] for s in latent)
+        #: latent sites hidden from the view by poutine.block: summed out or conditioned on
+        self.hidden = HiddenSites.of(full_trace, owned)
+        if self.hidden.enumerated and self.unit_indices is not None:
+            raise ValueError(
+                f"sites {list(self.hidden.enumerated)} are summed out by enumeration, which curvi "
+                f"does not combine with a subsampled unit plate '{unit_plate}'"
+            )
+        #: values of the conditioned hidden sites (replaced per call, :meth:`with_conditions`)
+        self.conditions = {n: full_trace.nodes[n]["value"].detach() for n in self.hidden.conditioned}
+        self._latent_names = owned | frozenset(self.hidden.enumerated + self.hidden.conditioned)
         self._separable = None
         #: names of the model's ``pyro.param`` sites, in execution order
         self.param_sites = tuple(n for n, s in trace.nodes.items() if s["type"] == "param")
         #: number of observed elements (for information criteria)
         self.num_observations = sum(
             s["value"].numel()
-            for s in trace.nodes.values()
+            for s in full_trace.nodes.values()
             if s["type"] == "sample"
             and s["is_observed"]
             and not site_is_subsample(s)
@@ -180,6 +198,7 @@ class ModelView:
         values = {s["name"]: s["value"].detach() for s in latent}
         self.init_theta, self.init_y = self.pack(values)
         self.check_finite(self.init_theta, self.init_y)
+        check_deterministic(lambda: self.log_joint(self.init_theta, self.init_y))
         if check_structure:
             self.check_arrowhead(self.init_theta, self.init_y)
 
@@ -391,6 +410,20 @@ class ModelView:
         view.init_theta, view.init_y = fn(self.init_theta), fn(self.init_y)
         if self.unit_indices is not None:
             view.unit_indices = fn(self.unit_indices)
+        view.conditions = {n: fn(t) for n, t in self.conditions.items()}
+        return view
+
+    def with_conditions(self, values: dict[str, torch.Tensor]) -> ModelView:
+        """The same view with new values of the conditioned hidden sites
+        (:attr:`hidden`), e.g. the ones another guide has just drawn."""
+        unknown = set(values) - set(self.hidden.conditioned)
+        if unknown:
+            raise ValueError(
+                f"sites {sorted(unknown)} are not conditioned hidden sites of this view "
+                f"(those are {list(self.hidden.conditioned)})"
+            )
+        view = copy.copy(self)
+        view.conditions = {**self.conditions, **values}
         return view
 
     def with_args(self, *args, **kwargs) -> ModelView:
@@ -422,13 +455,23 @@ class ModelView:
         self._check_coordinates(theta, y)
         units = self._units(y, units)
         values, log_jac = self._constrain(theta, y, jacobian=True, num_present=y.shape[0])
-        data = dict(values)
+        data = {**self.conditions, **values}
         if units is not None:
             data[self.unit_plate] = units
+        model = self.hidden.enumerate(poutine.condition(self._full_model, data), self.max_plate_nesting)
         with pyro.validation_enabled(False):
-            trace = poutine.block(poutine.trace(poutine.condition(self.model, data)).get_trace)(
-                *self.args, **self.kwargs
-            )
+            trace = poutine.block(poutine.trace(model).get_trace)(*self.args, **self.kwargs)
+        # a masked latent's Jacobian is masked with its density: a masked entry
+        # has no density in either space (docs/design.md, pitfalls)
+        for name, site in trace.nodes.items():
+            key = f"log|J| {name}"
+            if key in log_jac and torch.is_tensor(site["mask"]):
+                t, local = log_jac[key]
+                log_jac[key] = (scale_and_mask(t, 1.0, site["mask"]), local)
+        if self.hidden.enumerated:
+            terms = enumerated_terms(trace, self.unit_plate)
+            terms.update(log_jac)
+            return terms
         terms = {}
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):

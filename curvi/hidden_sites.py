@@ -1,0 +1,176 @@
+"""Latent sites a guide does not own: hidden from it by ``poutine.block``.
+
+Pyro's pattern for models with discrete latents, or for guides made of
+parts, builds each guide on a blocked model::
+
+    guide = LaplaceGuide(poutine.block(model, hide=["c"]))     # TraceEnum_ELBO sums c out
+    guide = AutoGuideList(model)
+    guide.append(AutoDelta(poutine.block(model, expose=["sigma"])))
+    guide.append(LaplaceGuide(poutine.block(model, hide=["sigma"])))
+
+A Pyro autoguide never evaluates the model's density, so the hidden sites do
+not concern it. A Laplace guide does: its precision is the curvature of
+``log p``, which depends on them. Here the guide's view of the model sees
+through the blocks (:func:`without_blocks`) and treats each hidden latent
+site by what it is (:class:`HiddenSites`):
+
+* an *enumerable* discrete site is summed out of the log density with
+  Pyro's enumeration machinery (``poutine.enum`` and
+  :func:`pyro.ops.contract.contract_to_tensor`, as ``TraceEnum_ELBO`` and
+  NUTS do), per unit when it sits in the unit plate;
+* any other site is *conditioned on*: its value comes from whoever samples it
+  (another part of an ``AutoGuideList``), and the guide is the Laplace
+  approximation of the conditional ``p(θ, y | that value)``.
+
+A latent site hidden inside the model's own body (a ``with poutine.block()``
+there) cannot be seen at all; the view checks at set-up that the log density
+is a deterministic function of the coordinates, so such a model is refused
+instead of giving a random density.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pyro.poutine as poutine
+import torch
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.packed import unpack
+from pyro.poutine.block_messenger import BlockMessenger
+from pyro.poutine.messenger import _bound_partial, _context_wrap
+from pyro.poutine.util import site_is_subsample
+
+__all__ = ["HiddenSites", "check_deterministic", "enumerated_terms", "without_blocks"]
+
+
+def without_blocks(model: Callable) -> tuple[Callable, bool]:
+    """The model with its ``poutine.block`` wrappers removed (other handlers
+    kept, in order), and whether there were any.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        import pyro.poutine as poutine
+
+        def model():
+            pyro.sample("c", dist.Bernoulli(0.5))
+            pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+        full, removed = without_blocks(poutine.block(model, hide=["c"]))
+        removed, "c" in poutine.trace(full).get_trace().nodes   # True, True
+    """
+    inner = model.func if isinstance(model, _bound_partial) else model
+    if isinstance(inner, functools.partial) and inner.func is _context_wrap and len(inner.args) == 2:
+        messenger, wrapped = inner.args
+        unwrapped, removed = without_blocks(wrapped)
+        if isinstance(messenger, BlockMessenger):
+            return unwrapped, True
+        if removed:
+            return messenger(unwrapped), True
+    return model, False
+
+
+class HiddenSites(NamedTuple):
+    """The latent sites of a model its guide does not own.
+
+    :ivar tuple enumerated: enumerable discrete sites, summed out.
+    :ivar tuple conditioned: other sites, whose values are given.
+    """
+
+    enumerated: tuple[str, ...]
+    conditioned: tuple[str, ...]
+
+    @staticmethod
+    def of(full_trace, owned: frozenset[str]) -> HiddenSites:
+        """Classify the latent sites of ``full_trace`` that are not ``owned``."""
+        enumerated, conditioned = [], []
+        for name, site in full_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site) or name in owned:
+                continue
+            fn = site["fn"]
+            if fn.support.is_discrete and fn.has_enumerate_support:
+                enumerated.append(name)
+            else:
+                conditioned.append(name)
+        return HiddenSites(tuple(enumerated), tuple(conditioned))
+
+    def __bool__(self) -> bool:
+        return bool(self.enumerated or self.conditioned)
+
+    def enumerate(self, model: Callable, max_plate_nesting: int) -> Callable:
+        """``model`` with the enumerated sites enumerated in parallel, to the
+        left of its ``max_plate_nesting`` plate dims."""
+        if not self.enumerated:
+            return model
+        names = frozenset(self.enumerated)
+
+        def config(site):
+            if site["name"] in names and not site["is_observed"]:
+                return {"enumerate": "parallel"}
+            return {}
+
+        return poutine.enum(poutine.infer_config(model, config), first_available_dim=-max_plate_nesting - 1)
+
+
+def enumerated_terms(trace, unit_plate: str | None) -> dict:
+    """The log density of an enumerated trace with the enumerated sites summed
+    out, as :meth:`curvi.ModelView._terms` terms ``name -> (tensor, per_unit)``.
+
+    When every term that involves an enumerated site sits in the unit plate,
+    the sum is taken unit by unit: one per-unit term (the unit axis at
+    ``unit_dim``) for the unit plate's sites and the other sites' terms as
+    they are. Otherwise the whole density is one scalar term (the view is
+    then not separable by unit).
+    """
+    trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
+    trace.pack_tensors()
+    enum_symbols = set(trace.symbol_to_dim) - set(trace.plate_to_symbol.values())
+    unit_symbol = trace.plate_to_symbol.get(unit_plate)
+    factors = []  # (name, ordinal, packed log prob, in the unit plate)
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        ordinal = frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+        factors.append((name, ordinal, site["packed"]["log_prob"], unit_symbol in ordinal))
+
+    def involves_enumeration(t):
+        return bool(set(t._pyro_dims) & enum_symbols)
+
+    enumerated_outside = any(involves_enumeration(t) and not inside for _, _, t, inside in factors)
+    if unit_symbol is None or enumerated_outside:
+        tree = OrderedDict()
+        for _, ordinal, t, _ in factors:
+            tree.setdefault(ordinal, []).append(t)
+        return {"log p (enumerated sites summed out)": (contract_to_tensor(tree, enum_symbols), False)}
+
+    terms, tree = {}, OrderedDict()
+    for name, ordinal, t, inside in factors:
+        if inside:
+            tree.setdefault(ordinal, []).append(t)
+        else:
+            terms[name] = (unpack(t, trace.symbol_to_dim), False)
+    per_unit = contract_to_tensor(tree, enum_symbols, target_ordinal=frozenset([unit_symbol]))
+    per_unit = unpack(per_unit, trace.symbol_to_dim)  # the unit axis at its plate's dim
+    terms["log p in the unit plate (enumerated sites summed out)"] = (per_unit, True)
+    return terms
+
+
+def check_deterministic(log_joint: Callable[[], torch.Tensor], model_name: str = "the model") -> None:
+    """Raise a ``ValueError`` when ``log_joint()`` changes from one call to the
+    next under other random numbers: a latent site the view cannot see (a
+    ``poutine.block`` inside the model's body) is being drawn at random."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12345)
+        first = log_joint()
+        torch.manual_seed(54321)
+        second = log_joint()
+    if not torch.equal(first, second) and not (first.isnan() and second.isnan()):
+        raise ValueError(
+            f"the log density of {model_name} changes between two evaluations at the same "
+            f"coordinates ({float(first):.6g} then {float(second):.6g}): a latent site hidden from "
+            "curvi (a poutine.block inside the model's body, say) is drawn at random. Block sites "
+            "by wrapping the model, poutine.block(model, hide=[...]), which curvi sees through"
+        )
