@@ -131,12 +131,26 @@ def structured_hessian(
     A = torch.stack([r[0] for r in rows[:p]]) if p else theta.new_zeros(0, 0)
     B = torch.stack([r[1] for r in rows[:p]], dim=-1) if p else y.new_zeros(y.shape + (0,))
     D = torch.stack([r[1] for r in rows[p:]], dim=-1) if k else y.new_zeros(y.shape + (0,))
-    A, D = symmetrize(A), symmetrize(D)
+    A, D = symmetrize(A), _unit_curvature_where_flat(g_y, symmetrize(D))
     H = ArrowheadHessian(A, B, D, log_prob=log_prob, grad_theta=g_theta, grad_y=g_y)
     if not create_graph:
         for name in ("A", "B", "D", "log_prob", "grad_theta", "grad_y"):
             setattr(H, name, getattr(H, name).detach())
     return H
+
+
+def _unit_curvature_where_flat(g_y: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """``D`` with ``−1`` on the diagonal of each local coordinate that the log
+    density does not depend on here (gradient and curvature row exactly
+    zero): the entries of a masked latent, such as the observed entries of
+    the ``<name>_unobserved`` site Pyro's ``obs_mask`` creates. Such a
+    coordinate has no mode and no curvature; a unit reference curvature
+    gives it a fixed N(ŷ, 1) in the guides (whose entropy is a constant of
+    the ELBO), no Newton step and no term in the Laplace log-determinant."""
+    flat = (g_y.detach() == 0) & (D.detach() == 0).all(-1)
+    if not flat.any():
+        return D
+    return D - torch.diag_embed(flat.to(D.dtype))
 
 
 def local_hessian(
@@ -185,7 +199,7 @@ def local_hessian(
             ]
             for l in range(k)
         ]
-    D = symmetrize(torch.stack(columns, dim=-1))
+    D = _unit_curvature_where_flat(g_y, symmetrize(torch.stack(columns, dim=-1)))
     if create_graph:
         return log_prob, g_y, D
     return log_prob.detach(), g_y.detach(), D.detach()

@@ -416,17 +416,54 @@ def test_to_dtype_moves_the_model_view_with_the_parameters(Guide):
     assert all(v.dtype == torch.float64 for v in guide.median(*args).values())
 
 
-@pytest.mark.parametrize("Guide", GUIDES)
-def test_read_outs_on_data_with_other_units_raise_a_clear_error(Guide):
+def test_laplace_guide_refuses_data_with_other_units():
     """LaplaceGuide returned the fitted units' means for data with other
-    units; both guides now say that those data have another number of units."""
+    units; its per-unit parameters cannot describe other units, and it says so."""
     model, args, plate = make_poisson_vector()
-    guide = Guide(model, unit_plate=plate)
+    guide = LaplaceGuide(model, unit_plate=plate)
     guide(*args)
     X, counts = args
     more = (torch.cat([X, X[:2]]), torch.cat([counts, counts[:2]]))
     message = f"set up for {X.shape[0]} units .* these data have {X.shape[0] + 2}"
-    for read_out in (lambda: guide.median(*more), lambda: guide.quantiles([0.5], *more)):
+    for call in (
+        lambda: guide(*more),
+        lambda: guide.median(*more),
+        lambda: guide.quantiles([0.5], *more),
+        lambda: Predictive(model, guide=guide, num_samples=2)(*more),
+    ):
         with pytest.raises(ValueError, match=message):
-            read_out()
+            call()
     guide.median(*args)  # the same units: fine
+
+
+def test_amortized_guide_reads_out_data_with_other_units():
+    """On data with new units the amortized guide keeps the fitted q(θ) and
+    solves each new unit's mode and q(yᵢ | θ) from its data: the fitted units
+    read out as before, and guide calls and Predictive draw the new units."""
+    model, args, plate = make_poisson_vector(num_groups=6)
+    X, counts = args
+    g = torch.Generator().manual_seed(7)
+    more = (torch.cat([X, torch.randn(3, *X.shape[1:], generator=g)]), torch.cat([counts, counts[:3] + 1]))
+    guide = AmortizedLaplaceGuide(model, unit_plate=plate)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(*args)
+    fitted_q = guide.quantiles([0.1, 0.5, 0.9], *args)
+    fitted_posterior = guide.get_posterior(*args)
+    # read-outs on 9 units: the first 6 are the fitted ones
+    q = guide.quantiles([0.1, 0.5, 0.9], *more)
+    assert q["w"].shape == (3, 9, 1, 3)
+    torch.testing.assert_close(q["w"][:, :6], fitted_q["w"])
+    torch.testing.assert_close(q["mu"], fitted_q["mu"])
+    torch.testing.assert_close(
+        guide.get_posterior(*more).global_covariance(), fitted_posterior.global_covariance()
+    )
+    torch.testing.assert_close(guide.median(*more)["w"][:6], guide.median(*args)["w"])
+    # draws of the new units' latents, one call or Predictive (parallel or not)
+    assert guide(*more)["w"].shape == (9, 1, 3)
+    for parallel in (False, True):
+        draws = Predictive(model, guide=guide, num_samples=4, parallel=parallel)(*more)
+        assert draws["w"].shape == (4, 9, 1, 3) and draws["c"].shape == (4, 9, 4)
+    # the fitted data are untouched: training goes on as before
+    torch.testing.assert_close(guide.quantiles([0.1, 0.5, 0.9], *args)["w"], fitted_q["w"])
+    svi.step(*args)
