@@ -21,7 +21,7 @@ no options (the guide's default optimiser: sample-average Newton,
   ``curvi.datasets.CBPP_NUTS`` (made by ``benchmarks/cbpp_nuts.py``).
 
 Per global site, in constrained space, the posterior the guide reports
-(``guide.get_posterior(*args)``, a ``LaplacePosterior``): its mean and sd --
+(``guide.laplace_posterior(*args)``, a ``LaplacePosterior``): its mean and sd --
 exact, by Gauss–Hermite quadrature of each coordinate's normal marginal
 through the site's transform (elementwise here: identity, exp), checked
 against ``--draws`` draws of ``LaplacePosterior.sample`` -- beside NUTS's:
@@ -272,7 +272,7 @@ def run_setting(problem, setting, reference, args):
         start = time.perf_counter()
         r = curvi.fit(problem["model"], guide, *problem["data"], progress=False)
         seconds = time.perf_counter() - start
-    post = guide.get_posterior(*problem["data"])
+    post = guide.laplace_posterior(*problem["data"])
     mean, sd = constrained_moments(post, problem["flatten"])
     d_mean, d_sd = drawn_moments(post, problem["flatten"], args.draws)
     # the quadrature is exact; the draws check it (and the read-out path)
@@ -528,7 +528,7 @@ def main():
         "`AmortizedLaplaceGuide(model, unit_plate=..., global_precision=...)` fitted by "
         "`curvi.fit(model, guide, *args)` with no options (sample-average Newton, "
         f"`LaplaceNewton` with its defaults), `pyro.set_rng_seed({args.seed})` before each fit. "
-        "Posterior: `guide.get_posterior(*args)`, global sites only, constrained space; means and "
+        "Posterior: `guide.laplace_posterior(*args)`, global sites only, constrained space; means and "
         "sds exact (Gauss–Hermite quadrature of each unconstrained normal marginal through the "
         f"site's transform), checked against {args.draws:,} draws of `LaplacePosterior.sample` "
         "(largest relative sd difference "

@@ -542,7 +542,7 @@ def work(guide_name, num_groups, lr, budget, args):
         restore(guide, final_state)
         if guide_name in CURVI_GUIDES or default_fit:  # was the precision at the final point repaired?
             try:
-                out["repair"] = str(guide.get_posterior(*data).precision.report)
+                out["repair"] = str(guide.laplace_posterior(*data).precision.report)
             except Exception as exc:
                 out["repair"] = f"get_posterior raised {_error_text(exc)}"
 

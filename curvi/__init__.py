@@ -22,7 +22,7 @@ from .mle import LaplaceFit, laplace_mle
 from .model import ModelView
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
 from .natural_gradient import NaturalGradient
-from .posterior import LaplaceGaussian, LaplacePosterior, laplace_gaussian
+from .posterior import ArrowheadNormal, LaplaceGaussian, LaplacePosterior, laplace_gaussian
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor
 from .taylor_cv import TaylorCV_ELBO
 
@@ -32,6 +32,7 @@ __all__ = [
     "AmortizedLaplaceGuide",
     "ArrowheadCholesky",
     "ArrowheadHessian",
+    "ArrowheadNormal",
     "ArrowheadPrecision",
     "Clip",
     "EigenResult",

@@ -78,7 +78,7 @@ def _fit_and_report(steps, num_draws, out, seed, progress):
     # the default path: the guide's own optimiser (sample-average Newton)
     result = fit(cbpp_model, guide, *args, steps=steps, progress=progress)
     seconds = time.perf_counter() - start
-    draws = guide.get_posterior(*args).sample(num_draws)
+    draws = guide.laplace_posterior(*args).sample(num_draws)
     summary = {name: draws["beta"][:, j] for j, name in enumerate(FIXED_EFFECTS)}
     summary["herd sd"] = draws["sigma"]
     print(_report(summary, result, seconds, len(data.herd), data.num_herds, num_draws))

@@ -58,7 +58,7 @@ from .laplace_newton import LaplaceNewton
 from .marginal import laplace_hessian, laplace_mode
 from .model import ModelView
 from .modes import implicit_modes, solve_modes, warn_unconverged
-from .posterior import INFER_KEY, LaplaceGaussian, LaplacePosterior, laplace_gaussian
+from .posterior import INFER_KEY, ArrowheadNormal, LaplaceGaussian, LaplacePosterior, laplace_gaussian
 from .repair import Jitter, SpectralRepair, as_repair
 
 __all__ = ["AmortizedLaplaceGuide", "INFER_KEY", "LaplaceGuide", "LaplaceGuideBase", "laplace_gaussian"]
@@ -342,9 +342,20 @@ class LaplaceGuideBase(AutoGuide):
 
     # ------------------------------------------------------------- read-outs
     @torch.no_grad()
-    def get_posterior(self, *args, **kwargs) -> LaplacePosterior:
+    def get_posterior(self, *args, **kwargs) -> ArrowheadNormal:
+        """The guide's Gaussian over all units as a torch ``Distribution`` over
+        the flat unconstrained latent vector ``[θ, y.flatten()]``, as every
+        Pyro autoguide's ``get_posterior`` returns one
+        (:class:`~curvi.posterior.ArrowheadNormal`; its ``gaussian`` is the
+        structured :class:`~curvi.posterior.LaplaceGaussian`). For draws and
+        quantiles by site, see :meth:`laplace_posterior`."""
+        return self.laplace_posterior(*args, **kwargs).gaussian.as_distribution()
+
+    @torch.no_grad()
+    def laplace_posterior(self, *args, **kwargs) -> LaplacePosterior:
         """The guide's Gaussian over all units, with the Laplace precision at
-        its mean.
+        its mean, read out by site (:class:`~curvi.posterior.LaplacePosterior`:
+        ``sample``, ``quantiles``, ``marginal_sd``).
 
         A model whose unit plate subsamples is evaluated batch by batch over
         all its units (batches of its subsample size): the unit blocks are
@@ -386,7 +397,7 @@ class LaplaceGuideBase(AutoGuide):
     ) -> dict[str, torch.Tensor]:
         """Marginal quantiles of each latent site, with a leading dimension
         ``len(quantiles)``."""
-        return self.get_posterior(*args, **kwargs).quantiles(quantiles)
+        return self.laplace_posterior(*args, **kwargs).quantiles(quantiles)
 
     # ------------------------------------------------------------ other data
     def _view_and_plates(self, args, kwargs):

@@ -27,6 +27,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
+from pyro.infer.autoguide.utils import helpful_support_errors
 from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
@@ -633,8 +634,11 @@ def _check_site(site, unit_plate):
     name, fn = site["name"], site["fn"]
     if fn.support.is_discrete:
         raise ValueError(
-            f"site '{name}' is a discrete latent site; curvi's Gaussian approximations "
-            "need continuous latents (observe it, or sum it out inside the model)"
+            f"Continuous inference cannot handle discrete sample site '{name}'. Consider "
+            "enumerating that variable as documented in https://pyro.ai/examples/enumeration.html . "
+            "Hide it when constructing the guide, e.g. "
+            f"LaplaceGuide(poutine.block(model, hide=['{name}']), ...): curvi then sums it out "
+            "of the guide's log density (an enumerable site), and TraceEnum_ELBO out of the ELBO"
         )
     for f in site["cond_indep_stack"]:
         if f.name != unit_plate and f.full_size is not None and f.size < f.full_size:
@@ -654,7 +658,8 @@ def _check_site(site, unit_plate):
 def _layout(sites, unit_dim):
     layout, offset = [], 0
     for site in sites:
-        transform = biject_to(site["fn"].support)
+        with helpful_support_errors(site):  # Pyro's pointers (a reparameterizer for a sphere, ...)
+            transform = biject_to(site["fn"].support)
         shape = transform.inverse_shape(site["value"].shape)
         unit_axis = None
         if unit_dim is not None:

@@ -101,7 +101,7 @@ def test_linear_gaussian_guide_is_the_exact_posterior(Guide):
     model, args, plate, exact = make_linear_gaussian()
     guide = Guide(model, unit_plate=plate)
     set_to_exact_mean(guide, exact, args)
-    post = guide.get_posterior(*args)
+    post = guide.laplace_posterior(*args)
     mean = torch.cat([post.loc_theta, post.loc_y.reshape(-1)])
     torch.testing.assert_close(mean, exact["mean"], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(post.precision.to_dense(), exact["precision"], rtol=1e-10, atol=1e-10)
@@ -223,7 +223,7 @@ def test_subsampled_elbo_is_unbiased(Guide):
     model, args, plate, exact = make_linear_gaussian(num_groups=12, subsample_size=4)
     guide = Guide(model, unit_plate=plate)
     set_to_exact_mean(guide, exact, args)
-    guide.running_schur = guide.get_posterior(*args).precision.schur  # the exact S
+    guide.running_schur = guide.laplace_posterior(*args).precision.schur  # the exact S
     guide.running_count.fill_(1)
     # each call: one subsample of units, the mean of 50 draws for it
     values = torch.stack(
@@ -341,7 +341,7 @@ def test_marginal_global_precision_is_the_laplace_marginal_curvature():
     # the site q(θ) samples from is that Gaussian's marginal
     q_theta = trace.nodes[f"_{guide._pyro_name}_global"]["fn"]
     torch.testing.assert_close(q_theta.precision_matrix, expected, rtol=1e-6, atol=1e-6)
-    cov = guide.get_posterior(*args).global_covariance()
+    cov = guide.laplace_posterior(*args).global_covariance()
     torch.testing.assert_close(cov, torch.linalg.inv(expected), rtol=1e-6, atol=1e-8)
 
 
@@ -449,14 +449,14 @@ def test_amortized_guide_reads_out_data_with_other_units():
     for _ in range(3):
         svi.step(*args)
     fitted_q = guide.quantiles([0.1, 0.5, 0.9], *args)
-    fitted_posterior = guide.get_posterior(*args)
+    fitted_posterior = guide.laplace_posterior(*args)
     # read-outs on 9 units: the first 6 are the fitted ones
     q = guide.quantiles([0.1, 0.5, 0.9], *more)
     assert q["w"].shape == (3, 9, 1, 3)
     torch.testing.assert_close(q["w"][:, :6], fitted_q["w"])
     torch.testing.assert_close(q["mu"], fitted_q["mu"])
     torch.testing.assert_close(
-        guide.get_posterior(*more).global_covariance(), fitted_posterior.global_covariance()
+        guide.laplace_posterior(*more).global_covariance(), fitted_posterior.global_covariance()
     )
     torch.testing.assert_close(guide.median(*more)["w"][:6], guide.median(*args)["w"])
     # draws of the new units' latents, one call or Predictive (parallel or not)

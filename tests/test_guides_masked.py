@@ -61,7 +61,7 @@ def test_obs_mask_imputation_is_the_exact_posterior_of_the_missing_entries():
     for name in ("mu", "u"):
         torch.testing.assert_close(q[name], q_ref[name])
     # a missing entry is u + noise: mean of u, variance var(u) + sigma^2
-    post = reference.get_posterior(obs, mask)
+    post = reference.laplace_posterior(obs, mask)
     mean_u = reference.median(obs, mask)["u"].expand(G, J)
     var_u = post.marginal_sd()[1][:, 0:1].expand(G, J) ** 2
     expected = mean_u + z[:, None, None] * (var_u + SIGMA**2).sqrt()
@@ -95,4 +95,4 @@ def test_a_masked_positive_latent_has_no_density_in_the_unconstrained_space_eith
     assert torch.isfinite(torch.tensor(loss))
     log_s = guide.median()["s"].log()
     assert log_s[1] == guide.view.init_y[1, 0]  # no density: stays where it started
-    torch.testing.assert_close(guide.get_posterior().marginal_sd()[1][1], torch.ones(1))
+    torch.testing.assert_close(guide.laplace_posterior().marginal_sd()[1][1], torch.ones(1))

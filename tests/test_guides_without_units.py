@@ -40,7 +40,7 @@ def test_dense_guide_is_the_exact_posterior_of_a_conjugate_regression(Guide):
     model, args, exact = make_regression()
     guide = Guide(model)  # no unit plate: starts at the mode, which is the exact mean
     torch.testing.assert_close(guide.median(*args)["beta"], exact["mean"], rtol=1e-8, atol=1e-8)
-    post = guide.get_posterior(*args)
+    post = guide.laplace_posterior(*args)
     torch.testing.assert_close(post.precision.to_dense(), exact["precision"], rtol=1e-10, atol=1e-10)
     sd = torch.linalg.inv(exact["precision"]).diagonal().sqrt()
     q = guide.quantiles([0.1, 0.9], *args)["beta"]
@@ -109,7 +109,7 @@ def test_an_indefinite_hessian_is_repaired_where_the_plain_laplace_approximation
 
     guide = LaplaceGuide(model, init_to_mode=False, init_loc_fn=lambda site: torch.tensor(0.0))
     guide(obs)
-    hessian = -guide.get_posterior(obs).precision.A  # repaired: the raw curvature is positive here
+    hessian = -guide.laplace_posterior(obs).precision.A  # repaired: the raw curvature is positive here
     assert (hessian < 0).all()
     loss = Trace_ELBO(num_particles=8, vectorize_particles=True).loss(model, guide, obs)
     assert math.isfinite(loss)

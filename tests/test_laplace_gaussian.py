@@ -214,7 +214,7 @@ def test_read_outs_use_the_same_gaussian():
     model, guide, args = configured("amortized")
     trace = poutine.trace(guide).get_trace(*args)
     published = laplace_gaussian(trace)
-    post = guide.get_posterior(*args)
+    post = guide.laplace_posterior(*args)
     assert isinstance(post.gaussian, LaplaceGaussian)
     for a, b in zip(post.gaussian.marginal_variances(), published.marginal_variances()):
         torch.testing.assert_close(a, b.detach(), **TOL)

@@ -134,7 +134,7 @@ def test_discrete_latent_site_is_named():
             pyro.sample("u", dist.Normal(0.0, 1.0))
             pyro.sample("k", dist.Bernoulli(0.5))
 
-    with pytest.raises(ValueError, match="'k' is a discrete latent"):
+    with pytest.raises(ValueError, match="discrete sample site 'k'"):
         ModelView(model, unit_plate="groups")
 
 
