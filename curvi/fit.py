@@ -223,7 +223,10 @@ def fit(
     sample-average Newton, :class:`~curvi.laplace_newton.LaplaceNewton`);
     other guides with ``pyro.optim.Adam({"lr": 0.01})``. With no ``loss``,
     an optimiser that has an attribute ``loss`` (curvi's curvature
-    optimisers) is used with that loss, others with
+    optimisers) is used with that loss, else the guide's
+    ``default_loss(*args, **kwargs)`` if it has one and it is not None
+    (a Laplace guide that sums hidden discrete sites out: Pyro's
+    ``TraceEnum_ELBO`` summing them out of the model), others with
     :class:`~pyro.infer.Trace_ELBO`.
 
     **Stopping.** An optimiser with an attribute ``outcome`` decides when it
@@ -399,8 +402,10 @@ def _defaults(guide, optim, loss, args, kwargs):
         from_guide = True
     optim = pyro.optim.Adam({"lr": 0.01}) if optim is None else optim
     if loss is None:
-        loss = getattr(optim, "loss", None) or Trace_ELBO()
-    return optim, loss, from_guide
+        loss = getattr(optim, "loss", None)
+    if loss is None and hasattr(guide, "default_loss"):
+        loss = guide.default_loss(*args, **kwargs)
+    return optim, Trace_ELBO() if loss is None else loss, from_guide
 
 
 def _check_options(model, guide, steps, optim, window, tol, checkpoint, every, callback):

@@ -54,6 +54,7 @@ from torch.distributions import constraints
 
 from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
 from .hessian import structured_hessian
+from .hidden_sites import SummingOutELBO
 from .laplace_newton import LaplaceNewton
 from .marginal import laplace_hessian, laplace_mode
 from .model import ModelView
@@ -147,6 +148,34 @@ class LaplaceGuideBase(AutoGuide):
         # shapes of data known to hold the set-up units (see _view_and_plates)
         self._same_units = {_data_signature(args, kwargs)}
 
+    def default_loss(self, *args, **kwargs) -> pyro.infer.ELBO | None:
+        """The loss :func:`curvi.fit` uses with this guide when neither it nor
+        the optimiser gives one: when the guide sums hidden discrete sites out
+        of its density (``poutine.block(model, hide=[...])``), Pyro's
+        ``TraceEnum_ELBO`` summing the same sites out of the model
+        (:class:`~curvi.hidden_sites.SummingOutELBO`); else None (Pyro's
+        ``Trace_ELBO``). Sets the guide up from ``*args, **kwargs`` if needed.
+
+        Usage::
+
+            import pyro, pyro.distributions as dist
+            import pyro.poutine as poutine
+
+            def model(obs):
+                mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+                with pyro.plate("data", len(obs)):
+                    c = pyro.sample("c", dist.Bernoulli(0.2))
+                    pyro.sample("z", dist.Normal(mu * (1 - c), 1.0 + 2 * c), obs=obs)
+
+            guide = LaplaceGuide(poutine.block(model, hide=["c"]))
+            type(guide.default_loss(torch.randn(5))).__name__   # 'SummingOutELBO'
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if not self.view.hidden.enumerated:
+            return None
+        return SummingOutELBO(self.view.hidden, max_plate_nesting=self.view.max_plate_nesting)
+
     def _apply(self, fn, recurse=True):
         """``guide.to(dtype or device)`` (and ``double()``, ``cuda()``, ...):
         the parameters and buffers as for any module, and the tensors of the
@@ -154,6 +183,7 @@ class LaplaceGuideBase(AutoGuide):
         super()._apply(fn, recurse)
         if getattr(self, "view", None) is not None:
             self.view = self.view.apply_to_tensors(fn)
+        self._other_data = None  # a view of other data is re-made on its next use
         return self
 
     def _check_stored_shapes(self, view):
@@ -592,8 +622,13 @@ class LaplaceGuide(LaplaceGuideBase):
             svi.step(obs)
         guide.median(obs)["mu"], guide.quantiles([0.05, 0.95], obs)["tau"]
 
-    :param callable model: a Pyro model with one unit plate.
-    :param str unit_plate: the name of the plate of the unit latents.
+    :param callable model: a Pyro model: with one unit plate, or none (then
+        every latent is global and the precision dense); sites hidden with
+        ``poutine.block`` are summed out (enumerable discrete sites) or
+        conditioned on the values another guide of an ``AutoGuideList``
+        draws (:mod:`curvi.hidden_sites`).
+    :param str unit_plate: the name of the plate of the unit latents, or
+        None (default) for a model without one.
     :param repair: positive-definite repair of the precision (see
         :func:`curvi.repair.as_repair`); default ``"softabs"``.
     :param callable init_loc_fn: Pyro init strategy for the initial point.
@@ -657,8 +692,13 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
             svi.step(obs)
         guide.median(obs)["u"].shape  # (8, 1)
 
-    :param callable model: a Pyro model with one unit plate.
-    :param str unit_plate: the name of the plate of the unit latents.
+    :param callable model: a Pyro model: with one unit plate, or none (then
+        every latent is global and the precision dense); sites hidden with
+        ``poutine.block`` are summed out (enumerable discrete sites) or
+        conditioned on the values another guide of an ``AutoGuideList``
+        draws (:mod:`curvi.hidden_sites`).
+    :param str unit_plate: the name of the plate of the unit latents, or
+        None (default) for a model without one.
     :param callable mode_fn: optional ``mode_fn(theta, *args, **kwargs) -> y``
         giving the conditional modes (unconstrained, ``(N, k)``) in closed
         form; they are checked (and refined) by Newton.

@@ -30,6 +30,7 @@ instead of giving a random density.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections import OrderedDict
 from collections.abc import Callable
@@ -37,13 +38,22 @@ from typing import NamedTuple
 
 import pyro.poutine as poutine
 import torch
+from pyro.infer import TraceEnum_ELBO
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.packed import unpack
 from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.messenger import _bound_partial, _context_wrap
+from pyro.poutine.runtime import _ENUM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["HiddenSites", "check_deterministic", "enumerated_terms", "without_blocks"]
+__all__ = [
+    "HiddenSites",
+    "SummingOutELBO",
+    "check_deterministic",
+    "enumerated_terms",
+    "particle_log_joint",
+    "without_blocks",
+]
 
 
 def without_blocks(model: Callable) -> tuple[Callable, bool]:
@@ -100,9 +110,9 @@ class HiddenSites(NamedTuple):
     def __bool__(self) -> bool:
         return bool(self.enumerated or self.conditioned)
 
-    def enumerate(self, model: Callable, max_plate_nesting: int) -> Callable:
-        """``model`` with the enumerated sites enumerated in parallel, to the
-        left of its ``max_plate_nesting`` plate dims."""
+    def configure(self, model: Callable) -> Callable:
+        """``model`` with the enumerated sites marked for parallel enumeration
+        (whatever the model's own annotations), for Pyro's ``TraceEnum_ELBO``."""
         if not self.enumerated:
             return model
         names = frozenset(self.enumerated)
@@ -112,7 +122,66 @@ class HiddenSites(NamedTuple):
                 return {"enumerate": "parallel"}
             return {}
 
-        return poutine.enum(poutine.infer_config(model, config), first_available_dim=-max_plate_nesting - 1)
+        return poutine.infer_config(model, config)
+
+    def enumerate(self, model: Callable, max_plate_nesting: int) -> Callable:
+        """``model`` with the enumerated sites enumerated in parallel, to the
+        left of its ``max_plate_nesting`` plate dims. Pyro's enumeration
+        dims come from one global allocator, which a ``TraceEnum_ELBO``
+        running around the guide is using: the allocator's state is kept
+        and restored around each call."""
+        if not self.enumerated:
+            return model
+        enumerated = poutine.enum(self.configure(model), first_available_dim=-max_plate_nesting - 1)
+
+        @functools.wraps(model)
+        def with_own_allocator(*args, **kwargs):
+            state = {k: copy.copy(v) for k, v in vars(_ENUM_ALLOCATOR).items()}
+            try:
+                return enumerated(*args, **kwargs)
+            finally:
+                vars(_ENUM_ALLOCATOR).clear()
+                vars(_ENUM_ALLOCATOR).update(state)
+
+        return with_own_allocator
+
+
+class SummingOutELBO(TraceEnum_ELBO):
+    """Pyro's ``TraceEnum_ELBO`` with a guide's hidden enumerable sites summed
+    out of the model whether or not the model marks them for enumeration:
+    the ELBO of the density the guide's Laplace approximation is built on.
+    What :func:`curvi.fit` uses by default for a Laplace guide with such
+    sites (:meth:`curvi.guides.LaplaceGuideBase.default_loss`).
+
+    :param HiddenSites hidden: the guide's hidden sites (``guide.view.hidden``).
+    :param kwargs: as for :class:`~pyro.infer.TraceEnum_ELBO`.
+    """
+
+    def __init__(self, hidden: HiddenSites, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = hidden
+
+    def _get_traces(self, model, guide, args, kwargs):
+        return super()._get_traces(self.hidden.configure(model), guide, args, kwargs)
+
+
+def particle_log_joint(model_trace, particle_plate: str | None) -> torch.Tensor:
+    """``log p`` of each vectorized particle of an enumerated model trace
+    (from ``TraceEnum_ELBO``, log probabilities packed), the enumerated
+    sites summed out: shape ``(K,)`` (``(1,)`` without a particle plate)."""
+    tree = OrderedDict()
+    for site in model_trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        ordinal = frozenset(
+            model_trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+        )
+        tree.setdefault(ordinal, []).append(site["packed"]["log_prob"])
+    enum_symbols = set(model_trace.symbol_to_dim) - set(model_trace.plate_to_symbol.values())
+    target = (
+        frozenset() if particle_plate is None else frozenset([model_trace.plate_to_symbol[particle_plate]])
+    )
+    return contract_to_tensor(tree, enum_symbols, target_ordinal=target).reshape(-1)
 
 
 def enumerated_terms(trace, unit_plate: str | None) -> dict:
@@ -162,7 +231,7 @@ def check_deterministic(log_joint: Callable[[], torch.Tensor], model_name: str =
     """Raise a ``ValueError`` when ``log_joint()`` changes from one call to the
     next under other random numbers: a latent site the view cannot see (a
     ``poutine.block`` inside the model's body) is being drawn at random."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():  # every device the model may draw on
         torch.manual_seed(12345)
         first = log_joint()
         torch.manual_seed(54321)

@@ -43,6 +43,7 @@ from pyro.poutine.messenger import Messenger
 
 from .checks import check_count, check_positive
 from .fit import FitOutcome, FitResult, fit
+from .hidden_sites import SummingOutELBO, particle_log_joint
 from .posterior import laplace_gaussian
 from .tensor_ops import symmetrize
 
@@ -346,14 +347,34 @@ def particle_elbos(
 def _particle_values(elbo, model, guide, args, kwargs):
     """Per-particle ELBOs from one vectorized trace of ``elbo`` (a Trace_ELBO;
     reuse it so that max_plate_nesting is guessed once), and the guide trace."""
-    model_trace, guide_trace = next(iter(elbo._get_traces(model, guide, args, kwargs)))
-    depth = elbo.max_plate_nesting  # the particle plate is the leftmost of these dims
-    total = 0.0
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+    preferred = guide.default_loss(*args, **kwargs) if hasattr(guide, "default_loss") else None
+    total, traces = 0.0, ()
+    if isinstance(preferred, SummingOutELBO):
+        # sites the guide sums out: the model's log p with them summed out, per particle
+        if math.isinf(elbo.max_plate_nesting):
+            elbo.max_plate_nesting = preferred.max_plate_nesting + int(elbo.num_particles > 1)
+        summing = SummingOutELBO(
+            preferred.hidden,
+            num_particles=elbo.num_particles,
+            vectorize_particles=True,
+            max_plate_nesting=elbo.max_plate_nesting - int(elbo.num_particles > 1),  # Pyro adds it
+        )
+        model_trace, guide_trace = next(iter(summing._get_traces(model, guide, args, kwargs)))
+        plate = "num_particles_vectorized" if elbo.num_particles > 1 else None
+        total = particle_log_joint(model_trace, plate)
+        traces = ((guide_trace, -1.0),)
+    else:
+        model_trace, guide_trace = next(iter(elbo._get_traces(model, guide, args, kwargs)))
+        traces = ((model_trace, 1.0), (guide_trace, -1.0))
+    depth = elbo.max_plate_nesting  # (guessed by now) the particle plate is the leftmost of these dims
+    for trace, sign in traces:
         for site in trace.nodes.values():
             if site["type"] != "sample":
                 continue
             lp = site["log_prob"]
+            if elbo.num_particles == 1:  # Pyro adds no particle plate for one particle
+                total = total + sign * lp.sum()
+                continue
             while lp.dim() < depth:
                 lp = lp.unsqueeze(0)
             total = total + sign * lp.reshape(lp.shape[: lp.dim() - depth + 1] + (-1,)).sum(-1)

@@ -13,8 +13,10 @@ import torch
 from pyro.infer import Predictive, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 
+import curvi
 from curvi import ModelView
 from curvi.guides import AmortizedLaplaceGuide, LaplaceGuide
+from curvi.laplace_newton import particle_elbos
 
 GUIDES = [LaplaceGuide, AmortizedLaplaceGuide]
 G, J = 12, 5
@@ -27,8 +29,7 @@ def data(seed=0):
     return torch.where(outlier, 3 * torch.randn(G, J, generator=g), clean)
 
 
-@config_enumerate
-def mixture_model(obs):
+def plain_model(obs):
     """Each observation is an outlier (c = 1) with probability 0.3."""
     mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
     tau = pyro.sample("tau", dist.HalfNormal(1.0))
@@ -39,6 +40,9 @@ def mixture_model(obs):
             loc = torch.where(c, torch.zeros_like(u), u)
             scale = torch.where(c, torch.full_like(u, 3.0), torch.full_like(u, 0.3))
             pyro.sample("z", dist.Normal(loc, scale), obs=obs)
+
+
+mixture_model = config_enumerate(plain_model)  # Pyro's pattern: the model enumerates c
 
 
 def summed_out_model(obs):
@@ -195,3 +199,38 @@ def test_a_hidden_continuous_site_without_a_guide_that_draws_it_is_an_error_at_s
     wrong_order.append(AutoDelta(poutine.block(noise_model, expose=["sigma"])))
     with pytest.raises(ValueError, match="place the guide that owns it before this one"):
         pyro.poutine.trace(wrong_order).get_trace(obs)
+
+
+@pytest.mark.parametrize("num_particles", [1, 4])
+def test_particle_elbos_sum_the_hidden_sites_out_of_the_model(num_particles):
+    obs = data()
+    guide = AmortizedLaplaceGuide(poutine.block(mixture_model, hide=["c"]), unit_plate="groups")
+    reference = AmortizedLaplaceGuide(summed_out_model, unit_plate="groups")
+    values = []
+    for model, g in ((mixture_model, guide), (summed_out_model, reference)):
+        g(obs)  # set up (the two set-ups draw different numbers of random numbers)
+        pyro.set_rng_seed(1)
+        values.append(
+            particle_elbos(
+                model, g, obs, num_particles=num_particles, max_plate_nesting=2 + (num_particles > 1)
+            )
+        )
+    assert values[0].shape == (num_particles,)
+    torch.testing.assert_close(values[0], values[1])
+
+
+@pytest.mark.parametrize("Guide", GUIDES)
+def test_curvi_fit_by_default_fits_the_summed_out_model(Guide):
+    """The default loss sums the hidden site out of the model (whether or not
+    the model marks it for enumeration): the fit is the summed-out model's."""
+    obs = data()
+    results = []
+    for model, hide in ((plain_model, ["c"]), (summed_out_model, [])):
+        pyro.clear_param_store()
+        guide = Guide(poutine.block(model, hide=hide), unit_plate="groups")
+        guide(obs)  # set up (the two set-ups draw different numbers of random numbers)
+        pyro.set_rng_seed(0)
+        fitted = curvi.fit(model, guide, obs, progress=False, steps=20)
+        results.append((fitted.elbo, guide.median(obs)["mu"]))
+    torch.testing.assert_close(torch.tensor(results[0][0]), torch.tensor(results[1][0]))
+    torch.testing.assert_close(results[0][1], results[1][1])
