@@ -692,13 +692,11 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
             svi.step(obs)
         guide.median(obs)["u"].shape  # (8, 1)
 
-    :param callable model: a Pyro model: with one unit plate, or none (then
-        every latent is global and the precision dense); sites hidden with
-        ``poutine.block`` are summed out (enumerable discrete sites) or
-        conditioned on the values another guide of an ``AutoGuideList``
-        draws (:mod:`curvi.hidden_sites`).
-    :param str unit_plate: the name of the plate of the unit latents, or
-        None (default) for a model without one.
+    On data with another number of units (new groups, prediction) the guide
+    keeps the fitted q(θ) and solves each unit's mode and q(yᵢ | θ) from
+    those data (docs/design.md §4.8).
+
+    :param callable model, unit_plate: as in :class:`LaplaceGuide`.
     :param callable mode_fn: optional ``mode_fn(theta, *args, **kwargs) -> y``
         giving the conditional modes (unconstrained, ``(N, k)``) in closed
         form; they are checked (and refined) by Newton.
