@@ -856,7 +856,13 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         status = "converged" if converged else "not converged"
         message = (
             f"{status}: ELBO {record.value:.6g} ± {record.se:.2g} (MC SE, {self.eval_particles} "
-            f"particles); θ̂ MC error {theta_se:.2g} posterior sds; {self.block} blocks, "
+            f"particles); "
+            + (
+                f"θ̂ MC error {theta_se:.2g} posterior sds"
+                if len(averaged) > 1
+                else "θ̂ MC error not estimated (one block averaged)"
+            )
+            + f"; {self.block} blocks, "
             f"{self.num_iterations} Newton iterations, {self.num_evaluations} evaluations"
             + (f", {self.num_fallbacks} gradient fallbacks" if self.num_fallbacks else "")
             + (f"; {self.num_particles} particles after {self.round} doublings" if self.round else "")
