@@ -26,18 +26,27 @@ from pyro.poutine.runtime import Message
 
 from .hessian import local_hessian
 from .model import ModelView
-from .modes import ModeResult, implicit_modes, solve_modes, warn_unconverged
+from .modes import (
+    ModeResult,
+    NoLaplaceApproximation,
+    implicit_modes,
+    mode_cholesky,
+    solve_modes,
+    warn_unconverged,
+)
+from .quadrature import quadrature_log_marginal
 from .tensor_ops import symmetrize
 
-
-class NoLaplaceApproximation(ValueError):
-    """A unit's Hessian block is not negative definite at its conditional
-    mode, so the Laplace approximation of its integral does not exist there.
-
-    The one error the Laplace marginal's callers treat as "reject this θ"
-    (an optimiser's trial point, a NUTS proposal): any other error -- a
-    shape bug in the user's model, say -- propagates with its traceback.
-    """
+__all__ = [
+    "LaplaceMarginal",
+    "LaplaceMode",
+    "NoLaplaceApproximation",
+    "central_hessian",
+    "laplace_hessian",
+    "laplace_log_marginal",
+    "laplace_mode",
+    "maximise_laplace",
+]
 
 
 def laplace_log_marginal(
@@ -49,8 +58,13 @@ def laplace_log_marginal(
     xtol: float | None = None,
     max_iter: int = 50,
     create_graph: bool | None = None,
+    quadrature: int | str | None = None,
 ) -> tuple[torch.Tensor, ModeResult]:
     """The Laplace approximation of ``log p(θ, z)`` with the units integrated out.
+
+    With ``quadrature=K`` the units' integrals are adaptive Gauss–Hermite
+    with K nodes per dimension instead (:func:`~curvi.quadrature.quadrature_log_marginal`;
+    ``K = 1`` is Laplace, ``"auto"`` chooses K to 0.01 nat), as glmer's ``nAGQ``.
 
     Differentiable with respect to ``theta`` when it requires grad.
 
@@ -84,19 +98,24 @@ def laplace_log_marginal(
         block is not negative definite at its mode (the Laplace
         approximation does not exist there).
     """
+    if quadrature is not None:
+        found = quadrature_log_marginal(
+            view,
+            theta,
+            y_start,
+            num_nodes=quadrature,
+            units=units,
+            xtol=xtol,
+            max_iter=max_iter,
+            create_graph=create_graph,
+        )
+        return found.value, found.modes
     create_graph = theta.requires_grad if create_graph is None else create_graph
     result = solve_modes(view, theta, y_start, units=units, xtol=xtol, max_iter=max_iter)
     y = implicit_modes(view, theta, result, units=units, create_graph=create_graph)
     log_prob, _, D = local_hessian(view, theta, y, units=units, create_graph=create_graph)
     scale = view.unit_scale(y.shape[0])
-    L, info = torch.linalg.cholesky_ex(-D / scale)  # one unit's own precision block
-    if (info > 0).any():
-        bad = (info > 0).nonzero().flatten()
-        bad = bad if units is None else units[bad]
-        raise NoLaplaceApproximation(
-            f"the Hessian of {bad.numel()} units is not negative definite at their "
-            f"conditional modes (units {bad[:10].tolist()}): no Laplace approximation there"
-        )
+    L = mode_cholesky(-D / scale, units)  # one unit's own precision block
     log_det = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum()
     const = 0.5 * view.num_units * view.local_dim * math.log(2 * math.pi)
     return log_prob + const - 0.5 * scale * log_det, result
@@ -238,11 +257,14 @@ def maximise_laplace(
     y_start: torch.Tensor | None = None,
     max_eval: int = 200,
     create_graph: bool | None = None,
+    quadrature: int | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """L-BFGS (strong Wolfe) on ``−log p̃`` over the leaf tensors ``params``.
 
     ``theta_fn()`` gives the global coordinates at the current ``params``
     (``params`` may be θ itself, or ``pyro.param`` leaves the model reads).
+    ``quadrature=K`` maximises the adaptive Gauss–Hermite log marginal
+    instead (a fixed number of nodes: "auto" would make it jump).
     The units' modes are warm-started by a secant predictor: L-BFGS's trial
     points lie on lines, along which the modes move smoothly, so each solve
     starts from the modes extrapolated from the last two evaluations. The
@@ -260,7 +282,7 @@ def maximise_laplace(
         x = torch.cat([p.detach().reshape(-1) for p in params])
         try:
             value, result = laplace_log_marginal(
-                view, theta_fn(), predictor(x), xtol=xtol, create_graph=create_graph
+                view, theta_fn(), predictor(x), xtol=xtol, create_graph=create_graph, quadrature=quadrature
             )
         except NoLaplaceApproximation:  # reject this trial point
             return torch.tensor(math.inf, dtype=x.dtype)
@@ -349,6 +371,13 @@ class LaplaceMarginal:
     :param bool check_structure: check that units couple only through θ.
     :param float xtol: Newton step tolerance for the modes.
     :param int max_iter: Newton iteration cap per evaluation.
+    :param quadrature: integrate the units by adaptive Gauss–Hermite
+        quadrature with this many nodes per dimension instead of Laplace's
+        method (:func:`~curvi.quadrature.quadrature_log_marginal`), or
+        ``"auto"``: the number that moves the log marginal by less than
+        0.01 nat at the Laplace mode of θ, chosen at the first call and then
+        held (a sampler needs one smooth density); :attr:`num_nodes` and
+        :attr:`quadrature_error` report it.
     """
 
     def __init__(
@@ -360,12 +389,19 @@ class LaplaceMarginal:
         check_structure: bool = True,
         xtol: float | None = None,
         max_iter: int = 50,
+        quadrature: int | str | None = None,
     ):
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
+        _check_quadrature(quadrature)
         self.model, self.unit_plate = model, unit_plate
         self.init_loc_fn, self.check_structure = init_loc_fn, check_structure
         self.xtol, self.max_iter = xtol, max_iter
+        self.quadrature = quadrature
+        #: nodes per dimension in use (1: Laplace); under "auto", set at the first call
+        self.num_nodes = None if quadrature == "auto" else (quadrature or 1)
+        #: under "auto", the change from the previous number of nodes tried (nats)
+        self.quadrature_error = math.nan
         self.view = None
         self._modes = None
 
@@ -404,9 +440,16 @@ class LaplaceMarginal:
                     "without vectorized particles or parallel predictive plates"
                 )
         theta = view.pack_globals(values)
+        if self.num_nodes is None:
+            self._choose_num_nodes(view)
         try:
             value, result = laplace_log_marginal(
-                view, theta, self._modes, xtol=self.xtol, max_iter=self.max_iter
+                view,
+                theta,
+                self._modes,
+                xtol=self.xtol,
+                max_iter=self.max_iter,
+                quadrature=None if self.num_nodes == 1 else self.num_nodes,
             )
         except NoLaplaceApproximation:  # reject this θ
             pyro.factor("laplace_log_likelihood", theta.new_tensor(-math.inf))
@@ -415,6 +458,15 @@ class LaplaceMarginal:
         self._modes = result.y
         pyro.factor("laplace_log_likelihood", value - _global_log_density(view, trace, theta))
         return values
+
+    def _choose_num_nodes(self, view):
+        """``quadrature="auto"``: the nodes that settle the log marginal at the
+        Laplace mode of θ."""
+        with torch.enable_grad():
+            mode = laplace_mode(view, view.init_theta, y_start=self._modes)
+            found = quadrature_log_marginal(view, mode.theta, mode.modes.y, num_nodes="auto")
+        self.num_nodes, self.quadrature_error = found.num_nodes, found.error
+        self._modes = found.modes.y
 
     @torch.no_grad()
     def sample_locals(
@@ -450,6 +502,13 @@ class LaplaceMarginal:
             for name in view.local_sites:
                 draws[name].append(values[name])
         return {name: torch.stack(v) for name, v in draws.items()}
+
+
+def _check_quadrature(quadrature):
+    if quadrature is None or quadrature == "auto":
+        return
+    if isinstance(quadrature, bool) or not isinstance(quadrature, int) or quadrature < 1:
+        raise ValueError(f"quadrature must be None, a positive int or 'auto', got {quadrature!r}")
 
 
 def _global_log_density(view, trace, theta):

@@ -22,9 +22,10 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
 from torch.distributions import biject_to
 
-from .marginal import central_hessian, laplace_log_marginal, maximise_laplace
+from .marginal import _check_quadrature, central_hessian, laplace_log_marginal, maximise_laplace
 from .model import ModelView
 from .modes import warn_unconverged
+from .quadrature import quadrature_log_marginal
 
 
 class LaplaceFit:
@@ -43,6 +44,10 @@ class LaplaceFit:
     :ivar int num_iterations: L-BFGS iterations.
     :ivar int num_evaluations: evaluations of the Laplace log likelihood (and its gradient).
     :ivar int num_observations: observed elements (for BIC).
+    :ivar int num_nodes: quadrature nodes per dimension of the units'
+        integrals (1: Laplace's method).
+    :ivar float quadrature_error: under ``quadrature="auto"``, the change of
+        the log likelihood from the previous number of nodes tried (nats).
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class LaplaceFit:
         self.converged, self.message = converged, message
         self.num_iterations, self.num_evaluations = num_iterations, num_evaluations
         self.num_observations, self._constraints = num_observations, constraints
+        self.num_nodes, self.quadrature_error = 1, math.nan
 
     @property
     def num_params(self) -> int:
@@ -83,7 +89,12 @@ class LaplaceFit:
         """A glmmTMB-style table: estimates, standard errors and, for
         unconstrained parameters, Wald z values and p values."""
         lines = [
-            "Laplace maximum likelihood (curvi.laplace_mle)",
+            (
+                "Laplace maximum likelihood (curvi.laplace_mle)"
+                if self.num_nodes == 1
+                else f"Adaptive Gauss-Hermite maximum likelihood, {self.num_nodes} nodes per "
+                "dimension (curvi.laplace_mle)"
+            ),
             f"     logLik {self.log_likelihood:12.6f}   AIC {self.aic:10.4f}   "
             f"BIC {self.bic:10.4f}   ({self.num_observations} observations, "
             f"{self.num_params} parameters)",
@@ -126,6 +137,7 @@ def laplace_mle(
     max_eval: int = 500,
     init_loc_fn: Callable[[Message], torch.Tensor] = init_to_median,
     check_structure: bool = True,
+    quadrature: int | str | None = None,
     **kwargs,
 ) -> LaplaceFit:
     """Maximum likelihood over the ``pyro.param`` sites of ``model``, its unit
@@ -163,6 +175,13 @@ def laplace_mle(
     :param float gtol: gradient tolerance (max-norm) for convergence; default
         ``1e-6 · max(1, |log L|)`` in float64.
     :param int max_eval: cap on evaluations of the log likelihood.
+    :param quadrature: as glmer's ``nAGQ``: integrate the units by adaptive
+        Gauss–Hermite quadrature with this many nodes per dimension
+        (:func:`~curvi.quadrature.quadrature_log_marginal`; 1 is Laplace), or
+        ``"auto"``: fit by Laplace, choose the nodes that move the log
+        likelihood by less than 0.01 nat there, and refit with them. The fit
+        reports the nodes used (``num_nodes``) and, under "auto", the last
+        change (``quadrature_error``).
     :returns: a :class:`LaplaceFit`.
     :raises ValueError: when the model has global latent sites or no
         ``pyro.param`` sites.
@@ -187,10 +206,28 @@ def laplace_mle(
     leaves = dict(store.named_parameters())
     names = list(view.param_sites)
     params = [leaves[name] for name in names]
+    _check_quadrature(quadrature)
     theta = view.init_theta
-    y, nfev, nit = maximise_laplace(view, params, lambda: theta, max_eval=max_eval, create_graph=True)
-
-    value, gradient, result = _value_and_gradient(view, theta, y, params)
+    nodes = 1 if quadrature in (None, "auto") else quadrature
+    error = math.nan
+    y, nfev, nit = maximise_laplace(
+        view, params, lambda: theta, max_eval=max_eval, create_graph=True, quadrature=_rule(nodes)
+    )
+    if quadrature == "auto":
+        found = quadrature_log_marginal(view, theta, y, num_nodes="auto", create_graph=True)
+        nodes, error = found.num_nodes, found.error
+        if nodes > 1:
+            y, more_evaluations, more_iterations = maximise_laplace(
+                view,
+                params,
+                lambda: theta,
+                y_start=found.modes.y,
+                max_eval=max_eval,
+                create_graph=True,
+                quadrature=nodes,
+            )
+            nfev, nit = nfev + more_evaluations + 1, nit + more_iterations
+    value, gradient, result = _value_and_gradient(view, theta, y, params, _rule(nodes))
     warn_unconverged(result)
     if gtol is None:
         gtol = 1e-6 * max(1.0, abs(value))
@@ -201,11 +238,11 @@ def laplace_mle(
         if converged
         else f"not converged: max |gradient| {grad_norm:.2g} > {gtol:.2g} after {nit} iterations"
     )
-    covariance = _covariance(view, theta, result.y, params)
+    covariance = _covariance(view, theta, result.y, params, _rule(nodes))
     constraints = {name: store._constraints[name] for name in names}
     estimates, std_errors = _delta_method(names, params, constraints, covariance)
     modes = {k: v.detach() for k, v in view.unpack(theta, result.y).items()}
-    return LaplaceFit(
+    fit = LaplaceFit(
         estimates,
         value,
         std_errors,
@@ -218,16 +255,23 @@ def laplace_mle(
         view.num_observations,
         constraints,
     )
+    fit.num_nodes, fit.quadrature_error = nodes, error
+    return fit
 
 
-def _value_and_gradient(view, theta, y, params):
+def _rule(nodes):
+    """The ``quadrature`` argument of the marginal for ``nodes`` per dimension."""
+    return None if nodes == 1 else nodes
+
+
+def _value_and_gradient(view, theta, y, params, quadrature=None):
     """The Laplace log likelihood and its gradient in the unconstrained params."""
-    value, result = laplace_log_marginal(view, theta, y, create_graph=True)
+    value, result = laplace_log_marginal(view, theta, y, create_graph=True, quadrature=quadrature)
     grads = torch.autograd.grad(value, params, allow_unused=True, materialize_grads=True)
     return value.item(), torch.cat([g.reshape(-1) for g in grads]), result
 
 
-def _covariance(view, theta, y, params):
+def _covariance(view, theta, y, params, quadrature=None):
     """Inverse Hessian of −log L in the unconstrained params, by central
     differences of the exact gradient (glmmTMB's optimHess does the same)."""
     flat = torch.cat([p.detach().reshape(-1) for p in params])
@@ -238,7 +282,7 @@ def _covariance(view, theta, y, params):
             for p in params:
                 p.copy_(x[offset : offset + p.numel()].reshape(p.shape))
                 offset += p.numel()
-        return _value_and_gradient(view, theta, y, params)[1]
+        return _value_and_gradient(view, theta, y, params, quadrature)[1]
 
     hessian = central_hessian(gradient, flat)
     gradient(flat)  # leave the params at the estimate

@@ -33,6 +33,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from .hidden_sites import HiddenSites, check_deterministic, enumerated_terms, without_blocks
+from .unit_split import find_unit_split
 
 
 class SiteLayout(NamedTuple):
@@ -180,6 +181,7 @@ class ModelView:
         #: values of the conditioned hidden sites (replaced per call, :meth:`with_conditions`)
         self.conditions = {n: full_trace.nodes[n]["value"].detach() for n in self.hidden.conditioned}
         self._latent_names = owned | frozenset(self.hidden.enumerated + self.hidden.conditioned)
+        self._split_cache = []  # [(args, kwargs, units), split] of unit_log_joint's last split
         self._separable = None
         #: names of the model's ``pyro.param`` sites, in execution order
         self.param_sites = tuple(n for n, s in trace.nodes.items() if s["type"] == "param")
@@ -319,9 +321,11 @@ class ModelView:
 
         Unit i's entry sums the log probabilities of the sites in the unit
         plate that belong to unit i, and its local Jacobian terms (scaled as
-        in :meth:`log_joint`). ``log_joint`` minus their sum does not depend
-        on ``y`` when the view is :attr:`separable`; otherwise (observations
-        outside the unit plate that index the unit latents) this raises.
+        in :meth:`log_joint`); for a model whose observations sit outside the
+        unit plate and index the unit latents (long format), also the
+        observations of unit i, found from the derivatives once per data
+        (:func:`~curvi.unit_split.find_unit_split`). ``log_joint`` minus the
+        sum does not depend on ``y``.
 
         Usage::
 
@@ -337,17 +341,28 @@ class ModelView:
             view.separable  # True: every term with u sits in the plate
             view.unit_log_joint(view.init_theta, view.init_y)  # shape (4,)
         """
-        if not self.separable:
-            raise ValueError(
-                "unit_log_joint needs every term that involves the unit latents to sit "
-                f"in plate '{self.unit_plate}'; this model has such terms outside it"
-            )
+        split = None if self.separable else self._unit_split(theta, y, units)
         n = y.shape[0]
         total = y.new_zeros(n)
-        for t, per_unit in self._terms(theta, y, units).values():
+        for name, (t, per_unit) in self._terms(theta, y, units).items():
             if per_unit:
                 total = total + t.movedim(self.unit_dim, 0).reshape(n, -1).sum(-1)
+            elif split is not None and split.get(name) is not None:
+                rows, t = split[name], t.reshape(-1)
+                total = total.index_add(0, rows.clamp_min(0), torch.where(rows >= 0, t, 0.0))
         return total
+
+    def _unit_split(self, theta, y, units):
+        """The unit of each element of the terms outside the unit plate
+        (:func:`~curvi.unit_split.find_unit_split`), found once per data
+        (and batch of units) and shared by the views made by :meth:`with_args`."""
+        key = (self.args, self.kwargs, units)
+        cached = self._split_cache
+        if cached and _same_objects(cached[0], key):
+            return cached[1]
+        split = find_unit_split(self, theta, y, units=units)
+        cached[:] = [key, split]
+        return split
 
     @property
     def separable(self) -> bool:
@@ -607,6 +622,18 @@ def _is_latent(site) -> bool:
 
 def _is_factor(site) -> bool:
     return type(site["fn"]).__name__ == "Unit"
+
+
+def _same_objects(a, b) -> bool:
+    """Whether two (args, kwargs, units) keys hold the same objects."""
+    (args_a, kwargs_a, units_a), (args_b, kwargs_b, units_b) = a, b
+    return (
+        len(args_a) == len(args_b)
+        and all(x is y for x, y in zip(args_a, args_b))
+        and kwargs_a.keys() == kwargs_b.keys()
+        and all(kwargs_a[k] is kwargs_b[k] for k in kwargs_a)
+        and units_a is units_b
+    )
 
 
 def _in_plate(site, plate_name) -> bool:

@@ -31,6 +31,35 @@ class ModeConvergenceWarning(UserWarning):
     """Some units did not reach their conditional mode."""
 
 
+class NoLaplaceApproximation(ValueError):
+    """A unit's Hessian block is not negative definite at its conditional
+    mode, so the Laplace approximation of its integral does not exist there.
+
+    The one error the Laplace marginal's callers treat as "reject this θ"
+    (an optimiser's trial point, a NUTS proposal): any other error -- a
+    shape bug in the user's model, say -- propagates with its traceback.
+    """
+
+
+def mode_cholesky(precision: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
+    """Cholesky factors ``L`` of the units' precision blocks at their modes,
+    ``(n, k, k)`` (differentiable): what Laplace's method and adaptive
+    quadrature scale the units' integrals by.
+
+    :raises NoLaplaceApproximation: naming the units (their indices in the
+        plate when ``units`` is given) whose block is not positive definite.
+    """
+    L, info = torch.linalg.cholesky_ex(precision)
+    if (info > 0).any():
+        bad = (info > 0).nonzero().flatten()
+        bad = bad if units is None else units[bad]
+        raise NoLaplaceApproximation(
+            f"the Hessian of {bad.numel()} units is not negative definite at their "
+            f"conditional modes (units {bad[:10].tolist()}): no Laplace approximation there"
+        )
+    return L
+
+
 class ModeResult(NamedTuple):
     """The outcome of :func:`solve_modes` (all tensors detached).
 

@@ -236,11 +236,32 @@ def test_unit_log_joint_splits_the_y_dependence(name):
     assert changed.tolist() == [i == 1 for i in range(view.num_units)]
 
 
-def test_long_format_is_not_separable():
+def test_long_format_is_split_by_unit_through_its_derivatives():
+    """Observations outside the unit plate (u[group]) are not separable by the
+    plates, but unit_log_joint finds each observation's unit: moving one
+    unit's latents changes that unit's entry only, by the change of log_joint."""
     model, args, plate = make_logistic_long()
     view = ModelView(model, *args, unit_plate=plate)
     assert not view.separable
-    with pytest.raises(ValueError, match="outside it"):
+    theta, y = random_point(view, 0)
+    before = view.unit_log_joint(theta, y)
+    for unit in range(y.shape[0]):
+        moved = y.clone()
+        moved[unit] += 0.3
+        change = view.unit_log_joint(theta, moved) - before
+        assert (change.abs() > 0).nonzero().flatten().tolist() == [unit]
+        torch.testing.assert_close(change.sum(), view.log_joint(theta, moved) - view.log_joint(theta, y))
+
+
+def test_a_term_of_two_units_cannot_be_split():
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("groups", 3):
+            u = pyro.sample("u", dist.Normal(mu, 1.0))
+        pyro.sample("pair", dist.Normal(u[..., 0] + u[..., 1], 1.0), obs=torch.tensor(0.0))
+
+    view = ModelView(model, unit_plate="groups", check_structure=False)
+    with pytest.raises(ValueError, match="more than one unit"):
         view.unit_log_joint(view.init_theta, view.init_y)
 
 
