@@ -14,7 +14,6 @@ from .laplace_newton import (
     TrustRegion,
     fit_newton,
     newton_step,
-    particle_elbos,
 )
 from .leave_one_out import LeaveOneOut_ELBO
 from .marginal import LaplaceMarginal, LaplaceMode, laplace_log_marginal, laplace_mode
@@ -22,7 +21,10 @@ from .mle import LaplaceFit, laplace_mle
 from .model import ModelView
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
 from .natural_gradient import NaturalGradient
+from .particles import particle_elbos
 from .posterior import ArrowheadNormal, LaplaceGaussian, LaplacePosterior, laplace_gaussian
+from .psis import PSISResult, psis
+from .quadrature import QuadratureLogMarginal, gauss_hermite_rule, quadrature_log_marginal, unit_disagreement
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor
 from .taylor_cv import TaylorCV_ELBO
 
@@ -55,7 +57,9 @@ __all__ = [
     "ModeResult",
     "ModelView",
     "NewtonStep",
+    "PSISResult",
     "PrecisionCholeskyNormal",
+    "QuadratureLogMarginal",
     "RepairReport",
     "SoftAbs",
     "SoftplusFloor",
@@ -68,6 +72,7 @@ __all__ = [
     "elbo_converged",
     "fit",
     "fit_newton",
+    "gauss_hermite_rule",
     "gradient",
     "gradient_variance",
     "implicit_modes",
@@ -79,7 +84,10 @@ __all__ = [
     "log_density_hessian",
     "newton_step",
     "particle_elbos",
+    "psis",
+    "quadrature_log_marginal",
     "solve_modes",
     "structured_hessian",
     "surrogate_terms",
+    "unit_disagreement",
 ]

@@ -30,7 +30,13 @@ from .hessian import local_hessian
 from .model import ModelView
 from .modes import ModeResult, implicit_modes, mode_cholesky, solve_modes
 
-__all__ = ["QuadratureLogMarginal", "gauss_hermite_rule", "quadrature_log_marginal", "AUTO_NODES"]
+__all__ = [
+    "AUTO_NODES",
+    "QuadratureLogMarginal",
+    "gauss_hermite_rule",
+    "quadrature_log_marginal",
+    "unit_disagreement",
+]
 
 #: the numbers of nodes per dimension that ``num_nodes="auto"`` tries, in
 #: order. Odd counts (a node at the mode), never 2 (worse than Laplace's
@@ -204,6 +210,48 @@ def quadrature_log_marginal(
         f"dimension (last change {change:.3g}); the units' posteriors are far from Gaussian: "
         "pass num_nodes= explicitly or check the model"
     )
+
+
+def unit_disagreement(
+    view: ModelView,
+    theta: torch.Tensor,
+    y_start: torch.Tensor,
+    num_nodes: int,
+    *,
+    tol: float = 0.01,
+    units: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The units (indices in the plate) whose log integral moves by more
+    than ``tol`` nats between ``num_nodes`` and ``num_nodes + 2`` nodes per
+    dimension: where the quadrature (or, with one node, Laplace) is least
+    certain, e.g. groups with few binary observations.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from curvi import ModelView
+
+        def model(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+            with pyro.plate("groups", obs.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, 2.0))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Bernoulli(logits=u), obs=obs)
+
+        obs = torch.tensor([[1.0, 1.0], [0.0, 1.0]])   # two binary observations per group
+        view = ModelView(model, obs, unit_plate="groups")
+        unit_disagreement(view, torch.zeros(1), view.init_y, 1)   # Laplace: both units flagged
+        unit_disagreement(view, torch.zeros(1), view.init_y, 7)   # 7 nodes: none
+    """
+    with torch.no_grad():
+        values = [
+            quadrature_log_marginal(
+                view, theta.detach(), y_start, num_nodes=k, units=units, create_graph=False
+            ).unit_log_integrals
+            for k in (num_nodes, num_nodes + 2)
+        ]
+    rows = ((values[0] - values[1]).abs() > tol).nonzero().flatten()
+    return rows if units is None else units[rows]
 
 
 def _unit_log_integrals(view, theta, y, L, at_mode, num_nodes, units, scale):
