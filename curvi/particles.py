@@ -12,14 +12,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.poutine.trace_struct import Trace
 
 from .checks import check_count
 from .hidden_sites import SummingOutELBO, particle_log_joint
+from .posterior import INFER_KEY
+from .quadrature import quadrature_log_marginal
 
-__all__ = ["particle_elbos", "particle_values"]
+__all__ = ["CollapsedELBO", "particle_elbos", "particle_values"]
 
 
 def particle_elbos(
@@ -64,6 +67,8 @@ def particle_values(
 ) -> tuple[torch.Tensor, Trace]:
     """Per-particle ELBOs from one vectorized trace of ``elbo`` (a Trace_ELBO;
     reuse it so that max_plate_nesting is guessed once), and the guide trace."""
+    if getattr(guide, "collapsed_nodes", None) is not None:
+        return _collapsed_values(elbo, guide, args, kwargs)
     preferred = guide.default_loss(*args, **kwargs) if hasattr(guide, "default_loss") else None
     total, traces = 0.0, ()
     if isinstance(preferred, SummingOutELBO):
@@ -98,3 +103,66 @@ def particle_values(
     values = torch.as_tensor(total).reshape(-1)
     K = elbo.num_particles
     return (values.expand(K) if values.numel() == 1 else values), guide_trace
+
+
+def _collapsed_values(elbo, guide, args, kwargs):
+    """Per-particle *collapsed* ELBOs of a Laplace guide with quadrature:
+    ``log p̂_K(z, θₖ) − log q(θₖ)`` for K draws of θ from the guide's q(θ),
+    the units integrated out by adaptive quadrature
+    (:func:`~curvi.quadrature.quadrature_log_marginal`, differentiable
+    through the modes and their curvature); the guide's draws of the units
+    are not used."""
+    if math.isinf(elbo.max_plate_nesting):
+        elbo.max_plate_nesting = guide.view.max_plate_nesting + int(elbo.num_particles > 1)
+    guide_trace = poutine.trace(elbo._vectorized_num_particles(guide)).get_trace(*args, **kwargs)
+    (site,) = [s for s in guide_trace.nodes.values() if s["type"] == "sample" and INFER_KEY in s["infer"]]
+    q = site["infer"][INFER_KEY]
+    if q.subsampled:
+        raise ValueError(
+            "the collapsed ELBO integrates every unit: the guide's unit plate must not subsample"
+        )
+    p = q.theta_hat.shape[0]
+    thetas = site["value"].reshape(-1, p)
+    log_q = site["fn"].log_prob(site["value"]).reshape(-1)
+    view = guide.view.with_args(*args, **kwargs)
+    y, values = q.y_hat.detach(), []
+    for theta in thetas:
+        found = quadrature_log_marginal(
+            view, theta, y, num_nodes=guide.collapsed_nodes, create_graph=torch.is_grad_enabled()
+        )
+        y = found.modes.y
+        values.append(found.value)
+    return torch.stack(values) - log_q, guide_trace
+
+
+class CollapsedELBO(Trace_ELBO):
+    """The ELBO of q(θ) with the units integrated out by quadrature,
+    ``E_q(θ)[log p̂_K(z, θ)] + H[q(θ)]``, for an
+    :class:`~curvi.guides.AmortizedLaplaceGuide` made with ``quadrature=``:
+    a loss for ``SVI`` (what :func:`curvi.fit` uses with such a guide when
+    the optimiser brings no loss of its own). ``K`` vectorized draws of θ.
+
+    :param int num_particles: draws of θ per estimate.
+    """
+
+    def __init__(self, num_particles: int = 8, **kwargs):
+        check_count("num_particles", num_particles, 1)
+        super().__init__(num_particles=num_particles, vectorize_particles=True, **kwargs)
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
+        if getattr(guide, "collapsed_nodes", None) is None:
+            raise ValueError(
+                "CollapsedELBO needs an AmortizedLaplaceGuide made with quadrature= (its "
+                "units are integrated by the guide's quadrature rule)"
+            )
+        values, _ = particle_values(self, model, guide, args, kwargs)
+        return -values.mean()
+
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()

@@ -10,9 +10,12 @@ import pyro.distributions as dist
 import pytest
 import torch
 from models import make_gaussian, make_logistic_long, make_nested_latent, make_poisson_vector
+from pyro.infer import Predictive, Trace_ELBO
 
-from curvi import LaplaceMarginal, ModelView, laplace_mle
+import curvi
+from curvi import AmortizedLaplaceGuide, LaplaceMarginal, ModelView, laplace_mle
 from curvi.marginal import laplace_log_marginal
+from curvi.particles import CollapsedELBO, particle_values
 from curvi.quadrature import AUTO_NODES, gauss_hermite_rule, quadrature_log_marginal
 
 
@@ -219,3 +222,85 @@ def test_laplace_marginal_with_quadrature_adds_the_quadrature_log_likelihood():
     expected = quadrature_log_marginal(view, theta, view.init_y, num_nodes=marginal.num_nodes).value
     prior = dist.Normal(0.0, 2.0).log_prob(theta).sum()
     torch.testing.assert_close(trace.nodes["laplace_log_likelihood"]["fn"].log_factor, expected - prior)
+
+
+def binary_model(obs):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+    with pyro.plate("groups", obs.shape[0], dim=-2):
+        u = pyro.sample("u", dist.Normal(mu, sigma))
+        with pyro.plate("obs", obs.shape[1], dim=-1):
+            pyro.sample("z", dist.Bernoulli(logits=u), obs=obs)
+
+
+def binary_data(num_groups=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = -0.5 + 1.5 * torch.randn(num_groups, 1, generator=g)
+    return torch.bernoulli(torch.sigmoid(u).expand(num_groups, 4), generator=g)
+
+
+def test_the_collapsed_elbo_is_the_quadrature_marginal_minus_log_q():
+    obs = binary_data()
+    guide = AmortizedLaplaceGuide(binary_model, unit_plate="groups", quadrature=5)
+    assert guide.default_loss(obs).__class__.__name__ == "CollapsedELBO" and guide.collapsed_nodes == 5
+    pyro.set_rng_seed(0)
+    values, trace = particle_values(
+        Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=3),
+        binary_model,
+        guide,
+        (obs,),
+        {},
+    )
+    (site,) = [s for s in trace.nodes.values() if s["type"] == "sample" and "laplace_gaussian" in s["infer"]]
+    thetas = site["value"].reshape(3, 2)
+    view = guide.view
+    for theta, value in zip(thetas, values):
+        marginal = quadrature_log_marginal(view, theta.detach(), view.init_y, num_nodes=5).value
+        log_q = site["infer"]["laplace_gaussian"].marginal_global().log_prob(theta)
+        torch.testing.assert_close(value, marginal - log_q)
+
+
+def test_the_collapsed_elbo_gradient_matches_finite_differences():
+    obs = binary_data()
+    guide = AmortizedLaplaceGuide(binary_model, unit_plate="groups", quadrature=3)
+    guide(obs)
+    (param,) = list(guide.parameters())
+    with torch.no_grad():
+        param.add_(torch.tensor([0.2, -0.1]))
+
+    def loss():
+        pyro.set_rng_seed(7)
+        return CollapsedELBO(num_particles=2).differentiable_loss(binary_model, guide, obs)
+
+    (grad,) = torch.autograd.grad(loss(), [param])
+    fd = torch.zeros_like(grad)
+    for i in range(2):
+        with torch.no_grad():
+            param[i] += 1e-5
+            up = loss()
+            param[i] -= 2e-5
+            down = loss()
+            param[i] += 1e-5
+        fd[i] = (up - down) / 2e-5
+    torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_curvi_fit_trains_the_amortized_guide_on_the_collapsed_elbo():
+    obs = binary_data(num_groups=60)
+    guide = AmortizedLaplaceGuide(binary_model, unit_plate="groups", quadrature="auto")
+    result = curvi.fit(binary_model, guide, obs, progress=False)
+    assert result.converged, result.message
+    assert guide.collapsed_nodes >= 3
+    draws = Predictive(binary_model, guide=guide, num_samples=4)(obs)
+    assert draws["u"].shape == (4, 60, 1)
+    with pytest.raises(ValueError, match="subsamples"):
+
+        def subsampled(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+            with pyro.plate("groups", obs.shape[0], subsample_size=10, dim=-2) as idx:
+                u = pyro.sample("u", dist.Normal(mu, 1.0))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Bernoulli(logits=u), obs=obs[idx])
+
+        pyro.clear_param_store()
+        AmortizedLaplaceGuide(subsampled, unit_plate="groups", quadrature=3)(obs)
