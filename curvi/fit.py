@@ -229,6 +229,11 @@ def fit(
     ``TraceEnum_ELBO`` summing them out of the model), others with
     :class:`~pyro.infer.Trace_ELBO`.
 
+    **Checks.** A guide with a method ``check_fit(*args, **kwargs)`` is
+    asked after the fit whether to distrust it; what it says (e.g. the
+    amortized guide's estimate of Laplace's bias over the units) is warned
+    and appended to the message.
+
     **Stopping.** An optimiser with an attribute ``outcome`` decides when it
     is done (``outcome`` turns from ``None`` into a :class:`FitOutcome`) and
     reports the final ELBO with its Monte Carlo standard error. Otherwise,
@@ -385,6 +390,10 @@ def fit(
     result = _result(elbo, reason, steps, window, resumed, optim if decides else None, watch)
     if reason == "diverged":
         warnings.warn(f"curvi.fit: {result.message}", RuntimeWarning, stacklevel=2)
+    note = guide.check_fit(*args, **kwargs) if hasattr(guide, "check_fit") and reason != "diverged" else None
+    if note:
+        warnings.warn(f"curvi.fit: {note}", UserWarning, stacklevel=2)
+        result = result._replace(message=f"{result.message}; {note}")
     return result
 
 

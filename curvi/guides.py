@@ -61,7 +61,7 @@ from .model import ModelView
 from .modes import implicit_modes, solve_modes, warn_unconverged
 from .particles import CollapsedELBO
 from .posterior import INFER_KEY, ArrowheadNormal, LaplaceGaussian, LaplacePosterior, laplace_gaussian
-from .quadrature import quadrature_log_marginal
+from .quadrature import laplace_bias, quadrature_log_marginal
 from .repair import Jitter, SpectralRepair, as_repair
 
 __all__ = ["AmortizedLaplaceGuide", "INFER_KEY", "LaplaceGuide", "LaplaceGuideBase", "laplace_gaussian"]
@@ -734,6 +734,8 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         held. :func:`curvi.fit`'s optimisers then use it; draws of the units
         still come from the Laplace conditional. Costs one mode solve and
         Kᵏ model evaluations per draw of θ; not with a subsampled plate.
+        With ``global_precision="marginal"`` q(θ)'s precision is then the
+        curvature of the quadrature log marginal.
     :param create_plates, check_structure, running_weight, init_to_mode: as in
         :class:`LaplaceGuide`.
     """
@@ -818,6 +820,42 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         self.register_buffer("fitted_theta", theta.clone())
         self.register_buffer("fitted_count", torch.zeros((), dtype=torch.long))
         self._other_data = None  # (signature, view, warm-start modes) of the last other data
+
+    def check_fit(self, *args, **kwargs) -> str | None:
+        """After :func:`curvi.fit`: when the units are integrated by Laplace's
+        method (no ``quadrature=``), estimate how far that moves q(θ)
+        (:func:`~curvi.quadrature.laplace_bias` with :attr:`bias_check_nodes`
+        nodes: two gradients of the marginal) and say so when it is more than
+        :attr:`bias_tolerance` posterior sds (default 0.1): binary data and
+        small groups, typically. None otherwise (also with quadrature, or
+        when the plate subsamples)."""
+        skip = self.bias_tolerance is None or self.quadrature is not None
+        if skip or self.view.unit_indices is not None or not self.view.num_units:
+            return None
+        view = self.view.with_args(*args, **kwargs)
+        with torch.no_grad():
+            theta_hat, y_hat = (t.detach() for t in self._locs(view, None))
+            q = self._gaussian(view, theta_hat, y_hat, None, False)
+        bias = laplace_bias(
+            view, theta_hat, y_hat, q.global_precision.detach(), num_nodes=self.bias_check_nodes
+        )
+        if bias.max_shift <= self.bias_tolerance:
+            return None
+        names = view.global_coordinate_names()
+        worst = int(bias.shift.abs().argmax())
+        return (
+            f"Laplace's integrals over the units move q(θ) by an estimated {bias.max_shift:.2g} "
+            f"posterior sds (most on {names[worst]}): its posterior of the globals may be biased; "
+            'refit with AmortizedLaplaceGuide(..., quadrature=5, global_precision="marginal"), or '
+            "check with curvi.psis"
+        )
+
+    #: the largest Laplace bias (in posterior sds) :meth:`check_fit` lets
+    #: pass; None turns the check off
+    bias_tolerance: float | None = 0.1
+    #: quadrature nodes of :meth:`check_fit`'s estimate (on the benchmark's
+    #: logistic GLMM at 1 000 groups it costs 0.07 s beside a 1 s fit)
+    bias_check_nodes: int = 5
 
     def _init_quadrature(self, view, theta):
         """The quadrature nodes of the collapsed ELBO: as given, or under
@@ -999,7 +1037,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         θ̂ or the rule is held: q(θ) is then a function of θ̂ alone."""
         if self.marginal_count > 0 and (self._held or torch.equal(theta, self.marginal_theta)):
             return
-        marginal = -laplace_hessian(view, theta, y)
+        marginal = -laplace_hessian(view, theta, y, quadrature=self.collapsed_nodes)
         self.marginal_correction = marginal - schur
         self.marginal_theta = theta.clone()
         self.marginal_count += 1
@@ -1015,7 +1053,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
             return P.with_schur(self._fitted_global_precision(theta_hat))
         if self.global_precision == "joint":
             return P
-        return P.with_schur(-laplace_hessian(view, theta_hat, y))
+        return P.with_schur(-laplace_hessian(view, theta_hat, y, quadrature=self.collapsed_nodes))
 
     def _other_units_message(self, num_units):
         return (

@@ -220,9 +220,11 @@ def laplace_hessian(
     *,
     units: torch.Tensor | None = None,
     step: float = 1e-5,
+    quadrature: int | None = None,
 ) -> torch.Tensor:
     """Hessian of the Laplace log marginal in θ, ``(p, p)``, by central
-    differences of its exact gradient (:func:`central_hessian`).
+    differences of its exact gradient (:func:`central_hessian`); of the
+    quadrature log marginal with ``quadrature=K`` nodes per dimension.
 
     Usage::
 
@@ -243,7 +245,7 @@ def laplace_hessian(
     def gradient(t):
         with torch.enable_grad():  # also from read-outs under no_grad
             t = t.clone().requires_grad_(True)
-            value, _ = laplace_log_marginal(view, t, y, units=units)
+            value, _ = laplace_log_marginal(view, t, y, units=units, quadrature=quadrature)
             return torch.autograd.grad(value, t)[0]
 
     return central_hessian(gradient, theta, step=step)

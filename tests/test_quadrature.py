@@ -4,6 +4,7 @@ gradients, and the front doors (laplace_log_marginal, laplace_mle,
 LaplaceMarginal)."""
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -14,9 +15,9 @@ from pyro.infer import Predictive, Trace_ELBO
 
 import curvi
 from curvi import AmortizedLaplaceGuide, LaplaceMarginal, ModelView, laplace_mle
-from curvi.marginal import laplace_log_marginal
+from curvi.marginal import laplace_hessian, laplace_log_marginal
 from curvi.particles import CollapsedELBO, particle_values
-from curvi.quadrature import AUTO_NODES, gauss_hermite_rule, quadrature_log_marginal
+from curvi.quadrature import AUTO_NODES, gauss_hermite_rule, laplace_bias, quadrature_log_marginal
 
 
 def test_the_rules_integrate_polynomials_exactly():
@@ -304,3 +305,45 @@ def test_curvi_fit_trains_the_amortized_guide_on_the_collapsed_elbo():
 
         pyro.clear_param_store()
         AmortizedLaplaceGuide(subsampled, unit_plate="groups", quadrature=3)(obs)
+
+
+def test_marginal_global_precision_with_quadrature_is_the_quadrature_marginals_curvature():
+    obs = binary_data()
+    guide = AmortizedLaplaceGuide(
+        binary_model, unit_plate="groups", quadrature=5, global_precision="marginal"
+    )
+    guide(obs)
+    theta = guide.loc_global.detach()
+    expected = -laplace_hessian(guide.view, theta, guide.mode_cache, quadrature=5)
+    post = guide.laplace_posterior(obs)
+    torch.testing.assert_close(post.precision.schur, expected, rtol=1e-6, atol=1e-8)
+    laplace = -laplace_hessian(guide.view, theta, guide.mode_cache)
+    assert not torch.allclose(laplace, expected, rtol=1e-3)
+
+
+def test_the_default_fit_says_when_laplace_is_biased():
+    """Binary data in small groups: the default fit warns, with the estimated
+    shift; a Gaussian model passes silently; the check can be turned off."""
+    obs = binary_data(num_groups=200)
+    guide = AmortizedLaplaceGuide(binary_model, unit_plate="groups")
+    with pytest.warns(UserWarning, match="posterior sds .* quadrature=5"):
+        result = curvi.fit(binary_model, guide, obs, progress=False)
+    assert "may be biased" in result.message
+    theta = guide.loc_global.detach()
+    precision = guide.laplace_posterior(obs).precision.schur
+    bias = laplace_bias(guide.view, theta, guide.mode_cache, precision)
+    assert bias.max_shift > 0.1 and bias.log_marginal_change != 0
+    # a Gaussian model: Laplace is exact, no shift and no warning
+    pyro.clear_param_store()
+    model, args, plate = make_gaussian()
+    gaussian = AmortizedLaplaceGuide(model, unit_plate=plate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = curvi.fit(model, gaussian, *args, progress=False)
+    assert "biased" not in result.message
+    pyro.clear_param_store()
+    quiet = AmortizedLaplaceGuide(binary_model, unit_plate="groups")
+    quiet.bias_tolerance = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        curvi.fit(binary_model, quiet, obs, progress=False)
