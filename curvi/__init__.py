@@ -21,10 +21,17 @@ from .mle import LaplaceFit, laplace_mle
 from .model import ModelView
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
 from .natural_gradient import NaturalGradient
-from .particles import particle_elbos
+from .particles import CollapsedELBO, particle_elbos
 from .posterior import ArrowheadNormal, LaplaceGaussian, LaplacePosterior, laplace_gaussian
 from .psis import PSISResult, psis
-from .quadrature import QuadratureLogMarginal, gauss_hermite_rule, quadrature_log_marginal, unit_disagreement
+from .quadrature import (
+    LaplaceBias,
+    QuadratureLogMarginal,
+    gauss_hermite_rule,
+    laplace_bias,
+    quadrature_log_marginal,
+    unit_disagreement,
+)
 from .repair import Clip, Jitter, SoftAbs, SoftplusFloor
 from .taylor_cv import TaylorCV_ELBO
 
@@ -37,6 +44,7 @@ __all__ = [
     "ArrowheadNormal",
     "ArrowheadPrecision",
     "Clip",
+    "CollapsedELBO",
     "EigenResult",
     "FitOutcome",
     "FitResult",
@@ -44,6 +52,7 @@ __all__ = [
     "FlowHessian",
     "GradientVariance",
     "Jitter",
+    "LaplaceBias",
     "LaplaceFit",
     "LaplaceGaussian",
     "LaplaceGuide",
@@ -76,6 +85,7 @@ __all__ = [
     "gradient",
     "gradient_variance",
     "implicit_modes",
+    "laplace_bias",
     "laplace_gaussian",
     "laplace_log_marginal",
     "laplace_mle",
