@@ -37,6 +37,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,9 @@ from curvi.quadrature import quadrature_log_marginal  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "accuracy.md"
+RESULTS_CBPP = HERE / "results" / "accuracy_cbpp.md"
+#: Pyro NUTS on cbpp, benchmarks/cbpp_nuts.py's defaults ("about 7 minutes")
+CBPP_NUTS_SECONDS = 420.0
 REFERENCE = HERE / "reference" / "nuts_1000.json"
 GLOBALS = ["beta[0]", "beta[1]", "sigma[0]", "sigma[1]"]
 READING = (
@@ -99,17 +103,103 @@ def guide_moments(guide, data, num_draws, generator):
     return weighted_moments(values, torch.zeros(num_draws))
 
 
+def cbpp_part(args):
+    """cbpp (15 herds, binomial): the same rows against Pyro NUTS's reference
+    (``curvi.datasets.CBPP_NUTS``, ``benchmarks/cbpp_nuts.py``)."""
+    from curvi.datasets import CBPP_NUTS, load_cbpp
+    from curvi.demo import cbpp_model
+
+    data_set = load_cbpp(dtype=torch.float64)
+    data = (data_set.design, data_set.herd, data_set.size, data_set.incidence)
+    ref = CBPP_NUTS
+    nuts_mean = np.array(list(ref["fixed_effects_mean"]) + [ref["herd_sd_mean"]])
+    nuts_sd = np.array(list(ref["fixed_effects_sd"]) + [ref["herd_sd_sd"]])
+    nuts = (nuts_mean, nuts_sd, CBPP_NUTS_SECONDS)
+    names = ["beta[0]", "beta[1]", "beta[2]", "beta[3]", "sigma"]
+    rows = []
+    view = ModelView(cbpp_model, *data, unit_plate="herds")
+    start = time.perf_counter()
+    mode = laplace_mode(view, view.init_theta)
+    theta, y_hat = mode.theta.detach(), mode.modes.y.detach()
+    gaussian = torch.distributions.MultivariateNormal(
+        theta, torch.linalg.inv(-laplace_hessian(view, theta, y_hat))
+    )
+    mode_seconds = time.perf_counter() - start
+    draws = gaussian.sample((args.draws,))
+    for nodes in (1, 5):
+        start = time.perf_counter()
+        with torch.no_grad():
+            log_p = torch.stack(
+                [
+                    quadrature_log_marginal(view, t, y_hat, num_nodes=nodes, create_graph=False).value
+                    for t in draws
+                ]
+            )
+        seconds = mode_seconds + time.perf_counter() - start
+        log_w = log_p - gaussian.log_prob(draws)
+        ess = float(1 / (torch.softmax(log_w, 0) ** 2).sum())
+        name = "Laplace marginal, exact" if nodes == 1 else f"quadrature marginal, K = {nodes}, exact"
+        values = torch.cat([draws[:, :4], draws[:, 4:].exp()], -1)
+        mean, sd = weighted_moments(values, log_w)
+        rows.append(row(name, mean, sd, seconds, nuts, f"{ess:,.0f} effective of {args.draws:,} draws"))
+        print(rows[-1], flush=True)
+    for label, options in (
+        ("default", {}),
+        ('quadrature=5, global_precision="marginal"', {"quadrature": 5, "global_precision": "marginal"}),
+    ):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        start = time.perf_counter()
+        guide = curvi.AmortizedLaplaceGuide(cbpp_model, unit_plate="herds", **options)
+        with warnings.catch_warnings(record=True):
+            result = curvi.fit(cbpp_model, guide, *data, progress=False)
+        seconds = time.perf_counter() - start
+        post = guide.laplace_posterior(*data).sample(
+            20000, generator=torch.Generator().manual_seed(args.seed)
+        )
+        values = torch.cat([post["beta"], post["sigma"].unsqueeze(-1)], -1)
+        mean, sd = weighted_moments(values, torch.zeros(values.shape[0]))
+        status = "converged" if result.converged else "NOT converged"
+        if "may be biased" in result.message:
+            status += " and warned"
+        rows.append(row(f"AmortizedLaplaceGuide, {label}", mean, sd, seconds, nuts, status))
+        print(rows[-1], flush=True)
+    return (
+        "\n## cbpp\n\n"
+        "`incidence/size ~ period + (1 | herd)`, binomial, the demo's priors (`curvi.demo.cbpp_model`); "
+        "NUTS reference `curvi.datasets.CBPP_NUTS` (Pyro NUTS, 8 000 draws after 1 500 warm-up, "
+        f"`python benchmarks/cbpp_nuts.py`, about {CBPP_NUTS_SECONDS / 60:.0f} minutes on this kind of "
+        "machine: the time ratios are against that).\n\n"
+        "| posterior | max abs(Δmean) / NUTS sd | sd / NUTS sd (min – max) | abs(Δmean)/sd: "
+        + ", ".join(names)
+        + " | sd ratio: "
+        + ", ".join(names)
+        + " | seconds | / NUTS time | target met | notes |\n"
+        "|---|---:|---:|---|---|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=1000, help="importance-sampling draws")
     parser.add_argument("--nodes", type=int, nargs="*", default=[1, 3, 5, 7])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--psis-nodes", type=int, default=5, help="quadrature nodes of the PSIS weights")
+    parser.add_argument(
+        "--part", choices=["all", "logistic", "cbpp"], default="all", help="which data (cbpp: its own file)"
+    )
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
+    if args.part in ("all", "cbpp"):
+        text = "# The cbpp part of results/accuracy.md\n" + cbpp_part(args)
+        print(text)
+        RESULTS_CBPP.write_text(text)
+        print(f"written to {RESULTS_CBPP}")
+        if args.part == "cbpp":
+            return
     ref = json.loads(REFERENCE.read_text())
     nuts = (np.array(ref["mean"]), np.array(ref["sd"]), ref["seconds"])
     x, y, *_ = simulate(1000, seed=0)
