@@ -3,7 +3,7 @@
 Hierarchical logistic model (``benchmarks/common.py``, ``simulate(1000,
 seed=0)``: 1 000 groups, 10 Bernoulli observations each, random intercept
 and slope), the data and NUTS reference of ``results/guides.md`` and
-``results/laplace_accuracy.md``. Rows:
+the Laplace-marginal study this script replaces. Rows:
 
 * **Laplace / quadrature marginal, exact** -- the posterior ∝ exp log p̂_K(θ, z)
   with the units integrated by Laplace (K = 1) or adaptive Gauss–Hermite
@@ -57,7 +57,6 @@ RESULTS = HERE / "results" / "accuracy.md"
 RESULTS_CBPP = HERE / "results" / "accuracy_cbpp.md"
 #: Pyro NUTS on cbpp, benchmarks/cbpp_nuts.py's defaults ("about 7 minutes")
 CBPP_NUTS_SECONDS = 420.0
-REFERENCE = HERE / "reference" / "nuts_1000.json"
 GLOBALS = ["beta[0]", "beta[1]", "sigma[0]", "sigma[1]"]
 READING = (
     "\nReading: Laplace over each group's two latents shifts the random-effect sds by up to 1.2 "
@@ -96,6 +95,37 @@ def row(name, mean, sd, seconds, nuts, note=""):
     )
 
 
+def marginal_rows(view, nodes_list, num_draws, constrain, nuts):
+    """Rows for the posterior ∝ exp log p̂_K(θ, z) (K = 1: Laplace), by
+    self-normalised importance sampling from the Gaussian at the Laplace mode."""
+    start = time.perf_counter()
+    mode = laplace_mode(view, view.init_theta)
+    theta, y_hat = mode.theta.detach(), mode.modes.y.detach()
+    gaussian = torch.distributions.MultivariateNormal(
+        theta, torch.linalg.inv(-laplace_hessian(view, theta, y_hat))
+    )
+    mode_seconds = time.perf_counter() - start
+    draws = gaussian.sample((num_draws,))
+    rows = []
+    for nodes in nodes_list:
+        start = time.perf_counter()
+        with torch.no_grad():
+            log_p = torch.stack(
+                [
+                    quadrature_log_marginal(view, t, y_hat, num_nodes=nodes, create_graph=False).value
+                    for t in draws
+                ]
+            )
+        seconds = mode_seconds + time.perf_counter() - start
+        log_w = log_p - gaussian.log_prob(draws)
+        ess = float(1 / (torch.softmax(log_w, 0) ** 2).sum())
+        name = "Laplace marginal, exact" if nodes == 1 else f"quadrature marginal, K = {nodes}, exact"
+        mean, sd = weighted_moments(constrain(draws), log_w)
+        rows.append(row(name, mean, sd, seconds, nuts, f"{ess:,.0f} effective of {num_draws:,} draws"))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def guide_moments(guide, data, num_draws, generator):
     post = guide.laplace_posterior(*data)
     draws = post.sample(num_draws, generator=generator)
@@ -116,33 +146,8 @@ def cbpp_part(args):
     nuts_sd = np.array(list(ref["fixed_effects_sd"]) + [ref["herd_sd_sd"]])
     nuts = (nuts_mean, nuts_sd, CBPP_NUTS_SECONDS)
     names = ["beta[0]", "beta[1]", "beta[2]", "beta[3]", "sigma"]
-    rows = []
     view = ModelView(cbpp_model, *data, unit_plate="herds")
-    start = time.perf_counter()
-    mode = laplace_mode(view, view.init_theta)
-    theta, y_hat = mode.theta.detach(), mode.modes.y.detach()
-    gaussian = torch.distributions.MultivariateNormal(
-        theta, torch.linalg.inv(-laplace_hessian(view, theta, y_hat))
-    )
-    mode_seconds = time.perf_counter() - start
-    draws = gaussian.sample((args.draws,))
-    for nodes in (1, 5):
-        start = time.perf_counter()
-        with torch.no_grad():
-            log_p = torch.stack(
-                [
-                    quadrature_log_marginal(view, t, y_hat, num_nodes=nodes, create_graph=False).value
-                    for t in draws
-                ]
-            )
-        seconds = mode_seconds + time.perf_counter() - start
-        log_w = log_p - gaussian.log_prob(draws)
-        ess = float(1 / (torch.softmax(log_w, 0) ** 2).sum())
-        name = "Laplace marginal, exact" if nodes == 1 else f"quadrature marginal, K = {nodes}, exact"
-        values = torch.cat([draws[:, :4], draws[:, 4:].exp()], -1)
-        mean, sd = weighted_moments(values, log_w)
-        rows.append(row(name, mean, sd, seconds, nuts, f"{ess:,.0f} effective of {args.draws:,} draws"))
-        print(rows[-1], flush=True)
+    rows = marginal_rows(view, (1, 5), args.draws, lambda t: torch.cat([t[:, :4], t[:, 4:].exp()], -1), nuts)
     for label, options in (
         ("default", {}),
         ('quadrature=5, global_precision="marginal"', {"quadrature": 5, "global_precision": "marginal"}),
@@ -185,6 +190,8 @@ def main():
     parser.add_argument("--nodes", type=int, nargs="*", default=[1, 3, 5, 7])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--psis-nodes", type=int, default=5, help="quadrature nodes of the PSIS weights")
+    parser.add_argument("--groups", type=int, default=1000, help="groups of the logistic GLMM")
+    parser.add_argument("--no-psis", action="store_true", help="leave out the PSIS rows")
     parser.add_argument(
         "--part", choices=["all", "logistic", "cbpp"], default="all", help="which data (cbpp: its own file)"
     )
@@ -200,36 +207,20 @@ def main():
         print(f"written to {RESULTS_CBPP}")
         if args.part == "cbpp":
             return
-    ref = json.loads(REFERENCE.read_text())
+    reference = HERE / "reference" / f"nuts_{args.groups}.json"
+    if not reference.exists():
+        print(
+            f"no NUTS reference at {args.groups:,} groups ({reference}): make it with "
+            f"python benchmarks/guides.py --nuts-worker {args.groups}"
+        )
+        return
+    ref = json.loads(reference.read_text())
     nuts = (np.array(ref["mean"]), np.array(ref["sd"]), ref["seconds"])
-    x, y, *_ = simulate(1000, seed=0)
+    x, y, *_ = simulate(args.groups, seed=0)
     data = (torch.as_tensor(x), torch.as_tensor(y))
-    rows = []
-
     # the marginals, exact by importance sampling from the Laplace Gaussian
     view = ModelView(torch_model, *data, unit_plate="groups")
-    start = time.perf_counter()
-    mode = laplace_mode(view, view.init_theta)
-    theta, y_hat = mode.theta.detach(), mode.modes.y.detach()
-    gaussian = torch.distributions.MultivariateNormal(
-        theta, torch.linalg.inv(-laplace_hessian(view, theta, y_hat))
-    )
-    mode_seconds = time.perf_counter() - start
-    draws = gaussian.sample((args.draws,))
-    for nodes in args.nodes:
-        start = time.perf_counter()
-        log_p = []
-        with torch.no_grad():
-            for t in draws:
-                found = quadrature_log_marginal(view, t, y_hat, num_nodes=nodes, create_graph=False)
-                log_p.append(found.value)
-        seconds = mode_seconds + time.perf_counter() - start
-        log_w = torch.stack(log_p) - gaussian.log_prob(draws)
-        ess = float(1 / (torch.softmax(log_w, 0) ** 2).sum())
-        name = "Laplace marginal, exact" if nodes == 1 else f"quadrature marginal, K = {nodes}, exact"
-        mean, sd = weighted_moments(constrained(draws), log_w)
-        rows.append(row(name, mean, sd, seconds, nuts, f"{ess:,.0f} effective of {args.draws:,} draws"))
-        print(rows[-1], flush=True)
+    rows = marginal_rows(view, args.nodes, args.draws, constrained, nuts)
 
     # the guides, with no options and with quadrature, then reweighted
     configurations = (
@@ -267,7 +258,7 @@ def main():
             )
         )
         print(rows[-1], flush=True)
-        if not reweigh:
+        if not reweigh or args.no_psis:
             continue
         start = time.perf_counter()
         weighed = curvi.psis(torch_model, guide, *data, num_samples=args.draws, quadrature=args.psis_nodes)
@@ -288,12 +279,12 @@ def main():
 
     text = (
         "# The globals' posterior with the units integrated by quadrature, against NUTS\n\n"
-        f"Hierarchical logistic model, `simulate(1000, seed=0)` (1 000 groups × 10 Bernoulli "
-        f"observations, random intercept and slope); float64. Machine: {os.cpu_count()} cores, "
+        f"Hierarchical logistic model, `simulate({args.groups}, seed=0)` ({args.groups:,} groups × 10 "
+        f"Bernoulli observations, random intercept and slope); float64. Machine: {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, torch {torch.__version__}; "
         f"{datetime.date.today().isoformat()}. "
         f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`.\n\n"
-        f"NUTS reference: `benchmarks/reference/nuts_1000.json` (NumPyro, {ref['chains']} chains × "
+        f"NUTS reference: `benchmarks/reference/{reference.name}` (NumPyro, {ref['chains']} chains × "
         f"{ref['samples']:,} draws after {ref['warmup']:,} warm-up, {ref['seconds']:.1f} s on this "
         "kind of machine; the time ratios are against it). Target: every global within 0.1 NUTS sd "
         "in mean and 10 % in sd, in ≤ 1/20 of NUTS's time.\n\n"
@@ -305,9 +296,10 @@ def main():
         "|---|---:|---:|---|---|---:|---:|---|---|\n" + "\n".join(rows) + "\n" + READING
     )
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(f"written to {RESULTS}")
+    results = RESULTS if args.groups == 1000 else RESULTS.with_name(f"accuracy_{args.groups}.md")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(text if args.groups == 1000 else text.replace(READING, "\n"))
+    print(f"written to {results}")
 
 
 if __name__ == "__main__":
