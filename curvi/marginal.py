@@ -24,6 +24,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
 
+from .checks import check_count
 from .hessian import local_hessian
 from .model import ModelView
 from .modes import (
@@ -476,16 +477,24 @@ class LaplaceMarginal:
         theta_samples: dict[str, torch.Tensor],
         *args,
         generator: torch.Generator | None = None,
+        resample: int | None = None,
         **kwargs,
     ) -> dict[str, torch.Tensor]:
         """Draws of the local sites given draws of the globals.
 
         For each draw of θ (``theta_samples``: constrained global values by
         site, leading dimension S, e.g. ``mcmc.get_samples()``) the units are
-        drawn from their Laplace conditional ``N(ŷᵢ(θ), Dᵢ(θ)⁻¹)``.
+        drawn from their Laplace conditional ``N(ŷᵢ(θ), Dᵢ(θ)⁻¹)``; with
+        ``resample=M``, each unit's draw is importance-resampled from M such
+        proposals by the weights ``p(yᵢ | θ, z) / N(yᵢ; ŷᵢ, Dᵢ⁻¹)`` (its own
+        terms of the log density), which corrects Laplace's Gaussian where a
+        unit's posterior is skewed (binary data, few observations) -- the
+        unit-level counterpart of ``quadrature=``.
 
         :returns: constrained values of every local site, leading dimension S.
         """
+        if resample is not None:
+            check_count("resample", resample, 1)
         view = self._view(args, kwargs)
         num = {v.shape[0] for v in theta_samples.values()}
         if len(num) != 1:
@@ -498,12 +507,26 @@ class LaplaceMarginal:
             warn_unconverged(result)
             y = result.y
             L = torch.linalg.cholesky(result.precision)
-            eps = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
-            sample = y + torch.linalg.solve_triangular(L.mT, eps.unsqueeze(-1), upper=True).squeeze(-1)
+            sample = _laplace_draws(view, theta, y, L, resample or 1, generator)
             values = view.unpack(theta, sample)
             for name in view.local_sites:
                 draws[name].append(values[name])
         return {name: torch.stack(v) for name, v in draws.items()}
+
+
+def _laplace_draws(view, theta, y, L, num_proposals, generator):
+    """One draw per unit from N(ŷᵢ, (LᵢLᵢᵀ)⁻¹), importance-resampled from
+    ``num_proposals`` proposals by each unit's own log density when > 1."""
+    n, k = y.shape
+    eps = torch.randn((num_proposals, n, k), generator=generator, dtype=y.dtype).to(y.device)
+    proposals = y + torch.linalg.solve_triangular(L.mT, eps.unsqueeze(-1), upper=True).squeeze(-1)
+    if num_proposals == 1:
+        return proposals[0]
+    with torch.no_grad():
+        log_f = torch.stack([view.unit_log_joint(theta, p) for p in proposals])  # (M, n)
+    log_w = log_f + 0.5 * (eps**2).sum(-1)  # − log N(y; ŷ, D⁻¹) up to a per-unit constant
+    pick = torch.multinomial(torch.softmax(log_w, 0).T, 1, generator=generator).squeeze(-1)  # (n,)
+    return proposals[pick, torch.arange(n, device=y.device)]
 
 
 def _check_quadrature(quadrature):

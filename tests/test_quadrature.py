@@ -347,3 +347,36 @@ def test_the_default_fit_says_when_laplace_is_biased():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         curvi.fit(binary_model, quiet, obs, progress=False)
+
+
+def test_resampled_unit_draws_correct_laplaces_skew():
+    """200 identical groups with observations (1, 1, 0): the conditional of u
+    is skewed, and Laplace's draws are centred at its mode; resampled draws
+    have the exact conditional mean (1-D trapezoid)."""
+    obs = torch.tensor([[1.0, 1.0, 0.0]]).expand(200, 3)
+
+    def model(obs):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("groups", obs.shape[0], dim=-2):
+            u = pyro.sample("u", dist.Normal(mu, 2.0))
+            with pyro.plate("obs", obs.shape[1], dim=-1):
+                pyro.sample("z", dist.Bernoulli(logits=u), obs=obs)
+
+    grid = torch.linspace(-15.0, 20.0, 20001)
+    log_f = dist.Normal(0.0, 2.0).log_prob(grid) + dist.Bernoulli(logits=grid.unsqueeze(-1)).log_prob(
+        obs[0]
+    ).sum(-1)
+    weights = torch.softmax(log_f, 0)
+    exact_mean = (weights * grid).sum()
+    exact_sd = (weights * (grid - exact_mean) ** 2).sum().sqrt()
+    marginal = LaplaceMarginal(model, unit_plate="groups")
+    theta = {"mu": torch.zeros(40)}
+    g = torch.Generator().manual_seed(0)
+    laplace = marginal.sample_locals(theta, obs, generator=g)["u"].reshape(-1)
+    resampled = marginal.sample_locals(theta, obs, generator=g, resample=32)["u"].reshape(-1)
+    se = exact_sd / math.sqrt(laplace.numel())
+    assert abs(laplace.mean() - exact_mean) > 5 * se  # the mode is not the mean here
+    assert abs(resampled.mean() - exact_mean) < 4 * se
+    assert abs(resampled.std() / exact_sd - 1) < 0.03
+    with pytest.raises(ValueError, match="resample"):
+        marginal.sample_locals(theta, obs, resample=0)
