@@ -55,6 +55,7 @@ from curvi.quadrature import quadrature_log_marginal  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "accuracy.md"
 RESULTS_CBPP = HERE / "results" / "accuracy_cbpp.md"
+RESULTS_POISSON = HERE / "results" / "accuracy_poisson.md"
 #: Pyro NUTS on cbpp, benchmarks/cbpp_nuts.py's defaults ("about 7 minutes")
 CBPP_NUTS_SECONDS = 420.0
 GLOBALS = ["beta[0]", "beta[1]", "sigma[0]", "sigma[1]"]
@@ -184,6 +185,121 @@ def cbpp_part(args):
     )
 
 
+POISSON_REFERENCE = HERE / "reference" / "nuts_poisson_1000.json"
+
+
+def simulate_poisson(num_groups=1000, num_obs=5, seed=0):
+    """Poisson counts with a random intercept and slope per group (two latents
+    per unit), small counts: log rate = β₀ + u₀ + (β₁ + u₁) x."""
+    rng = np.random.default_rng(seed)
+    beta, sigma = np.array([0.3, 0.4]), np.array([0.6, 0.4])
+    u = rng.normal(size=(num_groups, 1, 2)) * sigma
+    x = rng.normal(size=(num_groups, num_obs))
+    y = rng.poisson(np.exp(beta[0] + u[..., 0] + (beta[1] + u[..., 1]) * x)).astype(np.float64)
+    return x, y
+
+
+def poisson_model(x, y):
+    import pyro.distributions as dist
+
+    beta = pyro.sample("beta", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0).expand([2]).to_event(1))
+    with pyro.plate("groups", x.shape[0], dim=-2):
+        u = pyro.sample("u", dist.Normal(0.0, sigma).to_event(1))
+        log_rate = beta[..., 0] + u[..., 0] + (beta[..., 1] + u[..., 1]) * x
+        with pyro.plate("obs", x.shape[1], dim=-1):
+            pyro.sample("y", dist.Poisson(log_rate.exp()), obs=y)
+
+
+def poisson_nuts_reference(warmup=1000, samples=4000, chains=2, seed=0):
+    """NumPyro NUTS on the non-centred Poisson model; writes POISSON_REFERENCE."""
+    import numpyro
+
+    numpyro.set_host_device_count(chains)
+    import jax
+    import numpyro.distributions as ndist
+    from numpyro.infer import MCMC, NUTS
+
+    jax.config.update("jax_enable_x64", True)
+
+    def model(x, y):
+        beta = numpyro.sample("beta", ndist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        sigma = numpyro.sample("sigma", ndist.HalfNormal(1.0).expand([2]).to_event(1))
+        with numpyro.plate("groups", x.shape[0], dim=-2):
+            z = numpyro.sample("z", ndist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            u = sigma * z
+            log_rate = beta[..., 0] + u[..., 0] + (beta[..., 1] + u[..., 1]) * x
+            with numpyro.plate("obs", x.shape[1], dim=-1):
+                numpyro.sample("y", ndist.Poisson(jax.numpy.exp(log_rate)), obs=y)
+
+    x, y = simulate_poisson()
+    mcmc = MCMC(NUTS(model), num_warmup=warmup, num_samples=samples, num_chains=chains, progress_bar=False)
+    start = time.perf_counter()
+    mcmc.run(jax.random.PRNGKey(seed), x, y)
+    draws = jax.block_until_ready(mcmc.get_samples())
+    seconds = time.perf_counter() - start
+    flat = np.concatenate([np.asarray(draws["beta"]), np.asarray(draws["sigma"])], -1)
+    info = {
+        "what": "NUTS posterior of (beta[0], beta[1], sigma[0], sigma[1]) of accuracy.poisson_model",
+        "data": "accuracy.simulate_poisson(1000, 5, seed=0)",
+        "chains": chains,
+        "warmup": warmup,
+        "samples": samples,
+        "seconds": round(seconds, 1),
+        "mean": flat.mean(0).tolist(),
+        "sd": flat.std(0, ddof=1).tolist(),
+        "numpyro": numpyro.__version__,
+        "command": "python benchmarks/accuracy.py --part poisson (made when missing)",
+    }
+    POISSON_REFERENCE.write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def poisson_part(args):
+    """The Poisson GLMM with two latents per unit against NumPyro's NUTS."""
+    if not POISSON_REFERENCE.exists():
+        try:
+            poisson_nuts_reference()
+        except ImportError:
+            return "\n## Poisson\n\nskipped: no NUTS reference and numpyro/jax are not installed\n"
+    ref = json.loads(POISSON_REFERENCE.read_text())
+    nuts = (np.array(ref["mean"]), np.array(ref["sd"]), ref["seconds"])
+    x, y = simulate_poisson()
+    data = (torch.as_tensor(x), torch.as_tensor(y))
+    view = ModelView(poisson_model, *data, unit_plate="groups")
+    rows = marginal_rows(view, (1, 5), args.draws, constrained, nuts)
+    for label, options in (
+        ("default", {}),
+        ('quadrature=5, global_precision="marginal"', {"quadrature": 5, "global_precision": "marginal"}),
+    ):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        start = time.perf_counter()
+        guide = curvi.AmortizedLaplaceGuide(poisson_model, unit_plate="groups", **options)
+        with warnings.catch_warnings(record=True):
+            result = curvi.fit(poisson_model, guide, *data, progress=False)
+        seconds = time.perf_counter() - start
+        mean, sd = guide_moments(guide, data, 20000, torch.Generator().manual_seed(args.seed))
+        status = "converged" if result.converged else "NOT converged"
+        if "may be biased" in result.message:
+            status += " and warned"
+        rows.append(row(f"AmortizedLaplaceGuide, {label}", mean, sd, seconds, nuts, status))
+        print(rows[-1], flush=True)
+    return (
+        "\n## Poisson GLMM, two latents per unit\n\n"
+        "`accuracy.poisson_model` on `simulate_poisson(1000, 5, seed=0)`: 1 000 groups × 5 counts, log "
+        "rate β₀ + u₀ + (β₁ + u₁) x. NUTS reference `benchmarks/reference/nuts_poisson_1000.json` "
+        f"(NumPyro, non-centred, {ref['chains']} chains × {ref['samples']:,} draws after "
+        f"{ref['warmup']:,} warm-up, {ref['seconds']:.1f} s).\n\n"
+        "| posterior | max abs(Δmean) / NUTS sd | sd / NUTS sd (min – max) | abs(Δmean)/sd: "
+        + ", ".join(GLOBALS)
+        + " | sd ratio: "
+        + ", ".join(GLOBALS)
+        + " | seconds | / NUTS time | target met | notes |\n"
+        "|---|---:|---:|---|---|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=1000, help="importance-sampling draws")
@@ -193,13 +309,23 @@ def main():
     parser.add_argument("--groups", type=int, default=1000, help="groups of the logistic GLMM")
     parser.add_argument("--no-psis", action="store_true", help="leave out the PSIS rows")
     parser.add_argument(
-        "--part", choices=["all", "logistic", "cbpp"], default="all", help="which data (cbpp: its own file)"
+        "--part",
+        choices=["all", "logistic", "cbpp", "poisson"],
+        default="all",
+        help="which data (cbpp, poisson: their own files)",
     )
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
+    if args.part in ("all", "poisson"):
+        text = "# The Poisson part of results/accuracy.md\n" + poisson_part(args)
+        print(text)
+        RESULTS_POISSON.write_text(text)
+        print(f"written to {RESULTS_POISSON}")
+        if args.part == "poisson":
+            return
     if args.part in ("all", "cbpp"):
         text = "# The cbpp part of results/accuracy.md\n" + cbpp_part(args)
         print(text)
