@@ -56,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "accuracy.md"
 RESULTS_CBPP = HERE / "results" / "accuracy_cbpp.md"
 RESULTS_POISSON = HERE / "results" / "accuracy_poisson.md"
+RESULTS_PEERS = HERE / "results" / "accuracy_peers.md"
 #: Pyro NUTS on cbpp, benchmarks/cbpp_nuts.py's defaults ("about 7 minutes")
 CBPP_NUTS_SECONDS = 420.0
 GLOBALS = ["beta[0]", "beta[1]", "sigma[0]", "sigma[1]"]
@@ -300,6 +301,61 @@ def poisson_part(args):
     )
 
 
+def peers_part(args):
+    """Pyro's own Gaussian guides on the 1 000-group logistic GLMM, fitted by
+    ``curvi.fit`` with its defaults for them (Adam, lr 0.01, its stopping
+    rule), against the same NUTS reference."""
+    from pyro.infer import Predictive
+    from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+    reference = HERE / "reference" / "nuts_1000.json"
+    ref = json.loads(reference.read_text())
+    nuts = (np.array(ref["mean"]), np.array(ref["sd"]), ref["seconds"])
+    x, y, *_ = simulate(1000, seed=0)
+    data = (torch.as_tensor(x), torch.as_tensor(y))
+    rows = []
+    guides = {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal}
+    for name in guides:
+        if name not in args.peer_guides:
+            rows.append(
+                f"| {name} | – | – | – | – | – | – | – | not run (`--peer-guides`): its run here was "
+                "killed for memory (24 GB); results/guides.md has it at 1 000 groups, 10.5 NUTS sd off |"
+            )
+    for Guide in (guides[name] for name in args.peer_guides):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        guide = Guide(torch_model)
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings(record=True):
+                result = curvi.fit(torch_model, guide, *data, progress=False, steps=args.peer_steps)
+        except (ValueError, RuntimeError) as error:
+            rows.append(f"| {Guide.__name__} | – | – | – | – | – | – | no | failed: {str(error)[:120]} |")
+            continue
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            draws = Predictive(torch_model, guide=guide, num_samples=4000, return_sites=["beta", "sigma"])(
+                *data
+            )
+        values = torch.cat([draws["beta"].reshape(4000, 2), draws["sigma"].reshape(4000, 2)], -1)
+        mean, sd = weighted_moments(values, torch.zeros(4000))
+        status = f"{result.message}"
+        rows.append(row(Guide.__name__, mean, sd, seconds, nuts, status))
+        print(rows[-1], flush=True)
+    return (
+        "\n## Pyro's guides on the logistic GLMM (1 000 groups)\n\n"
+        f"`curvi.fit(model, guide, *data, steps={args.peer_steps})` (Adam, lr 0.01, single-particle "
+        "Trace_ELBO, curvi.fit's stopping rule); moments from 4 000 draws of the guide; the same NUTS "
+        "reference as results/accuracy.md. (results/guides.md trains them longer, on an ELBO budget.)\n\n"
+        "| posterior | max abs(Δmean) / NUTS sd | sd / NUTS sd (min – max) | abs(Δmean)/sd: "
+        + ", ".join(GLOBALS)
+        + " | sd ratio: "
+        + ", ".join(GLOBALS)
+        + " | seconds | / NUTS time | target met | notes |\n"
+        "|---|---:|---:|---|---|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=1000, help="importance-sampling draws")
@@ -308,9 +364,17 @@ def main():
     parser.add_argument("--psis-nodes", type=int, default=5, help="quadrature nodes of the PSIS weights")
     parser.add_argument("--groups", type=int, default=1000, help="groups of the logistic GLMM")
     parser.add_argument("--no-psis", action="store_true", help="leave out the PSIS rows")
+    parser.add_argument("--peer-steps", type=int, default=5000, help="Adam steps at most for Pyro's guides")
+    parser.add_argument(
+        "--peer-guides",
+        nargs="*",
+        default=["AutoNormal"],
+        choices=["AutoNormal", "AutoMultivariateNormal"],
+        help="Pyro's guides to run (AutoMultivariateNormal ran out of memory here)",
+    )
     parser.add_argument(
         "--part",
-        choices=["all", "logistic", "cbpp", "poisson"],
+        choices=["all", "logistic", "cbpp", "poisson", "peers"],
         default="all",
         help="which data (cbpp, poisson: their own files)",
     )
@@ -319,6 +383,13 @@ def main():
     pyro.set_rng_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
+    if args.part in ("all", "peers"):
+        text = "# Pyro's guides: the peers part of results/accuracy.md\n" + peers_part(args)
+        print(text)
+        RESULTS_PEERS.write_text(text)
+        print(f"written to {RESULTS_PEERS}")
+        if args.part == "peers":
+            return
     if args.part in ("all", "poisson"):
         text = "# The Poisson part of results/accuracy.md\n" + poisson_part(args)
         print(text)
