@@ -129,10 +129,48 @@ def marginal_rows(view, nodes_list, num_draws, constrain, nuts):
 
 
 def guide_moments(guide, data, num_draws, generator):
+    """Moments of the guide's globals (constrained), from ``num_draws`` draws."""
     post = guide.laplace_posterior(*data)
     draws = post.sample(num_draws, generator=generator)
-    values = torch.cat([draws["beta"], draws["sigma"]], -1)
+    values = torch.cat([draws[name].reshape(num_draws, -1) for name in guide.view.global_sites], -1)
     return weighted_moments(values, torch.zeros(num_draws))
+
+
+def fit_guide(model, plate, data, label, options, nuts, args):
+    """Fit ``AmortizedLaplaceGuide(model, **options)`` with ``curvi.fit``'s
+    defaults: its row (timed, moments from 20 000 draws) and the guide."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    start = time.perf_counter()
+    guide = curvi.AmortizedLaplaceGuide(model, unit_plate=plate, **options)
+    with warnings.catch_warnings(record=True):  # the default fit's check is reported in the row
+        result = curvi.fit(model, guide, *data, progress=False)
+    seconds = time.perf_counter() - start
+    mean, sd = guide_moments(guide, data, 20000, torch.Generator().manual_seed(args.seed))
+    status = "converged" if result.converged else "NOT converged"
+    if "may be biased" in result.message:  # the default fit's own check (check_fit)
+        estimate = result.message.split("; Laplace's integrals over the units move q(θ) by ")[1]
+        status += " and warned: " + estimate.split(":")[0]
+    nodes = f", K = {guide.collapsed_nodes}" if guide.collapsed_nodes else ""
+    note = f"{status}{nodes}; {result.num_evaluations} evaluations"
+    text = row(f"AmortizedLaplaceGuide, {label}", mean, sd, seconds, nuts, note)
+    print(text, flush=True)
+    return text, guide, seconds
+
+
+def table(title, description, names, rows):
+    return (
+        f"\n## {title}\n\n{description}\n\n"
+        "| posterior | max abs(Δmean) / NUTS sd | sd / NUTS sd (min – max) | abs(Δmean)/sd: "
+        + ", ".join(names)
+        + " | sd ratio: "
+        + ", ".join(names)
+        + " | seconds | / NUTS time | target met | notes |\n"
+        "|---|---:|---:|---|---|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+ACCURATE = ('quadrature=5, global_precision="marginal"', {"quadrature": 5, "global_precision": "marginal"})
 
 
 def cbpp_part(args):
@@ -150,39 +188,16 @@ def cbpp_part(args):
     names = ["beta[0]", "beta[1]", "beta[2]", "beta[3]", "sigma"]
     view = ModelView(cbpp_model, *data, unit_plate="herds")
     rows = marginal_rows(view, (1, 5), args.draws, lambda t: torch.cat([t[:, :4], t[:, 4:].exp()], -1), nuts)
-    for label, options in (
-        ("default", {}),
-        ('quadrature=5, global_precision="marginal"', {"quadrature": 5, "global_precision": "marginal"}),
-    ):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(args.seed)
-        start = time.perf_counter()
-        guide = curvi.AmortizedLaplaceGuide(cbpp_model, unit_plate="herds", **options)
-        with warnings.catch_warnings(record=True):
-            result = curvi.fit(cbpp_model, guide, *data, progress=False)
-        seconds = time.perf_counter() - start
-        post = guide.laplace_posterior(*data).sample(
-            20000, generator=torch.Generator().manual_seed(args.seed)
-        )
-        values = torch.cat([post["beta"], post["sigma"].unsqueeze(-1)], -1)
-        mean, sd = weighted_moments(values, torch.zeros(values.shape[0]))
-        status = "converged" if result.converged else "NOT converged"
-        if "may be biased" in result.message:
-            status += " and warned"
-        rows.append(row(f"AmortizedLaplaceGuide, {label}", mean, sd, seconds, nuts, status))
-        print(rows[-1], flush=True)
-    return (
-        "\n## cbpp\n\n"
+    for label, options in (("default", {}), ACCURATE):
+        rows.append(fit_guide(cbpp_model, "herds", data, label, options, nuts, args)[0])
+    return table(
+        "cbpp",
         "`incidence/size ~ period + (1 | herd)`, binomial, the demo's priors (`curvi.demo.cbpp_model`); "
         "NUTS reference `curvi.datasets.CBPP_NUTS` (Pyro NUTS, 8 000 draws after 1 500 warm-up, "
         f"`python benchmarks/cbpp_nuts.py`, about {CBPP_NUTS_SECONDS / 60:.0f} minutes on this kind of "
-        "machine: the time ratios are against that).\n\n"
-        "| posterior | max abs(Δmean) / NUTS sd | sd / NUTS sd (min – max) | abs(Δmean)/sd: "
-        + ", ".join(names)
-        + " | sd ratio: "
-        + ", ".join(names)
-        + " | seconds | / NUTS time | target met | notes |\n"
-        "|---|---:|---:|---|---|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
+        "machine: the time ratios are against that).",
+        names,
+        rows,
     )
 
 
@@ -269,35 +284,16 @@ def poisson_part(args):
     data = (torch.as_tensor(x), torch.as_tensor(y))
     view = ModelView(poisson_model, *data, unit_plate="groups")
     rows = marginal_rows(view, (1, 5), args.draws, constrained, nuts)
-    for label, options in (
-        ("default", {}),
-        ('quadrature=5, global_precision="marginal"', {"quadrature": 5, "global_precision": "marginal"}),
-    ):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(args.seed)
-        start = time.perf_counter()
-        guide = curvi.AmortizedLaplaceGuide(poisson_model, unit_plate="groups", **options)
-        with warnings.catch_warnings(record=True):
-            result = curvi.fit(poisson_model, guide, *data, progress=False)
-        seconds = time.perf_counter() - start
-        mean, sd = guide_moments(guide, data, 20000, torch.Generator().manual_seed(args.seed))
-        status = "converged" if result.converged else "NOT converged"
-        if "may be biased" in result.message:
-            status += " and warned"
-        rows.append(row(f"AmortizedLaplaceGuide, {label}", mean, sd, seconds, nuts, status))
-        print(rows[-1], flush=True)
-    return (
-        "\n## Poisson GLMM, two latents per unit\n\n"
+    for label, options in (("default", {}), ACCURATE):
+        rows.append(fit_guide(poisson_model, "groups", data, label, options, nuts, args)[0])
+    return table(
+        "Poisson GLMM, two latents per unit",
         "`accuracy.poisson_model` on `simulate_poisson(1000, 5, seed=0)`: 1 000 groups × 5 counts, log "
         "rate β₀ + u₀ + (β₁ + u₁) x. NUTS reference `benchmarks/reference/nuts_poisson_1000.json` "
         f"(NumPyro, non-centred, {ref['chains']} chains × {ref['samples']:,} draws after "
-        f"{ref['warmup']:,} warm-up, {ref['seconds']:.1f} s).\n\n"
-        "| posterior | max abs(Δmean) / NUTS sd | sd / NUTS sd (min – max) | abs(Δmean)/sd: "
-        + ", ".join(GLOBALS)
-        + " | sd ratio: "
-        + ", ".join(GLOBALS)
-        + " | seconds | / NUTS time | target met | notes |\n"
-        "|---|---:|---:|---|---|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
+        f"{ref['warmup']:,} warm-up, {ref['seconds']:.1f} s).",
+        GLOBALS,
+        rows,
     )
 
 
@@ -342,17 +338,13 @@ def peers_part(args):
         status = f"{result.message}"
         rows.append(row(Guide.__name__, mean, sd, seconds, nuts, status))
         print(rows[-1], flush=True)
-    return (
-        "\n## Pyro's guides on the logistic GLMM (1 000 groups)\n\n"
+    return table(
+        "Pyro's guides on the logistic GLMM (1 000 groups)",
         f"`curvi.fit(model, guide, *data, steps={args.peer_steps})` (Adam, lr 0.01, single-particle "
         "Trace_ELBO, curvi.fit's stopping rule); moments from 4 000 draws of the guide; the same NUTS "
-        "reference as results/accuracy.md. (results/guides.md trains them longer, on an ELBO budget.)\n\n"
-        "| posterior | max abs(Δmean) / NUTS sd | sd / NUTS sd (min – max) | abs(Δmean)/sd: "
-        + ", ".join(GLOBALS)
-        + " | sd ratio: "
-        + ", ".join(GLOBALS)
-        + " | seconds | / NUTS time | target met | notes |\n"
-        "|---|---:|---:|---|---|---:|---:|---|---|\n" + "\n".join(rows) + "\n"
+        "reference as results/accuracy.md. (results/guides.md trains them longer, on an ELBO budget.)",
+        GLOBALS,
+        rows,
     )
 
 
@@ -381,29 +373,19 @@ def main():
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
 
-    if args.part in ("all", "peers"):
-        text = "# Pyro's guides: the peers part of results/accuracy.md\n" + peers_part(args)
-        print(text)
-        RESULTS_PEERS.write_text(text)
-        print(f"written to {RESULTS_PEERS}")
-        if args.part == "peers":
-            return
-    if args.part in ("all", "poisson"):
-        text = "# The Poisson part of results/accuracy.md\n" + poisson_part(args)
-        print(text)
-        RESULTS_POISSON.write_text(text)
-        print(f"written to {RESULTS_POISSON}")
-        if args.part == "poisson":
-            return
-    if args.part in ("all", "cbpp"):
-        text = "# The cbpp part of results/accuracy.md\n" + cbpp_part(args)
-        print(text)
-        RESULTS_CBPP.write_text(text)
-        print(f"written to {RESULTS_CBPP}")
-        if args.part == "cbpp":
-            return
+    for part, make, results, title in (
+        ("peers", peers_part, RESULTS_PEERS, "Pyro's guides: the peers part"),
+        ("poisson", poisson_part, RESULTS_POISSON, "The Poisson part"),
+        ("cbpp", cbpp_part, RESULTS_CBPP, "The cbpp part"),
+    ):
+        if args.part in ("all", part):
+            text = f"# {title} of results/accuracy.md\n" + make(args)
+            print(text)
+            results.write_text(text)
+            print(f"written to {results}")
+    if args.part not in ("all", "logistic"):
+        return
     reference = HERE / "reference" / f"nuts_{args.groups}.json"
     if not reference.exists():
         print(
@@ -423,38 +405,11 @@ def main():
     configurations = (
         ("default", {}, True),
         ('quadrature="auto"', {"quadrature": "auto"}, False),
-        (
-            'quadrature=5, global_precision="marginal"',
-            {"quadrature": 5, "global_precision": "marginal"},
-            True,
-        ),
+        (*ACCURATE, True),
     )
     for label, options, reweigh in configurations:
-        pyro.clear_param_store()
-        pyro.set_rng_seed(args.seed)
-        start = time.perf_counter()
-        guide = curvi.AmortizedLaplaceGuide(torch_model, unit_plate="groups", **options)
-        result = curvi.fit(torch_model, guide, *data, progress=False)
-        seconds = time.perf_counter() - start
-        mean, sd = guide_moments(guide, data, 20000, generator)
-        nodes = f", K = {guide.collapsed_nodes}" if guide.collapsed_nodes else ""
-        status = "converged" if result.converged else "NOT converged"
-        if "may be biased" in result.message:  # the default fit's own check (check_fit)
-            status += (
-                " and warned: "
-                + result.message.split("; Laplace's integrals over the units move q(θ) by ")[1].split(":")[0]
-            )
-        rows.append(
-            row(
-                f"AmortizedLaplaceGuide, {label}",
-                mean,
-                sd,
-                seconds,
-                nuts,
-                f"{status}{nodes}; {result.num_evaluations} evaluations",
-            )
-        )
-        print(rows[-1], flush=True)
+        text, guide, seconds = fit_guide(torch_model, "groups", data, label, options, nuts, args)
+        rows.append(text)
         if not reweigh or args.no_psis:
             continue
         start = time.perf_counter()
