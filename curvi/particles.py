@@ -19,6 +19,7 @@ from pyro.poutine.trace_struct import Trace
 
 from .checks import check_count
 from .hidden_sites import SummingOutELBO, particle_log_joint
+from .modes import warn_unconverged
 from .posterior import INFER_KEY
 from .quadrature import quadrature_log_marginal
 
@@ -130,6 +131,7 @@ def _collapsed_values(elbo, guide, args, kwargs):
         found = quadrature_log_marginal(
             view, theta, y, num_nodes=guide.collapsed_nodes, create_graph=torch.is_grad_enabled()
         )
+        warn_unconverged(found.modes)
         y = found.modes.y
         values.append(found.value)
     return torch.stack(values) - log_q, guide_trace

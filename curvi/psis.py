@@ -29,6 +29,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from .checks import check_count
+from .modes import warn_unconverged
 from .particles import particle_values
 from .posterior import laplace_gaussian
 from .quadrature import quadrature_log_marginal, unit_disagreement
@@ -160,10 +161,15 @@ def _psis(log_w):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # ArviZ 0.23 announces its refactor
         import arviz as az
-    finite = torch.isfinite(log_w)
-    if not finite.any():
-        raise ValueError("every importance weight is zero or undefined: the guide misses the posterior")
-    log_w = torch.where(finite, log_w, torch.finfo(log_w.dtype).min)
+    if torch.isnan(log_w).any() or (log_w == math.inf).any():
+        bad = int((torch.isnan(log_w) | (log_w == math.inf)).sum())
+        raise ValueError(
+            f"{bad} of {log_w.numel()} importance weights are NaN or infinite: log p or log q is "
+            "undefined at those draws (check the model's density there)"
+        )
+    if (log_w == -math.inf).all():
+        raise ValueError("every importance weight is zero: the guide's draws have no posterior density")
+    log_w = log_w.clamp_min(torch.finfo(log_w.dtype).min)  # zero weights stay (nearly) zero
     smoothed, k_hat = az.psislw(log_w.detach().cpu().double().numpy())
     return torch.as_tensor(smoothed, dtype=log_w.dtype), float(k_hat)
 
@@ -187,6 +193,7 @@ def _collapsed(guide, view, args, kwargs, num_samples, quadrature):
     for theta in thetas:
         with torch.enable_grad():
             found = quadrature_log_marginal(view, theta, y, num_nodes=nodes, create_graph=False)
+        warn_unconverged(found.modes)
         y = found.modes.y
         log_p.append(found.value.detach())
     log_w = torch.stack(log_p) - log_q

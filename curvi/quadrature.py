@@ -28,7 +28,7 @@ import torch
 from .checks import check_count
 from .hessian import local_hessian
 from .model import ModelView
-from .modes import ModeResult, implicit_modes, mode_cholesky, solve_modes
+from .modes import ModeResult, implicit_modes, mode_cholesky, solve_modes, warn_unconverged
 
 __all__ = [
     "AUTO_NODES",
@@ -313,6 +313,7 @@ def laplace_bias(
         with torch.enable_grad():
             found = quadrature_log_marginal(view, t, y_start, num_nodes=nodes)
             (g,) = torch.autograd.grad(found.value, t)
+        warn_unconverged(found.modes)
         gradients.append(g)
         values.append(found.value.item())
     step = torch.linalg.solve(precision, gradients[1] - gradients[0])

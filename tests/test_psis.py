@@ -142,3 +142,15 @@ def test_bad_arguments():
     guide = AmortizedLaplaceGuide(model, unit_plate=plate)
     with pytest.raises(ValueError, match="num_samples"):
         psis(model, guide, *args, num_samples=1)
+
+
+def test_nan_weights_are_an_error_not_a_zero_weight():
+    def model():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.factor("broken", torch.where(mu > 0.0, torch.tensor(math.nan), torch.tensor(0.0)))
+
+    guide = AutoNormal(model)
+    guide()
+    pyro.set_rng_seed(0)
+    with pyro.validation_enabled(False), pytest.raises(ValueError, match="NaN or infinite"):
+        psis(model, guide, num_samples=200)  # without Pyro's validation, NaN reaches the weights

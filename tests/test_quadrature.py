@@ -380,3 +380,17 @@ def test_resampled_unit_draws_correct_laplaces_skew():
     assert abs(resampled.std() / exact_sd - 1) < 0.03
     with pytest.raises(ValueError, match="resample"):
         marginal.sample_locals(theta, obs, resample=0)
+
+
+def test_a_check_that_cannot_be_made_is_said_and_the_fit_kept(monkeypatch):
+    from curvi.modes import NoLaplaceApproximation
+
+    def no_marginal(*args, **kwargs):
+        raise NoLaplaceApproximation("the Hessian of 1 units is not negative definite")
+
+    monkeypatch.setattr(curvi.guides, "laplace_bias", no_marginal)
+    obs = binary_data()
+    guide = AmortizedLaplaceGuide(binary_model, unit_plate="groups")
+    with pytest.warns(UserWarning, match="could not be checked"):
+        result = curvi.fit(binary_model, guide, obs, progress=False)
+    assert result.converged and "could not be checked" in result.message
