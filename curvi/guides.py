@@ -389,6 +389,21 @@ class LaplaceGuideBase(AutoGuide):
         its mean, read out by site (:class:`~curvi.posterior.LaplacePosterior`:
         ``sample``, ``quantiles``, ``marginal_sd``).
 
+        Usage::
+
+            import pyro, pyro.distributions as dist
+
+            def model(obs):
+                mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+                with pyro.plate("groups", obs.shape[0], dim=-2):
+                    u = pyro.sample("u", dist.Normal(mu, 1.0))
+                    with pyro.plate("obs", obs.shape[1], dim=-1):
+                        pyro.sample("z", dist.Normal(u, 0.5), obs=obs)
+
+            obs = torch.randn(6, 3)
+            post = AmortizedLaplaceGuide(model, unit_plate="groups").laplace_posterior(obs)
+            post.sample(100)["u"].shape, post.marginal_sd()[0]   # (100, 6, 1), sd of mu
+
         A model whose unit plate subsamples is evaluated batch by batch over
         all its units (batches of its subsample size): the unit blocks are
         exact, and the global block is the average of the batches' unbiased
@@ -828,7 +843,25 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         nodes: two gradients of the marginal) and say so when it is more than
         :attr:`bias_tolerance` posterior sds (default 0.1): binary data and
         small groups, typically. None otherwise (also with quadrature, or
-        when the plate subsamples)."""
+        when the plate subsamples).
+
+        Usage::
+
+            import pyro, pyro.distributions as dist
+
+            def model(obs):
+                mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+                sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+                with pyro.plate("groups", obs.shape[0], dim=-2):
+                    u = pyro.sample("u", dist.Normal(mu, sigma))
+                    with pyro.plate("obs", obs.shape[1], dim=-1):
+                        pyro.sample("z", dist.Bernoulli(logits=u), obs=obs)
+
+            obs = torch.bernoulli(torch.full((300, 3), 0.3))
+            guide = AmortizedLaplaceGuide(model, unit_plate="groups")
+            guide(obs)
+            guide.check_fit(obs)   # e.g. "Laplace's integrals over the units move q(θ) by ..."
+        """
         skip = self.bias_tolerance is None or self.quadrature is not None
         if skip or self.view.unit_indices is not None or not self.view.num_units:
             return None

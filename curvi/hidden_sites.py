@@ -86,6 +86,20 @@ def without_blocks(model: Callable) -> tuple[Callable, bool]:
 class HiddenSites(NamedTuple):
     """The latent sites of a model its guide does not own.
 
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        import pyro.poutine as poutine
+
+        def model():
+            pyro.sample("c", dist.Bernoulli(0.5))
+            pyro.sample("sigma", dist.HalfNormal(1.0))
+            pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+        blocked = poutine.trace(poutine.block(model, hide=["c", "sigma"])).get_trace()
+        full = poutine.trace(model).get_trace()
+        HiddenSites.of(full, frozenset(blocked.stochastic_nodes))   # (('c',), ('sigma',))
+
     :ivar tuple enumerated: enumerable discrete sites, summed out.
     :ivar tuple conditioned: other sites, whose values are given.
     """
@@ -153,6 +167,23 @@ class SummingOutELBO(TraceEnum_ELBO):
     What :func:`curvi.fit` uses by default for a Laplace guide with such
     sites (:meth:`curvi.guides.LaplaceGuideBase.default_loss`).
 
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        import pyro.poutine as poutine
+        from curvi import LaplaceGuide
+
+        def model(obs):                     # c is not marked for enumeration
+            mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+            with pyro.plate("data", len(obs)):
+                c = pyro.sample("c", dist.Bernoulli(0.2))
+                pyro.sample("z", dist.Normal(mu * (1 - c), 1.0 + 2 * c), obs=obs)
+
+        obs = torch.randn(6)
+        guide = LaplaceGuide(poutine.block(model, hide=["c"]))
+        guide(obs)
+        SummingOutELBO(guide.view.hidden, max_plate_nesting=1).loss(model, guide, obs)
+
     :param HiddenSites hidden: the guide's hidden sites (``guide.view.hidden``).
     :param kwargs: as for :class:`~pyro.infer.TraceEnum_ELBO`.
     """
@@ -168,7 +199,26 @@ class SummingOutELBO(TraceEnum_ELBO):
 def particle_log_joint(model_trace, particle_plate: str | None) -> torch.Tensor:
     """``log p`` of each vectorized particle of an enumerated model trace
     (from ``TraceEnum_ELBO``, log probabilities packed), the enumerated
-    sites summed out: shape ``(K,)`` (``(1,)`` without a particle plate)."""
+    sites summed out: shape ``(K,)`` (``(1,)`` without a particle plate).
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from pyro.infer import TraceEnum_ELBO, config_enumerate
+
+        @config_enumerate
+        def model():
+            with pyro.plate("data", 3):
+                c = pyro.sample("c", dist.Bernoulli(0.5))
+                pyro.sample("z", dist.Normal(c, 1.0), obs=torch.zeros(3))
+
+        def guide():
+            pass
+
+        elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        model_trace, _ = next(elbo._get_traces(model, guide, (), {}))
+        particle_log_joint(model_trace, None)   # log Σ_c p(c, z), shape (1,)
+    """
     tree = OrderedDict()
     for site in model_trace.nodes.values():
         if site["type"] != "sample" or site_is_subsample(site):
@@ -193,6 +243,19 @@ def enumerated_terms(trace, unit_plate: str | None) -> dict:
     ``unit_dim``) for the unit plate's sites and the other sites' terms as
     they are. Otherwise the whole density is one scalar term (the view is
     then not separable by unit).
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        import pyro.poutine as poutine
+
+        def model():
+            with pyro.plate("groups", 3):
+                c = pyro.sample("c", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
+                pyro.sample("z", dist.Normal(c, 1.0), obs=torch.zeros(3))
+
+        trace = poutine.trace(poutine.enum(model, first_available_dim=-2)).get_trace()
+        terms = enumerated_terms(trace, "groups")   # one per-unit term, shape (3,)
     """
     trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
     trace.pack_tensors()
@@ -230,7 +293,16 @@ def enumerated_terms(trace, unit_plate: str | None) -> dict:
 def check_deterministic(log_joint: Callable[[], torch.Tensor], model_name: str = "the model") -> None:
     """Raise a ``ValueError`` when ``log_joint()`` changes from one call to the
     next under other random numbers: a latent site the view cannot see (a
-    ``poutine.block`` inside the model's body) is being drawn at random."""
+    ``poutine.block`` inside the model's body) is being drawn at random.
+
+    Usage::
+
+        check_deterministic(lambda: torch.tensor(1.0))         # passes
+        try:
+            check_deterministic(lambda: torch.randn(()))        # a hidden random draw
+        except ValueError as error:
+            print(error)
+    """
     with torch.random.fork_rng():  # every device the model may draw on
         torch.manual_seed(12345)
         first = log_joint()

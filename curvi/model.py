@@ -231,7 +231,19 @@ class ModelView:
 
     def unit_scale(self, num_present: int) -> float:
         """``N / n``: how much a batch of ``n`` units' terms are scaled up to
-        stand for all ``N`` (1 without units)."""
+        stand for all ``N`` (1 without units).
+
+        Usage::
+
+            import pyro, pyro.distributions as dist
+
+            def model():
+                mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+                with pyro.plate("groups", 8):
+                    pyro.sample("u", dist.Normal(mu, 1.0))
+
+            ModelView(model, unit_plate="groups").unit_scale(2)   # 4.0
+        """
         return self.num_units / num_present if num_present else 1.0
 
     def global_coordinate_names(self) -> list[str]:
@@ -431,7 +443,24 @@ class ModelView:
 
     def with_conditions(self, values: dict[str, torch.Tensor]) -> ModelView:
         """The same view with new values of the conditioned hidden sites
-        (:attr:`hidden`), e.g. the ones another guide has just drawn."""
+        (:attr:`hidden`), e.g. the ones another guide has just drawn.
+
+        Usage::
+
+            import pyro, pyro.distributions as dist
+            import pyro.poutine as poutine
+
+            def model():
+                sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+                mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+                with pyro.plate("groups", 3):
+                    pyro.sample("u", dist.Normal(mu, sigma))
+
+            view = ModelView(poutine.block(model, hide=["sigma"]), unit_plate="groups")
+            view.hidden.conditioned                                  # ('sigma',)
+            wider = view.with_conditions({"sigma": torch.tensor(2.0)})
+            wider.log_joint(view.init_theta, view.init_y)            # log p at sigma = 2
+        """
         unknown = set(values) - set(self.hidden.conditioned)
         if unknown:
             raise ValueError(

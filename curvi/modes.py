@@ -46,6 +46,14 @@ def mode_cholesky(precision: torch.Tensor, units: torch.Tensor | None = None) ->
     ``(n, k, k)`` (differentiable): what Laplace's method and adaptive
     quadrature scale the units' integrals by.
 
+    Usage::
+
+        mode_cholesky(torch.eye(2).expand(3, 2, 2))          # three identity factors
+        try:
+            mode_cholesky(-torch.eye(1).expand(2, 1, 1))
+        except NoLaplaceApproximation as error:
+            print(error)                                     # names units [0, 1]
+
     :raises NoLaplaceApproximation: naming the units (their indices in the
         plate when ``units`` is given) whose block is not positive definite.
     """

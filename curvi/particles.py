@@ -67,10 +67,25 @@ def particle_values(
     elbo: Trace_ELBO, model: Callable, guide: Callable, args: tuple, kwargs: dict
 ) -> tuple[torch.Tensor, Trace]:
     """Per-particle ELBOs from one vectorized trace of ``elbo`` (a Trace_ELBO;
-    reuse it so that max_plate_nesting is guessed once), and the guide trace."""
+    reuse it so that max_plate_nesting is guessed once), and the guide trace.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from pyro.infer.autoguide import AutoNormal
+
+        def model():
+            mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=torch.tensor(0.5))
+
+        guide = AutoNormal(model)
+        elbo = Trace_ELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=0)
+        values, guide_trace = particle_values(elbo, model, guide, (), {})   # values: (5,)
+    """
+    # a Laplace guide's default_loss sets it up (so that collapsed_nodes is known on the first call)
+    preferred = guide.default_loss(*args, **kwargs) if hasattr(guide, "default_loss") else None
     if getattr(guide, "collapsed_nodes", None) is not None:
         return _collapsed_values(elbo, guide, args, kwargs)
-    preferred = guide.default_loss(*args, **kwargs) if hasattr(guide, "default_loss") else None
     total, traces = 0.0, ()
     if isinstance(preferred, SummingOutELBO):
         # sites the guide sums out: the model's log p with them summed out, per particle
@@ -144,6 +159,23 @@ class CollapsedELBO(Trace_ELBO):
     a loss for ``SVI`` (what :func:`curvi.fit` uses with such a guide when
     the optimiser brings no loss of its own). ``K`` vectorized draws of θ.
 
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from curvi import AmortizedLaplaceGuide
+
+        def model(obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+            with pyro.plate("groups", obs.shape[0], dim=-2):
+                u = pyro.sample("u", dist.Normal(mu, 1.0))
+                with pyro.plate("obs", obs.shape[1], dim=-1):
+                    pyro.sample("z", dist.Bernoulli(logits=u), obs=obs)
+
+        obs = torch.bernoulli(torch.full((10, 3), 0.3))
+        guide = AmortizedLaplaceGuide(model, unit_plate="groups", quadrature=5)
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), CollapsedELBO(num_particles=4))
+        svi.step(obs)                        # −(collapsed ELBO estimate)
+
     :param int num_particles: draws of θ per estimate.
     """
 
@@ -152,6 +184,8 @@ class CollapsedELBO(Trace_ELBO):
         super().__init__(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
+        if hasattr(guide, "default_loss"):
+            guide.default_loss(*args, **kwargs)  # sets a fresh guide up
         if getattr(guide, "collapsed_nodes", None) is None:
             raise ValueError(
                 "CollapsedELBO needs an AmortizedLaplaceGuide made with quadrature= (its "

@@ -31,6 +31,22 @@ def find_unit_split(view, theta: torch.Tensor, y: torch.Tensor, *, units=None, s
     the flattened term's size, ``-1`` for elements of no unit; ``None`` for
     a term that does not involve the units' latents.
 
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from curvi import ModelView
+
+        def model(group, obs):              # long format: observations index u[group]
+            mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+            with pyro.plate("groups", 3):
+                u = pyro.sample("u", dist.Normal(mu, 1.0))
+            with pyro.plate("obs", len(group)):
+                pyro.sample("z", dist.Normal(u[..., group], 1.0), obs=obs)
+
+        group = torch.tensor([0, 2, 2, 1])
+        view = ModelView(model, group, torch.zeros(4), unit_plate="groups")
+        find_unit_split(view, view.init_theta, view.init_y)["z"]   # tensor([0, 2, 2, 1])
+
     :raises ValueError: when an element depends on several units, or the
         unassigned rest still depends on the units' latents.
     """

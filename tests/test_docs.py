@@ -32,6 +32,11 @@ MODULES = [
     "curvi.laplace_newton",
     "curvi.checks",
     "curvi.tensor_ops",
+    "curvi.hidden_sites",
+    "curvi.unit_split",
+    "curvi.quadrature",
+    "curvi.particles",
+    "curvi.psis",
 ]
 
 

@@ -394,3 +394,25 @@ def test_a_check_that_cannot_be_made_is_said_and_the_fit_kept(monkeypatch):
     with pytest.warns(UserWarning, match="could not be checked"):
         result = curvi.fit(binary_model, guide, obs, progress=False)
     assert result.converged and "could not be checked" in result.message
+
+
+def test_a_fresh_guide_is_trained_on_the_collapsed_elbo_from_the_first_step():
+    """LaplaceNewton's particle values and CollapsedELBO set a fresh guide up
+    before asking whether it is collapsed (the first step was the joint ELBO)."""
+    obs = binary_data()
+    fresh = AmortizedLaplaceGuide(binary_model, unit_plate="groups", quadrature=3)
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=3)
+    values, trace = particle_values(elbo, binary_model, fresh, (obs,), {})
+    (site,) = [s for s in trace.nodes.values() if s["type"] == "sample" and "laplace_gaussian" in s["infer"]]
+    q = site["infer"]["laplace_gaussian"]
+    for theta, value in zip(site["value"].reshape(2, 2), values):
+        marginal = quadrature_log_marginal(fresh.view, theta.detach(), fresh.view.init_y, num_nodes=3).value
+        torch.testing.assert_close(value, marginal - q.marginal_global().log_prob(theta))
+    pyro.clear_param_store()
+    loss = CollapsedELBO(num_particles=2).loss(
+        binary_model, AmortizedLaplaceGuide(binary_model, unit_plate="groups", quadrature=3), obs
+    )
+    assert math.isfinite(loss)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="quadrature="):
+        CollapsedELBO().loss(binary_model, AmortizedLaplaceGuide(binary_model, unit_plate="groups"), obs)
