@@ -245,6 +245,8 @@ def unit_disagreement(
         unit_disagreement(view, torch.zeros(1), view.init_y, 1)   # Laplace: both units flagged
         unit_disagreement(view, torch.zeros(1), view.init_y, 7)   # 7 nodes: none
     """
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
     with torch.no_grad():
         values = [
             quadrature_log_marginal(
@@ -307,6 +309,11 @@ def laplace_bias(
     :param precision: S, the precision of θ's posterior ``(p, p)`` (e.g. a
         guide's q(θ)).
     """
+    p = view.global_dim
+    if tuple(precision.shape) != (p, p):
+        raise ValueError(
+            f"precision must be the ({p}, {p}) precision of θ, got shape {tuple(precision.shape)}"
+        )
     gradients, values = [], []
     for nodes in (1, num_nodes):
         t = theta.detach().clone().requires_grad_(True)

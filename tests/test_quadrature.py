@@ -17,7 +17,13 @@ import curvi
 from curvi import AmortizedLaplaceGuide, LaplaceMarginal, ModelView, laplace_mle
 from curvi.marginal import laplace_hessian, laplace_log_marginal
 from curvi.particles import CollapsedELBO, particle_values
-from curvi.quadrature import AUTO_NODES, gauss_hermite_rule, laplace_bias, quadrature_log_marginal
+from curvi.quadrature import (
+    AUTO_NODES,
+    gauss_hermite_rule,
+    laplace_bias,
+    quadrature_log_marginal,
+    unit_disagreement,
+)
 
 
 def test_the_rules_integrate_polynomials_exactly():
@@ -416,3 +422,14 @@ def test_a_fresh_guide_is_trained_on_the_collapsed_elbo_from_the_first_step():
     pyro.clear_param_store()
     with pytest.raises(ValueError, match="quadrature="):
         CollapsedELBO().loss(binary_model, AmortizedLaplaceGuide(binary_model, unit_plate="groups"), obs)
+
+
+def test_bad_arguments_of_the_unit_checks():
+    obs = binary_data()
+    view = ModelView(binary_model, obs, unit_plate="groups")
+    with pytest.raises(ValueError, match="tol must be positive"):
+        unit_disagreement(view, view.init_theta, view.init_y, 3, tol=0.0)
+    with pytest.raises(ValueError, match=r"precision must be the \(2, 2\)"):
+        laplace_bias(view, view.init_theta, view.init_y, torch.eye(3))
+    with pytest.raises(ValueError, match="num_nodes"):
+        laplace_bias(view, view.init_theta, view.init_y, torch.eye(2), num_nodes=0)
