@@ -53,10 +53,11 @@ from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import constraints
 
 from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
+from .checks import check_count
 from .hessian import structured_hessian
 from .hidden_sites import SummingOutELBO
 from .laplace_newton import LaplaceNewton
-from .marginal import _check_quadrature, laplace_hessian, laplace_mode
+from .marginal import _check_quadrature, _laplace_draws, laplace_hessian, laplace_mode
 from .model import ModelView
 from .modes import NoLaplaceApproximation, implicit_modes, solve_modes, warn_unconverged
 from .particles import CollapsedELBO
@@ -320,9 +321,13 @@ class LaplaceGuideBase(AutoGuide):
                 ),
                 infer={"is_auxiliary": True},
             )
-        y = y.reshape(-1, n, k)
+        y = self._unit_draws(view, theta.reshape(-1, view.global_dim), loc_y, q, y.reshape(-1, n, k))
         values = view.unpack_unconstrained(theta.reshape(-1, view.global_dim), y)
         return self._sample_sites(view, values, batch, plates)
+
+    def _unit_draws(self, view, thetas, loc_y, q, y):
+        """The units' values for the model sites: the Gaussian draws."""
+        return y
 
     def _values_drawn_by_other_guides(self, view):
         """The values of the conditioned hidden sites, as the parts of the
@@ -751,6 +756,15 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         Kᵏ model evaluations per draw of θ; not with a subsampled plate.
         With ``global_precision="marginal"`` q(θ)'s precision is then the
         curvature of the quadrature log marginal.
+    :param int resample_units: with ``quadrature=``, each draw of the units
+        (``Predictive``, :meth:`forward`) is importance-resampled from this
+        many proposals from the Laplace conditional by the weights
+        ``p(yᵢ | θ, z) / q(yᵢ | θ)`` (unit i's own terms of the log density),
+        one choice per unit: the units' draws then follow their skewed
+        conditional rather than its Gaussian approximation (binary data, few
+        observations per unit). Costs this many evaluations of the model per
+        draw. Needs ``quadrature=``: the collapsed ELBO does not use the
+        units' draws, while the joint ELBO needs their Gaussian density.
     :param create_plates, check_structure, running_weight, init_to_mode: as in
         :class:`LaplaceGuide`.
     """
@@ -765,6 +779,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         max_iter: int = 50,
         global_precision: str = "joint",
         quadrature: int | str | None = None,
+        resample_units: int | None = None,
         **kwargs,
     ):
         if mode_fn is not None and not callable(mode_fn):
@@ -772,6 +787,14 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         if global_precision not in ("joint", "marginal"):
             raise ValueError(f"global_precision must be 'joint' or 'marginal', got {global_precision!r}")
         _check_quadrature(quadrature)
+        if resample_units is not None:
+            check_count("resample_units", resample_units, 1)
+            if quadrature is None:
+                raise ValueError(
+                    "resample_units needs quadrature=: the joint ELBO uses the Gaussian density "
+                    "of the units' draws, which resampled draws do not have"
+                )
+        self.resample_units = resample_units
         self.mode_fn, self.xtol, self.max_iter = mode_fn, xtol, max_iter
         self.global_precision = global_precision
         self.quadrature = quadrature
@@ -947,6 +970,17 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         if self.global_precision == "marginal":
             self._refresh_marginal(view, theta_hat.detach(), y_hat.detach(), P.schur.detach())
         return P
+
+    def _unit_draws(self, view, thetas, loc_y, q, y):
+        """With ``resample_units=M``: per draw of θ, one of M proposals from
+        the Laplace conditional per unit, picked by its importance weight."""
+        if self.resample_units is None:
+            return y
+        L = q.precision.cholesky.L_D
+        with torch.no_grad():
+            return torch.stack(
+                [_laplace_draws(view, t, m, L, self.resample_units, None) for t, m in zip(thetas, loc_y)]
+            )
 
     def _gaussian(self, view, theta_hat, y_hat, units, subsampled):
         if view.num_units != self.view.num_units:
