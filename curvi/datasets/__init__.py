@@ -4,6 +4,7 @@ sources and licences). Loaders return tensors in the default dtype."""
 from __future__ import annotations
 
 import csv
+import gzip
 from importlib import resources
 from typing import NamedTuple
 
@@ -128,3 +129,251 @@ def load_pima(dtype=None) -> Pima:
     y = torch.tensor([float(r["type"]) for r in rows], dtype=dtype)
     X = (raw - raw.mean(0)) / raw.std(0)
     return Pima(X, raw, y)
+
+
+# --- Several grouping factors (crossed and nested) --------------------------
+#
+# Reference maximum-likelihood fits made by benchmarks/reference/
+# grouping_factors.R with R 4.2.2, glmmTMB 1.1.5, TMB 1.9.2 and lme4 1.1.31
+# (Debian 12 packages). glmmTMB was run with ``control = glmmTMBControl(
+# optCtrl = list(iter.max = 1e4, eval.max = 1e4, rel.tol = 1e-14))``; nlminb
+# stops short of that tolerance ("singular convergence (7)"), so the numbers
+# below are glmmTMB's optimum polished by Newton steps on glmmTMB's own
+# objective (``fit$obj``) to a gradient below 1e-12 (they moved by at most
+# 4e-6 from nlminb's point, the logLik by at most 1e-7). ``sds`` are the
+# random-effect standard deviations keyed by the loader's field names;
+# ``log_likelihood`` is the full ML log likelihood with all constants, as
+# glmmTMB reports it (exact for the Gaussian models, Laplace for Poisson).
+
+
+def _read_rows(name: str) -> list[dict[str, str]]:
+    res = resources.files(__package__).joinpath(name)
+    if name.endswith(".gz"):
+        with res.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
+            return list(csv.DictReader(f))
+    with res.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _codes(labels: list[str]) -> torch.Tensor:
+    """0-based codes of factor labels in R's level order (integer labels
+    sorted as numbers, other labels as strings, as R's factor() sorts them)."""
+    numeric = all(label.isdigit() for label in labels)
+    levels = sorted(set(labels), key=int if numeric else None)
+    index = {label: i for i, label in enumerate(levels)}
+    return torch.tensor([index[label] for label in labels])
+
+
+#: ``glmmTMB(diameter ~ 1 + (1 | plate) + (1 | sample), data = Penicillin,
+#: family = gaussian, REML = FALSE, control = <as above>)`` (R 4.2.2,
+#: glmmTMB 1.1.5, TMB 1.9.2; polished). lme4 1.1.31's ``lmer(..., REML =
+#: FALSE)`` agrees: logLik −166.094174334 (difference 7e-12), sds within
+#: 1.2e-6. The intercept is the mean diameter (balanced design).
+PENICILLIN_GLMMTMB = {
+    "fixed_effects": (22.97222222,),
+    "sds": {"plate": 0.8455721898, "sample": 1.770646279},
+    "residual_sd": 0.5499321964,
+    "log_likelihood": -166.094174334,
+}
+
+
+class Penicillin(NamedTuple):
+    """The Penicillin data: ``plate`` (0-based, 24 plates ``a``..``x``) and
+    ``sample`` (0-based, 6 penicillin samples ``A``..``F``) are crossed, one
+    ``diameter`` (mm) per plate and sample; ``design`` is the intercept
+    column of ``~ 1``."""
+
+    plate: torch.Tensor
+    sample: torch.Tensor
+    diameter: torch.Tensor
+    design: torch.Tensor
+
+    @property
+    def num_plates(self) -> int:
+        return int(self.plate.max()) + 1
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sample.max()) + 1
+
+
+def load_penicillin(dtype=None) -> Penicillin:
+    """Load lme4's Penicillin data (144 rows; crossed random effects).
+
+    Usage::
+
+        data = load_penicillin()
+        data.design.shape, data.num_plates, data.num_samples  # (144, 1), 24, 6
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    rows = _read_rows("penicillin.csv")
+    plate = _codes([r["plate"] for r in rows])
+    sample = _codes([r["sample"] for r in rows])
+    diameter = torch.tensor([float(r["diameter"]) for r in rows], dtype=dtype)
+    return Penicillin(plate, sample, diameter, torch.ones(len(rows), 1, dtype=dtype))
+
+
+#: ``glmmTMB(strength ~ 1 + (1 | batch / cask), data = Pastes, family =
+#: gaussian, REML = FALSE, control = <as above>)`` (R 4.2.2, glmmTMB 1.1.5,
+#: TMB 1.9.2; polished); ``(1 | batch / cask)`` is ``(1 | batch) +
+#: (1 | batch:cask)``, and ``sample`` is the factor batch:cask. lme4 1.1.31's
+#: ``lmer(..., REML = FALSE)``: logLik lower by 2.4e-10, sds within 1.1e-5
+#: (the likelihood is flat there). The intercept is the mean strength.
+PASTES_GLMMTMB = {
+    "fixed_effects": (60.05333333,),
+    "sds": {"batch": 1.095059613, "sample": 2.904077593},
+    "residual_sd": 0.823407554,
+    "log_likelihood": -123.997232931,
+}
+
+
+class Pastes(NamedTuple):
+    """The Pastes data: ``batch`` (0-based, 10 batches ``A``..``J``),
+    ``cask`` (0-based, 3 casks ``a``..``c`` per batch: a label, not a factor
+    of its own), ``sample`` (0-based, the 30 casks batch:cask, nested in
+    batch: sample // 3 == batch), two ``strength`` assays per sample;
+    ``design`` is the intercept column of ``~ 1``."""
+
+    batch: torch.Tensor
+    cask: torch.Tensor
+    sample: torch.Tensor
+    strength: torch.Tensor
+    design: torch.Tensor
+
+    @property
+    def num_batches(self) -> int:
+        return int(self.batch.max()) + 1
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sample.max()) + 1
+
+
+def load_pastes(dtype=None) -> Pastes:
+    """Load lme4's Pastes data (60 rows; nested random effects).
+
+    Usage::
+
+        data = load_pastes()
+        data.num_batches, data.num_samples  # 10, 30
+        bool((data.sample // 3 == data.batch).all())  # True: nested
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    rows = _read_rows("pastes.csv")
+    batch = _codes([r["batch"] for r in rows])
+    cask = _codes([r["cask"] for r in rows])
+    sample = _codes([r["sample"] for r in rows])
+    strength = torch.tensor([float(r["strength"]) for r in rows], dtype=dtype)
+    return Pastes(batch, cask, sample, strength, torch.ones(len(rows), 1, dtype=dtype))
+
+
+#: ``glmmTMB(TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 |
+#: LOCATION), data = grouseticks, family = poisson, control = <as above>)``
+#: with ``cHEIGHT = HEIGHT - mean(HEIGHT)`` (R 4.2.2, glmmTMB 1.1.5, TMB
+#: 1.9.2; Laplace, polished). Fixed effects (Intercept), YEAR96, YEAR97,
+#: cHEIGHT; logLik includes −Σ log(TICKS!). lme4 1.1.31's ``glmer(...,
+#: nAGQ = 1)`` (bobyqa) stops 2.3e-5 nats lower (logLik −890.271353492),
+#: with fixed effects within 1.6e-5 and sds within 6.5e-6.
+GROUSETICKS_GLMMTMB = {
+    "fixed_effects": (0.3727816944, 1.180410174, -0.9786955127, -0.02376057496),
+    "sds": {"brood": 0.750033685, "index": 0.5415088448, "location": 0.5287199639},
+    "log_likelihood": -890.271330087,
+}
+
+
+class Grouseticks(NamedTuple):
+    """The grouseticks data: ``ticks`` counted on the heads of red grouse
+    chicks; ``index`` (0-based, one level per chick and row, 403),
+    ``brood`` (0-based, 118 broods), ``location`` (0-based, 63 locations),
+    ``year`` (0-based: 1995, 1996, 1997), ``height`` (altitude, m);
+    ``design`` is ``~ YEAR + cHEIGHT`` in R's treatment coding (intercept,
+    YEAR96, YEAR97, cHEIGHT = height - mean(height))."""
+
+    index: torch.Tensor
+    brood: torch.Tensor
+    location: torch.Tensor
+    year: torch.Tensor
+    height: torch.Tensor
+    ticks: torch.Tensor
+    design: torch.Tensor
+
+    @property
+    def num_broods(self) -> int:
+        return int(self.brood.max()) + 1
+
+    @property
+    def num_locations(self) -> int:
+        return int(self.location.max()) + 1
+
+
+def load_grouseticks(dtype=None) -> Grouseticks:
+    """Load lme4's grouseticks data (403 rows; three grouping factors, one of
+    them per observation).
+
+    Usage::
+
+        data = load_grouseticks()
+        data.design.shape, data.num_broods, data.num_locations  # (403, 4), 118, 63
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    rows = _read_rows("grouseticks.csv")
+    index = _codes([r["INDEX"] for r in rows])
+    brood = _codes([r["BROOD"] for r in rows])
+    location = _codes([r["LOCATION"] for r in rows])
+    year = _codes([r["YEAR"] for r in rows])
+    height64 = torch.tensor([float(r["HEIGHT"]) for r in rows], dtype=torch.float64)
+    ticks = torch.tensor([float(r["TICKS"]) for r in rows], dtype=dtype)
+    design = torch.nn.functional.one_hot(year, 3).to(dtype)
+    design[:, 0] = 1.0  # intercept; columns 1-2 are YEAR96, YEAR97
+    design = torch.cat([design, (height64 - height64.mean()).to(dtype).unsqueeze(-1)], -1)
+    return Grouseticks(index, brood, location, year, height64.to(dtype), ticks, design)
+
+
+#: ``glmmTMB(y ~ 1 + (1 | s) + (1 | d), data = InstEval, family = gaussian,
+#: REML = FALSE, control = <as above>)`` (R 4.2.2, glmmTMB 1.1.5, TMB 1.9.2;
+#: polished; glmmTMB takes 26 s, lmer 9 s). lme4 1.1.31's ``lmer(...,
+#: REML = FALSE)`` agrees: logLik −118888.862990022 (difference 5e-9), sds
+#: within 7.4e-7.
+INSTEVAL_GLMMTMB = {
+    "fixed_effects": (3.254151427,),
+    "sds": {"s": 0.3258860143, "d": 0.5229633979},
+    "residual_sd": 1.17778648,
+    "log_likelihood": -118888.862990017,
+}
+
+
+class InstEval(NamedTuple):
+    """The InstEval lecture evaluations: ``s`` (0-based, 2 972 students) and
+    ``d`` (0-based, 1 128 lecturers) are crossed and unbalanced, ``y`` the
+    rating 1..5; ``design`` is the intercept column of ``~ 1``. Codes follow
+    R's level order (the labels sorted as numbers)."""
+
+    s: torch.Tensor
+    d: torch.Tensor
+    y: torch.Tensor
+    design: torch.Tensor
+
+    @property
+    def num_students(self) -> int:
+        return int(self.s.max()) + 1
+
+    @property
+    def num_lecturers(self) -> int:
+        return int(self.d.max()) + 1
+
+
+def load_insteval(dtype=None) -> InstEval:
+    """Load lme4's InstEval data, columns s, d, y only (73 421 rows; a
+    scaling benchmark for crossed random effects).
+
+    Usage::
+
+        data = load_insteval()
+        data.y.shape, data.num_students, data.num_lecturers  # (73421,), 2972, 1128
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    rows = _read_rows("insteval.csv.gz")
+    s = _codes([r["s"] for r in rows])
+    d = _codes([r["d"] for r in rows])
+    y = torch.tensor([float(r["y"]) for r in rows], dtype=dtype)
+    return InstEval(s, d, y, torch.ones(len(rows), 1, dtype=dtype))
