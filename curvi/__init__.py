@@ -3,6 +3,7 @@
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, PrecisionCholeskyNormal, RepairReport
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
 from .eigen import EigenResult, coordinate_names, eigen
+from .factors import FactorView
 from .fit import FitOutcome, FitResult, elbo_converged, fit
 from .flows import FlowHessian, log_density_hessian
 from .guides import AmortizedLaplaceGuide, LaplaceGuide
@@ -46,6 +47,7 @@ __all__ = [
     "Clip",
     "CollapsedELBO",
     "EigenResult",
+    "FactorView",
     "FitOutcome",
     "FitResult",
     "FixedNoise",

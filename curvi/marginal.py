@@ -25,6 +25,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
 
 from .checks import check_count
+from .factors import FactorView
 from .hessian import local_hessian
 from .model import ModelView
 from .modes import (
@@ -36,6 +37,7 @@ from .modes import (
     warn_unconverged,
 )
 from .quadrature import quadrature_log_marginal
+from .sparse_laplace import sparse_log_marginal
 from .tensor_ops import symmetrize
 
 __all__ = [
@@ -99,6 +101,15 @@ def laplace_log_marginal(
         block is not negative definite at its mode (the Laplace
         approximation does not exist there).
     """
+    if isinstance(view, FactorView):
+        if quadrature is not None or units is not None:
+            raise ValueError(
+                "several grouping factors are integrated by Laplace over all units at once: "
+                "quadrature= and units= are for one unit plate"
+            )
+        return sparse_log_marginal(
+            view, theta, y_start, xtol=xtol, max_iter=max_iter, create_graph=create_graph
+        )
     if quadrature is not None:
         found = quadrature_log_marginal(
             view,

@@ -22,6 +22,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
 from torch.distributions import biject_to
 
+from .factors import FactorView, unit_plates
 from .marginal import _check_quadrature, central_hessian, laplace_log_marginal, maximise_laplace
 from .model import ModelView
 from .modes import warn_unconverged
@@ -132,7 +133,7 @@ class LaplaceFit:
 def laplace_mle(
     model: Callable,
     *args,
-    unit_plate: str,
+    unit_plate: str | tuple[str, ...],
     gtol: float | None = None,
     max_eval: int = 500,
     init_loc_fn: Callable[[Message], torch.Tensor] = init_to_median,
@@ -171,7 +172,10 @@ def laplace_mle(
 
     :param callable model: a Pyro model with ``pyro.param`` sites and one unit
         plate holding its latent sites (no global latent sites).
-    :param str unit_plate: the name of the plate of the unit latents.
+    :param unit_plate: the name of the plate of the unit latents; for
+        several grouping factors (crossed or nested random effects), a tuple
+        of plate names (:class:`~curvi.factors.FactorView`): their units are
+        integrated out jointly through a sparse Hessian.
     :param float gtol: gradient tolerance (max-norm) for convergence; default
         ``1e-6 · max(1, |log L|)`` in float64.
     :param int max_eval: cap on evaluations of the log likelihood.
@@ -186,14 +190,17 @@ def laplace_mle(
     :raises ValueError: when the model has global latent sites or no
         ``pyro.param`` sites.
     """
-    view = ModelView(
-        model,
-        *args,
-        unit_plate=unit_plate,
-        init_loc_fn=init_loc_fn,
-        check_structure=check_structure,
-        **kwargs,
-    )
+    if unit_plates(unit_plate) is not None:
+        view = FactorView(model, *args, unit_plate=unit_plate, init_loc_fn=init_loc_fn, **kwargs)
+    else:
+        view = ModelView(
+            model,
+            *args,
+            unit_plate=unit_plate[0] if isinstance(unit_plate, (tuple, list)) else unit_plate,
+            init_loc_fn=init_loc_fn,
+            check_structure=check_structure,
+            **kwargs,
+        )
     if view.global_dim:
         raise ValueError(
             f"laplace_mle integrates out only the unit latents; the model's global latent "
@@ -207,6 +214,11 @@ def laplace_mle(
     names = list(view.param_sites)
     params = [leaves[name] for name in names]
     _check_quadrature(quadrature)
+    if isinstance(view, FactorView) and quadrature not in (None, 1):
+        raise ValueError(
+            "quadrature= integrates one unit plate's units one by one; with several grouping "
+            "factors the units are integrated jointly, by Laplace"
+        )
     theta = view.init_theta
     nodes = 1 if quadrature in (None, "auto") else quadrature
     error = math.nan

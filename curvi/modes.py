@@ -222,7 +222,18 @@ def implicit_modes(
 
 
 def warn_unconverged(result: ModeResult, *, units: torch.Tensor | None = None, stacklevel: int = 2) -> None:
-    """Warn, naming them, about the units whose Newton solve did not converge."""
+    """Warn, naming them, about the units whose Newton solve did not converge
+    (for several grouping factors' joint solve, that it did not)."""
+    if getattr(result, "pattern", None) is not None:  # a JointModes of several grouping factors
+        if not bool(result.converged.all()):
+            warnings.warn(
+                f"the joint mode of the units' latents was not reached in {result.num_iterations} "
+                f"Newton iterations (last step {float(result.step.abs().max()):.3g}); the Laplace "
+                "approximation is taken at the last iterate",
+                ModeConvergenceWarning,
+                stacklevel=stacklevel + 1,
+            )
+        return
     bad = (~result.converged).nonzero().flatten()
     if bad.numel() == 0:
         return

@@ -37,6 +37,10 @@ MODULES = [
     "curvi.quadrature",
     "curvi.particles",
     "curvi.psis",
+    "curvi.factors",
+    "curvi.sparse_cholesky",
+    "curvi.sparse_hessian",
+    "curvi.sparse_laplace",
 ]
 
 

@@ -1,0 +1,346 @@
+"""The sparse Hessian in the units' latents of a model with several grouping
+factors, by compressed Hessian-vector products.
+
+Pattern. Units of one factor never share a term (that would couple them
+outside any structure curvi knows; it is refused); units of two factors do
+when an observation involves both (a subject and an item, a class and its
+school). Which ones is read off the derivatives, per element of every term
+of the log density: for factor f, random positive weights ``w`` on a unit's
+coordinates and the unit codes ``1, 2, ...``, two Jacobian-vector products
+give ``b_e = Σ w ∂t_e/∂x_f`` and ``a_e = Σ (i + 1) w ∂t_e/∂x_f``; an element
+that depends on one unit i of f has ``a_e / b_e = i + 1`` exactly. Two
+points are combined, and the finished Hessian is checked against a
+Hessian-vector product along a random direction.
+
+Products. The units are coloured so that no two of a colour are within
+distance two in the unit graph (share a term, or share a neighbour); the
+product with the sum of the unit vectors of one colour (coordinate r of
+each) then holds, in each row, one entry of one column. Its count is the
+number of colours times the coordinates per unit: bounded by the design's
+degree (how many units of other factors one unit meets), not by the number
+of units.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .factors import FactorView
+from .sparse_cholesky import SparsePattern
+from .tensor_ops import grad as _grad
+
+__all__ = ["HessianPattern", "hessian_pattern", "sparse_hessian"]
+
+
+class HessianPattern(NamedTuple):
+    """The pattern of the latents' Hessian and how to compute it.
+
+    :ivar lower: the lower triangle as a :class:`~curvi.sparse_cholesky.SparsePattern`.
+    :ivar products: ``(m, n)`` 0/1 directions of the m Hessian-vector products.
+    :ivar column_product: for each stored entry (r, c), the product whose
+        row r holds ``H[r, c]``; ``row_product`` the one whose row c holds
+        ``H[c, r]`` (the two are averaged).
+    :ivar edges: the unit graph's edges ``(E, 2)`` (unit ids, factor by factor).
+    :ivar nested: whether the unit graph is a forest (nested factors: each
+        unit meets one unit of a coarser factor); CHOLMOD then eliminates it
+        leaves first, without fill.
+    """
+
+    lower: SparsePattern
+    products: torch.Tensor
+    column_product: torch.Tensor
+    row_product: torch.Tensor
+    edges: np.ndarray
+    nested: bool
+
+    @property
+    def num_products(self) -> int:
+        return self.products.shape[0]
+
+
+def sparse_hessian(
+    view: FactorView,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    pattern: HessianPattern,
+    *,
+    create_graph: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Value, gradient in ``x`` and the lower triangle of ``∂²log p/∂x²``
+    (values on ``pattern.lower``) at ``(theta, x)``: one gradient and
+    ``pattern.num_products`` Hessian-vector products.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from curvi import FactorView
+
+        def model(subject, item, obs):
+            with pyro.plate("subjects", 4):
+                a = pyro.sample("a", dist.Normal(0.0, 1.0))
+            with pyro.plate("items", 3):
+                b = pyro.sample("b", dist.Normal(0.0, 1.0))
+            with pyro.plate("obs", len(obs)):
+                pyro.sample("z", dist.Poisson((a[subject] + b[item]).exp()), obs=obs)
+
+        subject, item = torch.arange(12) % 4, torch.arange(12) // 4
+        view = FactorView(model, subject, item, torch.ones(12), unit_plate=("subjects", "items"))
+        pattern = hessian_pattern(view, view.init_theta, view.init_y)
+        log_prob, g, values = sparse_hessian(view, view.init_theta, view.init_y, pattern)
+        pattern.lower.to_dense(values).shape   # (7, 7)
+
+    :param bool create_graph: keep the results differentiable with respect
+        to the history of ``theta`` and ``x``.
+    """
+    with torch.enable_grad():
+        th = theta if create_graph and theta.requires_grad else theta.detach()
+        xx = x if create_graph and x.requires_grad else x.detach().requires_grad_(True)
+        log_prob = view.log_joint(th, xx)
+        (g,) = _grad(log_prob, (xx,), create_graph=True)
+        products = pattern.products.to(dtype=x.dtype, device=x.device)
+        m = products.shape[0]
+        if g.requires_grad:
+            rows = [
+                _grad(
+                    g,
+                    (xx,),
+                    grad_outputs=v,
+                    create_graph=create_graph,
+                    retain_graph=create_graph or j < m - 1,
+                )[0]
+                for j, v in enumerate(products)
+            ]
+            hv = torch.stack(rows)
+        else:  # log density linear in x
+            hv = products.new_zeros(products.shape)
+    r = torch.as_tensor(pattern.lower.rows, device=x.device)
+    c = torch.as_tensor(pattern.lower.cols, device=x.device)
+    values = 0.5 * (hv[pattern.column_product.to(x.device), r] + hv[pattern.row_product.to(x.device), c])
+    if create_graph:
+        return log_prob, g, values
+    return log_prob.detach(), g.detach(), values.detach()
+
+
+def hessian_pattern(
+    view: FactorView, theta: torch.Tensor, x: torch.Tensor, *, seed: int = 0
+) -> HessianPattern:
+    """Read the pattern of the latents' Hessian off the model (module
+    docstring), colour it, and check it with one random product.
+
+    :raises ValueError: when a term couples two units of one factor, or the
+        Hessian has entries outside the pattern found.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    theta, x = theta.detach(), x.detach()
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    found = [_element_units(view, theta, x0, generator) for x0 in (x, x + 0.5 * noise)]
+    units = np.where(found[0] >= 0, found[0], found[1])  # (elements, F)
+    clash = (found[0] >= 0) & (found[1] >= 0) & (found[0] != found[1])
+    if clash.any():
+        raise ValueError(_coupled_message(view, int(np.nonzero(clash.any(-1))[0][0])))
+    unit_offset = np.cumsum((0,) + view.factor_sizes)[:-1]
+    edges = []
+    F = len(view.factor_sizes)
+    for f in range(F):
+        for g in range(f + 1, F):
+            both = (units[:, f] >= 0) & (units[:, g] >= 0)
+            pairs = np.stack([units[both, f] + unit_offset[f], units[both, g] + unit_offset[g]], -1)
+            edges.append(np.unique(pairs, axis=0) if pairs.size else pairs.reshape(0, 2))
+    edges = np.concatenate(edges).astype(np.int64) if edges else np.zeros((0, 2), dtype=np.int64)
+    pattern = _pattern_from_edges(view, edges)
+    _check_pattern(view, theta, x, pattern, generator)
+    return pattern
+
+
+# ------------------------------------------------------------------ pieces
+def _element_units(view, theta, x, generator):
+    """For every element of every term, the unit of each factor it depends
+    on (−1: none), ``(elements, F)``; raises when an element depends on two
+    units of one factor (a non-integer or out-of-range code)."""
+    F = len(view.factor_sizes)
+    with torch.enable_grad():
+        xx = x.clone().requires_grad_(True)
+        terms = view.terms(theta, xx)
+        T = torch.cat([t.reshape(-1) for t in terms.values()])
+        u = torch.zeros_like(T, requires_grad=True)
+        (gx,) = torch.autograd.grad((u * T).sum(), xx, create_graph=True, allow_unused=True)
+        result = np.full((T.numel(), F), -1, dtype=np.int64)
+        if gx is None or not gx.requires_grad:
+            return result
+        blocks_offset = view.factor_offsets
+        for f, (N, k) in enumerate(zip(view.factor_sizes, view.factor_dims)):
+            w = (1 + torch.rand(k, generator=generator, dtype=x.dtype)).to(x.device)
+            codes = torch.arange(1, N + 1, dtype=x.dtype, device=x.device).unsqueeze(-1)
+            v_b = torch.zeros_like(x)
+            v_a = torch.zeros_like(x)
+            span = slice(blocks_offset[f], blocks_offset[f] + N * k)
+            v_b[span] = w.expand(N, k).reshape(-1)
+            v_a[span] = (codes * w).reshape(-1)
+            b, a = (
+                torch.autograd.grad((gx * v).sum(), u, retain_graph=True, allow_unused=True)[0]
+                for v in (v_b, v_a)
+            )
+            if b is None:
+                continue
+            b, a = b.detach(), a.detach()
+            tol = 1e-8 * b.abs().max().clamp_min(1e-300)
+            present = b.abs() > tol
+            code = torch.where(present, a / torch.where(present, b, 1.0), 0.0)
+            unit = code.round()
+            bad = present & (
+                ((code - unit).abs() > 1e-6 * code.abs().clamp_min(1.0)) | (unit < 1) | (unit > N)
+            )
+            if bad.any():
+                e = int(bad.nonzero()[0])
+                raise ValueError(_coupled_message(view, e, terms=terms, factor=f))
+            result[:, f] = np.where(present.cpu().numpy(), unit.long().cpu().numpy() - 1, -1)
+    return result
+
+
+def _coupled_message(view, element, terms=None, factor=None):
+    where = ""
+    if terms is not None:
+        at = 0
+        for name, t in terms.items():
+            if element < at + t.numel():
+                where = f" (term of site '{name}', element {element - at})"
+                break
+            at += t.numel()
+    plate = view.unit_plate[factor] if factor is not None else "one of the unit plates"
+    return (
+        f"a term of the log density involves two units of plate '{plate}'{where}; curvi's "
+        "grouping factors need every term to involve at most one unit of each factor"
+    )
+
+
+def _pattern_from_edges(view, edges):
+    sizes, dims, offsets = view.factor_sizes, view.factor_dims, view.factor_offsets
+    F = len(sizes)
+    factor_of = np.repeat(np.arange(F), sizes)
+    unit_in = np.concatenate([np.arange(N) for N in sizes])
+    k_of = np.asarray(dims)[factor_of]
+    start = np.asarray(offsets)[factor_of] + unit_in * k_of  # first coordinate of each unit
+    num_units = factor_of.size
+    # adjacency, both directions
+    src = np.concatenate([edges[:, 0], edges[:, 1]])
+    dst = np.concatenate([edges[:, 1], edges[:, 0]])
+    order = np.argsort(src, kind="stable")
+    src, dst = src[order], dst[order]
+    indptr = np.searchsorted(src, np.arange(num_units + 1))
+    colour = _distance_two_colouring(indptr, dst, num_units)
+    # products: one per (colour, coordinate r)
+    num_colours = int(colour.max()) + 1 if num_units else 0
+    k_max = int(max(dims))
+    product_of = np.full((num_colours, k_max), -1, dtype=np.int64)
+    for c in range(num_colours):
+        k_c = int(k_of[colour == c].max())
+        for r in range(k_c):
+            product_of[c, r] = 0
+    product_of[product_of == 0] = np.arange(int((product_of == 0).sum()))
+    m = int((product_of >= 0).sum())
+    n = view.latent_dim
+    coord_unit = np.repeat(np.arange(num_units), k_of)
+    coord_r = np.arange(n) - np.repeat(start, k_of)
+    coord_product = product_of[colour[coord_unit], coord_r]
+    products = torch.zeros(m, n, dtype=torch.float64)
+    products[torch.as_tensor(coord_product), torch.arange(n)] = 1.0
+    # entries: every unit's own block, and every edge's block, lower triangle
+    rows, cols = [], []
+    for f in range(F):  # own blocks
+        k = dims[f]
+        base = offsets[f] + np.arange(sizes[f]) * k
+        rr, cc = np.tril_indices(k)
+        rows.append((base[:, None] + rr).ravel())
+        cols.append((base[:, None] + cc).ravel())
+    if edges.size:
+        a, b = edges[:, 0], edges[:, 1]
+        for fa in range(F):
+            for fb in range(F):
+                sel = (factor_of[a] == fa) & (factor_of[b] == fb)
+                if not sel.any():
+                    continue
+                ka, kb = dims[fa], dims[fb]
+                ra, rb = np.meshgrid(np.arange(ka), np.arange(kb), indexing="ij")
+                r_ = (start[a[sel]][:, None] + ra.ravel()).ravel()
+                c_ = (start[b[sel]][:, None] + rb.ravel()).ravel()
+                rows.append(np.maximum(r_, c_))
+                cols.append(np.minimum(r_, c_))
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    order = np.lexsort((rows, cols))
+    rows, cols = rows[order], cols[order]
+    lower = SparsePattern(n, torch.as_tensor(rows), torch.as_tensor(cols))
+    nested = _is_forest(edges, num_units)
+    return HessianPattern(
+        lower,
+        products,
+        torch.as_tensor(coord_product[cols]),
+        torch.as_tensor(coord_product[rows]),
+        edges,
+        nested,
+    )
+
+
+def _distance_two_colouring(indptr, neighbours, num_units):
+    """Greedy distance-2 colouring, units of highest degree first."""
+    degree = np.diff(indptr)
+    colour = np.full(num_units, -1, dtype=np.int64)
+    for u in np.argsort(-degree, kind="stable"):
+        near = neighbours[indptr[u] : indptr[u + 1]]
+        if near.size:
+            second = np.concatenate([neighbours[indptr[w] : indptr[w + 1]] for w in near])
+            taken = colour[np.concatenate([near, second])]
+            taken = taken[taken >= 0]
+        else:
+            taken = np.zeros(0, dtype=np.int64)
+        free = np.ones(taken.size + 1, dtype=bool)
+        free[taken[taken <= taken.size]] = False
+        colour[u] = int(np.argmax(free))
+    return colour
+
+
+def _is_forest(edges, num_units):
+    """Whether the unit graph has no cycle (union-find)."""
+    parent = np.arange(num_units)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra == rb:
+            return False
+        parent[ra] = rb
+    return True
+
+
+def _check_pattern(view, theta, x, pattern, generator):
+    """One product along a random direction against the sparse Hessian."""
+    _, _, values = sparse_hessian(view, theta, x, pattern)
+    v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    with torch.enable_grad():
+        xx = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(view.log_joint(theta, xx), xx, create_graph=True)
+        hv = torch.autograd.grad(g, xx, v, allow_unused=True)[0] if g.requires_grad else torch.zeros_like(x)
+    H = _sparse_matvec(pattern.lower, values, v)
+    err = (H - hv).abs().max()
+    scale = hv.abs().max().clamp_min(1.0)
+    if err > 1e-6 * scale:
+        raise ValueError(
+            f"the Hessian of the latents has entries outside the pattern read from the model "
+            f"(|Hv − H_pattern v| = {float(err):.3g}); a term involves units in a way curvi "
+            "could not read off its derivatives"
+        )
+
+
+def _sparse_matvec(lower: SparsePattern, values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    r = torch.as_tensor(lower.rows, device=v.device)
+    c = torch.as_tensor(lower.cols, device=v.device)
+    out = torch.zeros_like(v).index_add(0, r, values * v[c])
+    off = r != c
+    return out.index_add(0, c[off], values[off] * v[r[off]])
