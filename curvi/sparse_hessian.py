@@ -12,13 +12,16 @@ that depends on one unit i of f has ``a_e / b_e = i + 1`` exactly. Two
 points are combined, and the finished Hessian is checked against a
 Hessian-vector product along a random direction.
 
-Products. The units are coloured so that no two of a colour are within
-distance two in the unit graph (share a term, or share a neighbour); the
-product with the sum of the unit vectors of one colour (coordinate r of
-each) then holds, in each row, one entry of one column. Its count is the
-number of colours times the coordinates per unit: bounded by the design's
-degree (how many units of other factors one unit meets), not by the number
-of units.
+Products. Each pair of factors that share terms has its block read from
+the products of one of them (the assignment with the fewest products:
+for subjects × items, the factor whose units meet fewer units of the
+other). That factor's units are coloured so that two that meet a common
+unit of a factor they serve differ; the product with the sum of one
+colour's unit vectors (coordinate r of each) then holds, in each row of a
+served unit, one entry of one column, and in each of its own rows its own
+block. The count is Σ_f k_f × (colours of f): bounded by the design's
+degree (how many units of one factor a unit meets), not by the number of
+units; one product per coordinate for nested factors.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from .factors import FactorView
 from .sparse_cholesky import SparsePattern
 from .tensor_ops import grad as _grad
+from .tensor_ops import hessian_rows
 
 __all__ = ["HessianPattern", "hessian_pattern", "sparse_hessian"]
 
@@ -40,9 +44,9 @@ class HessianPattern(NamedTuple):
 
     :ivar lower: the lower triangle as a :class:`~curvi.sparse_cholesky.SparsePattern`.
     :ivar products: ``(m, n)`` 0/1 directions of the m Hessian-vector products.
-    :ivar column_product: for each stored entry (r, c), the product whose
-        row r holds ``H[r, c]``; ``row_product`` the one whose row c holds
-        ``H[c, r]`` (the two are averaged).
+    :ivar reads: ``(4, nnz)``: entry e is ``½ (HV[reads[0, e], reads[1, e]] +
+        HV[reads[2, e], reads[3, e]])``, HV the stacked products (the two
+        reads differ in a unit's own block, where both halves are computed).
     :ivar edges: the unit graph's edges ``(E, 2)`` (unit ids, factor by factor).
     :ivar nested: whether the unit graph is a forest (nested factors: each
         unit meets one unit of a coarser factor); CHOLMOD then eliminates it
@@ -51,8 +55,7 @@ class HessianPattern(NamedTuple):
 
     lower: SparsePattern
     products: torch.Tensor
-    column_product: torch.Tensor
-    row_product: torch.Tensor
+    reads: torch.Tensor
     edges: np.ndarray
     nested: bool
 
@@ -102,7 +105,9 @@ def sparse_hessian(
         (g,) = _grad(log_prob, (xx,), create_graph=True)
         products = pattern.products.to(dtype=x.dtype, device=x.device)
         m = products.shape[0]
-        if g.requires_grad:
+        if g.requires_grad and not create_graph:  # one batched backward pass
+            hv = hessian_rows(g, xx, products)
+        elif g.requires_grad:
             rows = [
                 _grad(
                     g,
@@ -116,9 +121,8 @@ def sparse_hessian(
             hv = torch.stack(rows)
         else:  # log density linear in x
             hv = products.new_zeros(products.shape)
-    r = torch.as_tensor(pattern.lower.rows, device=x.device)
-    c = torch.as_tensor(pattern.lower.cols, device=x.device)
-    values = 0.5 * (hv[pattern.column_product.to(x.device), r] + hv[pattern.row_product.to(x.device), c])
+    reads = pattern.reads.to(x.device)
+    values = 0.5 * (hv[reads[0], reads[1]] + hv[reads[2], reads[3]])
     if create_graph:
         return log_prob, g, values
     return log_prob.detach(), g.detach(), values.detach()
@@ -217,6 +221,11 @@ def _coupled_message(view, element, terms=None, factor=None):
 
 
 def _pattern_from_edges(view, edges):
+    """Products and reads for the pattern of ``edges`` (module docstring):
+    each pair of factors that share terms has its block read from the
+    products of one of them (the one needing fewer colours), whose units
+    are coloured so that two sharing a neighbour there differ; a factor's
+    own blocks come from its own products."""
     sizes, dims, offsets = view.factor_sizes, view.factor_dims, view.factor_offsets
     F = len(sizes)
     factor_of = np.repeat(np.arange(F), sizes)
@@ -224,81 +233,123 @@ def _pattern_from_edges(view, edges):
     k_of = np.asarray(dims)[factor_of]
     start = np.asarray(offsets)[factor_of] + unit_in * k_of  # first coordinate of each unit
     num_units = factor_of.size
-    # adjacency, both directions
     src = np.concatenate([edges[:, 0], edges[:, 1]])
     dst = np.concatenate([edges[:, 1], edges[:, 0]])
-    order = np.argsort(src, kind="stable")
+    order = np.lexsort((dst, src))
     src, dst = src[order], dst[order]
     indptr = np.searchsorted(src, np.arange(num_units + 1))
-    colour = _distance_two_colouring(indptr, dst, num_units)
-    # products: one per (colour, coordinate r)
-    num_colours = int(colour.max()) + 1 if num_units else 0
-    k_max = int(max(dims))
-    product_of = np.full((num_colours, k_max), -1, dtype=np.int64)
-    for c in range(num_colours):
-        k_c = int(k_of[colour == c].max())
-        for r in range(k_c):
-            product_of[c, r] = 0
-    product_of[product_of == 0] = np.arange(int((product_of == 0).sum()))
-    m = int((product_of >= 0).sum())
+    provider = _choose_providers(factor_of, dims, src, dst, F)
+    colour = np.zeros(num_units, dtype=np.int64)
+    for f in range(F):
+        served = [g for g in range(F) if provider.get((min(f, g), max(f, g))) == f and g != f]
+        colour[factor_of == f] = _partial_colouring(f, served, factor_of, indptr, dst, num_units)
+    # products: one per (factor, colour, coordinate)
+    product_of = {}
+    rows_of_products = []
+    for f in range(F):
+        units = np.nonzero(factor_of == f)[0]
+        for c in range(int(colour[units].max()) + 1):
+            members = units[colour[units] == c]
+            for r in range(dims[f]):
+                product_of[(f, c, r)] = len(rows_of_products)
+                rows_of_products.append(start[members] + r)
     n = view.latent_dim
-    coord_unit = np.repeat(np.arange(num_units), k_of)
-    coord_r = np.arange(n) - np.repeat(start, k_of)
-    coord_product = product_of[colour[coord_unit], coord_r]
-    products = torch.zeros(m, n, dtype=torch.float64)
-    products[torch.as_tensor(coord_product), torch.arange(n)] = 1.0
-    # entries: every unit's own block, and every edge's block, lower triangle
-    rows, cols = [], []
-    for f in range(F):  # own blocks
+    products = torch.zeros(len(rows_of_products), n, dtype=torch.float64)
+    for j, coords in enumerate(rows_of_products):
+        products[j, torch.as_tensor(coords)] = 1.0
+    lookup = np.full((F, int(colour.max()) + 1, max(dims)), -1, dtype=np.int64)
+    for (f, c, r), j in product_of.items():
+        lookup[f, c, r] = j
+
+    def product(units, r):
+        return lookup[factor_of[units], colour[units], r]
+
+    rows, cols, reads = [], [], []
+    for f in range(F):  # own blocks: both reads, averaged
         k = dims[f]
-        base = offsets[f] + np.arange(sizes[f]) * k
+        units = np.nonzero(factor_of == f)[0]
         rr, cc = np.tril_indices(k)
-        rows.append((base[:, None] + rr).ravel())
-        cols.append((base[:, None] + cc).ravel())
+        u = np.repeat(units, rr.size)
+        r_, c_ = np.tile(rr, units.size), np.tile(cc, units.size)
+        rows.append(start[u] + r_)
+        cols.append(start[u] + c_)
+        reads.append(np.stack([product(u, c_), start[u] + r_, product(u, r_), start[u] + c_]))
     if edges.size:
-        a, b = edges[:, 0], edges[:, 1]
         for fa in range(F):
-            for fb in range(F):
+            for fb in range(fa + 1, F):
+                a, b = edges[:, 0], edges[:, 1]
                 sel = (factor_of[a] == fa) & (factor_of[b] == fb)
                 if not sel.any():
                     continue
-                ka, kb = dims[fa], dims[fb]
-                ra, rb = np.meshgrid(np.arange(ka), np.arange(kb), indexing="ij")
-                r_ = (start[a[sel]][:, None] + ra.ravel()).ravel()
-                c_ = (start[b[sel]][:, None] + rb.ravel()).ravel()
-                rows.append(np.maximum(r_, c_))
-                cols.append(np.minimum(r_, c_))
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
+                a, b = a[sel], b[sel]
+                ra, rb = np.meshgrid(np.arange(dims[fa]), np.arange(dims[fb]), indexing="ij")
+                ra, rb = ra.ravel(), rb.ravel()
+                ua, ub = np.repeat(a, ra.size), np.repeat(b, ra.size)
+                ra, rb = np.tile(ra, a.size), np.tile(rb, a.size)
+                ia, ib = start[ua] + ra, start[ub] + rb
+                if provider[(fa, fb)] == fa:
+                    read = np.stack([product(ua, ra), ib])
+                else:
+                    read = np.stack([product(ub, rb), ia])
+                rows.append(np.maximum(ia, ib))
+                cols.append(np.minimum(ia, ib))
+                reads.append(np.concatenate([read, read]))
+    rows, cols, reads = np.concatenate(rows), np.concatenate(cols), np.concatenate(reads, axis=1)
     order = np.lexsort((rows, cols))
-    rows, cols = rows[order], cols[order]
+    rows, cols, reads = rows[order], cols[order], reads[:, order]
     lower = SparsePattern(n, torch.as_tensor(rows), torch.as_tensor(cols))
-    nested = _is_forest(edges, num_units)
-    return HessianPattern(
-        lower,
-        products,
-        torch.as_tensor(coord_product[cols]),
-        torch.as_tensor(coord_product[rows]),
-        edges,
-        nested,
-    )
+    return HessianPattern(lower, products, torch.as_tensor(reads), edges, _is_forest(edges, num_units))
 
 
-def _distance_two_colouring(indptr, neighbours, num_units):
-    """Greedy distance-2 colouring, units of highest degree first."""
-    degree = np.diff(indptr)
+def _choose_providers(factor_of, dims, src, dst, F):
+    """For each pair of factors that share terms, which one's products give
+    their block: the assignment with the fewest products, each factor
+    costing ``k_f ×`` (its largest count of units met by one unit of a
+    factor it serves), a lower bound of its colours."""
+    pairs = sorted({(min(a, b), max(a, b)) for a, b in zip(factor_of[src], factor_of[dst])})
+    if not pairs:
+        return {}
+    # most units of f met by one unit of g
+    degree = {}
+    for f in range(F):
+        for g in range(F):
+            if f == g:
+                continue
+            sel = (factor_of[src] == g) & (factor_of[dst] == f)
+            degree[(g, f)] = int(np.bincount(src[sel]).max()) if sel.any() else 0
+    best, best_cost = None, None
+    for choice in range(2 ** len(pairs)):
+        provider = {pair: pair[(choice >> i) & 1] for i, pair in enumerate(pairs)}
+        need = [1] * F
+        for (f, g), p in provider.items():
+            other = g if p == f else f
+            need[p] = max(need[p], degree[(other, p)])
+        cost = sum(d * m for d, m in zip(dims, need))
+        if best_cost is None or cost < best_cost:
+            best, best_cost = provider, cost
+    return best
+
+
+def _partial_colouring(f, served, factor_of, indptr, neighbours, num_units):
+    """Colours of factor f's units such that two that meet a common unit of
+    a served factor differ (greedy, most-connected first)."""
+    units = np.nonzero(factor_of == f)[0]
     colour = np.full(num_units, -1, dtype=np.int64)
-    for u in np.argsort(-degree, kind="stable"):
+    served = np.asarray(served, dtype=np.int64)
+    degree = indptr[units + 1] - indptr[units]
+    for u in units[np.argsort(-degree, kind="stable")]:
         near = neighbours[indptr[u] : indptr[u + 1]]
+        near = near[np.isin(factor_of[near], served)]
         if near.size:
             second = np.concatenate([neighbours[indptr[w] : indptr[w + 1]] for w in near])
-            taken = colour[np.concatenate([near, second])]
+            taken = colour[second[factor_of[second] == f]]
             taken = taken[taken >= 0]
         else:
             taken = np.zeros(0, dtype=np.int64)
         free = np.ones(taken.size + 1, dtype=bool)
         free[taken[taken <= taken.size]] = False
         colour[u] = int(np.argmax(free))
-    return colour
+    return colour[units]
 
 
 def _is_forest(edges, num_units):
