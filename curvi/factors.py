@@ -169,6 +169,25 @@ class FactorView:
         return tuple(s.name for s in self.base.global_layout if s.name not in local)
 
     @property
+    def global_layout(self):
+        """The base view's layouts of the global sites (name, transform and
+        unconstrained shape; their slices index the base coordinates)."""
+        names = set(self.global_sites)
+        return tuple(s for s in self.base.global_layout if s.name in names)
+
+    def pack_globals(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Constrained values of the global sites to ``theta`` ``(p,)``."""
+        missing = [n for n in self.global_sites if n not in values]
+        if missing:
+            raise ValueError(f"pack_globals() needs a value for every global site; missing {missing}")
+        parts = [s.transform.inv(values[s.name]).reshape(-1) for s in self.global_layout]
+        return torch.cat(parts) if parts else self.init_y.new_zeros(0)
+
+    def unpack_unconstrained(self, theta: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unconstrained values of every latent site."""
+        return self.base.unpack_unconstrained(self.assemble(theta, x), self._no_units(x))
+
+    @property
     def local_sites(self) -> tuple[str, ...]:
         return tuple(n for sites in self.factor_sites.values() for n in sites)
 

@@ -25,7 +25,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
 
 from .checks import check_count
-from .factors import FactorView
+from .factors import FactorView, unit_plates
 from .hessian import local_hessian
 from .model import ModelView
 from .modes import (
@@ -37,7 +37,7 @@ from .modes import (
     warn_unconverged,
 )
 from .quadrature import quadrature_log_marginal
-from .sparse_laplace import sparse_log_marginal
+from .sparse_laplace import solve_joint_modes, sparse_log_marginal
 from .tensor_ops import symmetrize
 
 __all__ = [
@@ -380,7 +380,11 @@ class LaplaceMarginal:
         units["u"].shape  # (50, 6, 1)
 
     :param callable model: a Pyro model with one unit plate (not subsampled).
-    :param str unit_plate: the name of the plate of the unit latents.
+    :param unit_plate: the name of the plate of the unit latents; for
+        several grouping factors (crossed or nested random effects) a tuple
+        of plate names: their units are integrated out jointly through a
+        sparse Hessian (:class:`~curvi.factors.FactorView`), and
+        :meth:`sample_locals` draws them jointly.
     :param callable init_loc_fn: init strategy for the view's initial point.
     :param bool check_structure: check that units couple only through θ.
     :param float xtol: Newton step tolerance for the modes.
@@ -420,6 +424,16 @@ class LaplaceMarginal:
         self._modes = None
 
     def _view(self, args, kwargs):
+        if self.view is None and unit_plates(self.unit_plate) is not None:
+            if self.quadrature is not None:
+                raise ValueError(
+                    "quadrature= integrates one unit plate's units one by one; with several "
+                    "grouping factors the units are integrated jointly, by Laplace"
+                )
+            self.view = FactorView(
+                self.model, *args, unit_plate=self.unit_plate, init_loc_fn=self.init_loc_fn, **kwargs
+            )
+            self._modes = self.view.init_y
         if self.view is None:
             view = ModelView(
                 self.model,
@@ -512,6 +526,10 @@ class LaplaceMarginal:
             raise ValueError(f"theta_samples disagree on the number of draws: {num}")
         draws = {name: [] for name in view.local_sites}
         y = self._modes
+        if isinstance(view, FactorView):
+            if resample is not None:
+                raise ValueError("resample= needs one unit plate (each unit's own terms); got several")
+            return _joint_draws(self, view, theta_samples, num.pop(), generator)
         for s in range(num.pop()):
             theta = view.pack_globals({n: v[s] for n, v in theta_samples.items()})
             result = solve_modes(view, theta, y, xtol=self.xtol, max_iter=self.max_iter)
@@ -523,6 +541,25 @@ class LaplaceMarginal:
             for name in view.local_sites:
                 draws[name].append(values[name])
         return {name: torch.stack(v) for name, v in draws.items()}
+
+
+def _joint_draws(marginal, view, theta_samples, num, generator):
+    """Draws of all units' latents from their joint Laplace conditional
+    ``N(x̂(θ), (−H)⁻¹)`` (sparse: CHOLMOD's factor), one per draw of θ."""
+    draws = {name: [] for name in view.local_sites}
+    x = marginal._modes
+    for s in range(num):
+        theta = view.pack_globals({n: v[s] for n, v in theta_samples.items()})
+        modes = solve_joint_modes(view, theta, x, xtol=marginal.xtol, max_iter=marginal.max_iter)
+        warn_unconverged(modes)
+        x = modes.y + modes.step
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        factor = modes.pattern.lower.factor(modes.precision)
+        sample = x + torch.as_tensor(factor.draw(eps.cpu().numpy()), dtype=x.dtype, device=x.device)
+        values = view.unpack(theta, sample)
+        for name in view.local_sites:
+            draws[name].append(values[name])
+    return {name: torch.stack(v) for name, v in draws.items()}
 
 
 def _laplace_draws(view, theta, y, L, num_proposals, generator):

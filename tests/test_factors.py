@@ -332,3 +332,51 @@ def test_laplace_mle_refuses_quadrature_with_several_factors():
             unit_plate=("plates", "samples"),
             quadrature=5,
         )
+
+
+def test_laplace_marginal_with_several_factors_is_the_exact_gaussian_marginal_and_draws_the_units():
+    import pyro.poutine as poutine
+
+    from curvi import LaplaceMarginal
+
+    data = load_penicillin(dtype=torch.float64)
+
+    def model(plate, sample, y):
+        mu = pyro.sample("mu", dist.Normal(20.0, 10.0))
+        with pyro.plate("plates", 24):
+            a = pyro.sample("a", dist.Normal(0.0, 0.8))
+        with pyro.plate("samples", 6):
+            b = pyro.sample("b", dist.Normal(0.0, 1.8))
+        with pyro.plate("obs", len(y)):
+            pyro.sample("y", dist.Normal(mu + a[plate] + b[sample], 0.55), obs=y)
+
+    args = (data.plate, data.sample, data.diameter)
+    marginal = LaplaceMarginal(model, unit_plate=("plates", "samples"))
+    Z = torch.cat(
+        [torch.nn.functional.one_hot(data.plate), torch.nn.functional.one_hot(data.sample)], -1
+    ).double()
+    prior_cov = torch.diag(torch.cat([torch.full((24,), 0.64), torch.full((6,), 1.8**2)])).double()
+    cov = Z @ prior_cov @ Z.T + 0.55**2 * torch.eye(144, dtype=torch.float64)
+    for mu in (21.0, 23.5):
+        mu = torch.tensor(mu, dtype=torch.float64)
+        trace = poutine.trace(poutine.condition(marginal, {"mu": mu})).get_trace(*args)
+        exact = dist.MultivariateNormal(mu * torch.ones(144, dtype=torch.float64), cov).log_prob(
+            data.diameter
+        )
+        torch.testing.assert_close(
+            trace.log_prob_sum(), exact + dist.Normal(20.0, 10.0).log_prob(mu), rtol=0, atol=1e-9
+        )
+    # the units given mu: N(S Zᵀ (y − mu) / σ², S), S = (ZᵀZ / σ² + prior⁻¹)⁻¹
+    mu = torch.tensor(22.9, dtype=torch.float64)
+    S = torch.linalg.inv(Z.T @ Z / 0.55**2 + torch.linalg.inv(prior_cov))
+    mean = S @ Z.T @ (data.diameter - mu) / 0.55**2
+    draws = marginal.sample_locals({"mu": mu.expand(1500)}, *args, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([draws["a"], draws["b"]], -1)
+    assert x.shape == (1500, 30)
+    se = S.diagonal().sqrt() / math.sqrt(1500)
+    assert ((x.mean(0) - mean).abs() / se).max() < 4.5
+    torch.testing.assert_close(x.T.cov(), S, rtol=0, atol=0.2 * S.diagonal().max().item())
+    with pytest.raises(ValueError, match="resample"):
+        marginal.sample_locals({"mu": mu.expand(2)}, *args, resample=4)
+    with pytest.raises(ValueError, match="jointly, by Laplace"):
+        LaplaceMarginal(model, unit_plate=("plates", "samples"), quadrature=3)(*args)
