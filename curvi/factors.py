@@ -196,6 +196,11 @@ class FactorView:
         return self.base.param_sites
 
     @property
+    def max_plate_nesting(self) -> int:
+        """How many plate dims the model's sites use (Trace_ELBO's ``max_plate_nesting``)."""
+        return self.base.max_plate_nesting
+
+    @property
     def num_observations(self) -> int:
         return self.base.num_observations
 

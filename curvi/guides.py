@@ -54,6 +54,7 @@ from torch.distributions import constraints
 
 from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
 from .checks import check_count
+from .factors import unit_plates
 from .hessian import structured_hessian
 from .hidden_sites import SummingOutELBO
 from .laplace_newton import LaplaceNewton
@@ -768,6 +769,21 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
     :param create_plates, check_structure, running_weight, init_to_mode: as in
         :class:`LaplaceGuide`.
     """
+
+    def __new__(cls, model: Callable = None, *args, unit_plate=None, **kwargs):
+        # several grouping factors: the guide of the sparse Laplace marginal
+        if unit_plates(unit_plate) is not None:
+            from .factor_guide import FactorLaplaceGuide
+
+            allowed = {"init_loc_fn", "xtol", "max_iter", "create_plates"}
+            refused = sorted(set(kwargs) - allowed)
+            if refused:
+                raise ValueError(
+                    f"AmortizedLaplaceGuide with several grouping factors (unit_plate={unit_plate!r}) "
+                    f"takes only {sorted(allowed)}; got {refused}"
+                )
+            return FactorLaplaceGuide(model, unit_plate=unit_plate, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ out too (:class:`~curvi.hidden_sites.SummingOutELBO`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -130,7 +131,8 @@ def _collapsed_values(elbo, guide, args, kwargs):
     are not used."""
     if math.isinf(elbo.max_plate_nesting):
         elbo.max_plate_nesting = guide.view.max_plate_nesting + int(elbo.num_particles > 1)
-    guide_trace = poutine.trace(elbo._vectorized_num_particles(guide)).get_trace(*args, **kwargs)
+    with getattr(guide, "without_unit_draws", contextlib.nullcontext)():  # units unused here
+        guide_trace = poutine.trace(elbo._vectorized_num_particles(guide)).get_trace(*args, **kwargs)
     (site,) = [s for s in guide_trace.nodes.values() if s["type"] == "sample" and INFER_KEY in s["infer"]]
     q = site["infer"][INFER_KEY]
     if q.subsampled:
@@ -142,13 +144,18 @@ def _collapsed_values(elbo, guide, args, kwargs):
     log_q = site["fn"].log_prob(site["value"]).reshape(-1)
     view = guide.view.with_args(*args, **kwargs)
     y, values = q.y_hat.detach(), []
+    joint = getattr(guide, "collapsed_log_marginal", None)  # several grouping factors
     for theta in thetas:
-        found = quadrature_log_marginal(
-            view, theta, y, num_nodes=guide.collapsed_nodes, create_graph=torch.is_grad_enabled()
-        )
-        warn_unconverged(found.modes)
-        y = found.modes.y
-        values.append(found.value)
+        if joint is not None:
+            value, modes = joint(view, theta, y, create_graph=torch.is_grad_enabled())
+        else:
+            found = quadrature_log_marginal(
+                view, theta, y, num_nodes=guide.collapsed_nodes, create_graph=torch.is_grad_enabled()
+            )
+            value, modes = found.value, found.modes
+        warn_unconverged(modes)
+        y = modes.y
+        values.append(value)
     return torch.stack(values) - log_q, guide_trace
 
 

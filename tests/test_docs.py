@@ -41,6 +41,7 @@ MODULES = [
     "curvi.sparse_cholesky",
     "curvi.sparse_hessian",
     "curvi.sparse_laplace",
+    "curvi.factor_guide",
 ]
 
 

@@ -380,3 +380,83 @@ def test_laplace_marginal_with_several_factors_is_the_exact_gaussian_marginal_an
         marginal.sample_locals({"mu": mu.expand(2)}, *args, resample=4)
     with pytest.raises(ValueError, match="jointly, by Laplace"):
         LaplaceMarginal(model, unit_plate=("plates", "samples"), quadrature=3)(*args)
+
+
+def test_the_amortized_guide_with_several_factors_finds_the_exact_gaussian_posterior():
+    """Penicillin with known variances: log p̃(μ) is the exact Gaussian
+    marginal, so curvi.fit's θ̂ and S are the exact posterior mean and
+    precision of μ (antithetic noise cancels on a quadratic)."""
+    import curvi
+    from curvi import AmortizedLaplaceGuide
+    from curvi.factor_guide import FactorLaplaceGuide
+
+    data = load_penicillin(dtype=torch.float64)
+
+    def model(plate, sample, y):
+        mu = pyro.sample("mu", dist.Normal(20.0, 10.0))
+        with pyro.plate("plates", 24):
+            a = pyro.sample("a", dist.Normal(0.0, 0.8))
+        with pyro.plate("samples", 6):
+            b = pyro.sample("b", dist.Normal(0.0, 1.8))
+        with pyro.plate("obs", len(y)):
+            pyro.sample("y", dist.Normal(mu + a[plate] + b[sample], 0.55), obs=y)
+
+    args = (data.plate, data.sample, data.diameter)
+    pyro.clear_param_store()
+    guide = AmortizedLaplaceGuide(model, unit_plate=("plates", "samples"))
+    assert isinstance(guide, FactorLaplaceGuide)
+    result = curvi.fit(model, guide, *args, progress=False)
+    assert result.converged, result.message
+    Z = torch.cat(
+        [torch.nn.functional.one_hot(data.plate), torch.nn.functional.one_hot(data.sample)], -1
+    ).double()
+    prior_cov = torch.diag(torch.cat([torch.full((24,), 0.64), torch.full((6,), 1.8**2)])).double()
+    cov = Z @ prior_cov @ Z.T + 0.55**2 * torch.eye(144, dtype=torch.float64)
+    ones = torch.ones(144, dtype=torch.float64)
+    precision = ones @ torch.linalg.solve(cov, ones) + 1 / 100.0
+    mean = (ones @ torch.linalg.solve(cov, data.diameter) + 20.0 / 100.0) / precision
+    torch.testing.assert_close(guide.loc_global.detach(), mean.reshape(1), rtol=0, atol=1e-6)
+    q = pyro.poutine.trace(guide).get_trace(*args)
+    (site,) = [s for s in q.nodes.values() if s["type"] == "sample" and "laplace_gaussian" in s["infer"]]
+    torch.testing.assert_close(
+        site["infer"]["laplace_gaussian"].global_precision, precision.reshape(1, 1), rtol=1e-6, atol=0
+    )
+    median = guide.median(*args)
+    assert median["a"].shape == (24,) and median["b"].shape == (6,)
+    draws = pyro.infer.Predictive(model, guide=guide, num_samples=3)(*args)
+    assert draws["a"].shape == (3, 24)
+
+
+def test_the_collapsed_elbo_gradient_with_several_factors_matches_finite_differences():
+    from curvi import AmortizedLaplaceGuide
+    from curvi.particles import CollapsedELBO
+
+    data = crossed_data()
+    pyro.clear_param_store()
+    guide = AmortizedLaplaceGuide(crossed_model, unit_plate=("subjects", "items"))
+    guide(*data)
+    (param,) = list(guide.parameters())
+
+    def loss():
+        pyro.set_rng_seed(3)
+        with guide.holding_global_precision():
+            return CollapsedELBO(num_particles=2).differentiable_loss(crossed_model, guide, *data)
+
+    (grad,) = torch.autograd.grad(loss(), [param])
+    fd = torch.zeros_like(grad)
+    for i in range(grad.numel()):
+        with torch.no_grad():
+            param[i] += 1e-5
+            up = loss()
+            param[i] -= 2e-5
+            down = loss()
+            param[i] += 1e-5
+        fd[i] = (up - down) / 2e-5
+    torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_the_amortized_guide_with_several_factors_refuses_one_plate_options():
+    from curvi import AmortizedLaplaceGuide
+
+    with pytest.raises(ValueError, match="quadrature"):
+        AmortizedLaplaceGuide(crossed_model, unit_plate=("subjects", "items"), quadrature=5)
