@@ -671,6 +671,21 @@ class LaplaceGuide(LaplaceGuideBase):
         moments and marginal densities", JASA 81.
     """
 
+    def __new__(cls, model: Callable = None, *args, unit_plate=None, **kwargs):
+        # several grouping factors: the guide with the sparse Hessian
+        if unit_plates(unit_plate) is not None:
+            from .factor_guide import FactorLaplaceGuide
+
+            allowed = {"repair", "init_loc_fn", "init_to_mode", "create_plates"}
+            refused = sorted(set(kwargs) - allowed)
+            if refused:
+                raise ValueError(
+                    f"LaplaceGuide with several grouping factors (unit_plate={unit_plate!r}) "
+                    f"takes only {sorted(allowed)}; got {refused}"
+                )
+            return FactorLaplaceGuide(model, unit_plate=unit_plate, **kwargs)
+        return super().__new__(cls)
+
     def _init_locs(self, view, theta):
         self.loc_global = PyroParam(theta.clone(), constraints.real, event_dim=1)
         if view.num_units:
@@ -773,7 +788,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
     def __new__(cls, model: Callable = None, *args, unit_plate=None, **kwargs):
         # several grouping factors: the guide of the sparse Laplace marginal
         if unit_plates(unit_plate) is not None:
-            from .factor_guide import FactorLaplaceGuide
+            from .factor_guide import AmortizedFactorLaplaceGuide
 
             allowed = {"init_loc_fn", "xtol", "max_iter", "create_plates"}
             refused = sorted(set(kwargs) - allowed)
@@ -782,7 +797,7 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
                     f"AmortizedLaplaceGuide with several grouping factors (unit_plate={unit_plate!r}) "
                     f"takes only {sorted(allowed)}; got {refused}"
                 )
-            return FactorLaplaceGuide(model, unit_plate=unit_plate, **kwargs)
+            return AmortizedFactorLaplaceGuide(model, unit_plate=unit_plate, **kwargs)
         return super().__new__(cls)
 
     def __init__(

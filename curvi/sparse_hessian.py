@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .factors import FactorView
-from .sparse_cholesky import SparsePattern
+from .sparse_cholesky import SparsePattern, sparse_matvec
 from .tensor_ops import grad as _grad
 from .tensor_ops import hessian_rows
 
@@ -378,7 +378,7 @@ def _check_pattern(view, theta, x, pattern, generator):
         xx = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(view.log_joint(theta, xx), xx, create_graph=True)
         hv = torch.autograd.grad(g, xx, v, allow_unused=True)[0] if g.requires_grad else torch.zeros_like(x)
-    H = _sparse_matvec(pattern.lower, values, v)
+    H = sparse_matvec(pattern.lower, values, v)
     err = (H - hv).abs().max()
     scale = hv.abs().max().clamp_min(1.0)
     if err > 1e-6 * scale:
@@ -387,11 +387,3 @@ def _check_pattern(view, theta, x, pattern, generator):
             f"(|Hv − H_pattern v| = {float(err):.3g}); a term involves units in a way curvi "
             "could not read off its derivatives"
         )
-
-
-def _sparse_matvec(lower: SparsePattern, values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    r = torch.as_tensor(lower.rows, device=v.device)
-    c = torch.as_tensor(lower.cols, device=v.device)
-    out = torch.zeros_like(v).index_add(0, r, values * v[c])
-    off = r != c
-    return out.index_add(0, c[off], values[off] * v[r[off]])

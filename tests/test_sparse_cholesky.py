@@ -111,3 +111,23 @@ def test_bad_patterns_are_refused_by_name():
         SparsePattern(1, torch.tensor([0, 0]), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         SparsePattern(2, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]))
+
+
+@pytest.mark.parametrize("name, make", CASES)
+def test_draws_are_reparameterised_with_the_exact_expected_gradient(name, make):
+    """For f(z) = zᵀWz the pathwise gradient is quadratic in ε, so its mean
+    over ε is the sum over the basis vectors: it must equal ∇_A tr(W A⁻¹)."""
+    from curvi.sparse_cholesky import sparse_draw
+
+    pattern, values, A = make()
+    n = pattern.n
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(n, n, generator=g, dtype=torch.float64)
+    W = W + W.T
+    v = values.clone().requires_grad_(True)
+    z = sparse_draw(pattern, v, torch.eye(n, dtype=torch.float64))  # every basis vector at once
+    torch.testing.assert_close(z @ z.T, torch.linalg.inv(A), rtol=0, atol=1e-10)  # C⁻ᵀ C⁻¹ = A⁻¹
+    (grad,) = torch.autograd.grad((z * (W @ z)).sum(), v)
+    w = values.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch.trace(W @ torch.linalg.inv(pattern.to_dense(w))), w)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-9)
