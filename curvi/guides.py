@@ -90,6 +90,8 @@ class LaplaceGuideBase(AutoGuide):
         running_weight: float = 0.1,
         init_to_mode: bool = True,
     ):
+        if isinstance(unit_plate, (tuple, list)) and len(unit_plate) == 1:
+            unit_plate = unit_plate[0]  # one grouping factor: the arrowhead path
         if unit_plate is not None and not isinstance(unit_plate, str):
             raise ValueError(f"unit_plate must be the name of a pyro.plate or None, got {unit_plate!r}")
         if repair is None:

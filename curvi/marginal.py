@@ -412,6 +412,8 @@ class LaplaceMarginal:
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
         _check_quadrature(quadrature)
+        if isinstance(unit_plate, (tuple, list)) and len(unit_plate) == 1:
+            unit_plate = unit_plate[0]  # one grouping factor: the arrowhead path
         self.model, self.unit_plate = model, unit_plate
         self.init_loc_fn, self.check_structure = init_loc_fn, check_structure
         self.xtol, self.max_iter = xtol, max_iter

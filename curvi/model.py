@@ -120,6 +120,8 @@ class ModelView:
     ):
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
+        if isinstance(unit_plate, (tuple, list)) and len(unit_plate) == 1:
+            unit_plate = unit_plate[0]  # one grouping factor: the arrowhead path
         if unit_plate is not None and not isinstance(unit_plate, str):
             raise ValueError(f"unit_plate must be the name of a pyro.plate or None, got {unit_plate!r}")
         self.model = model

@@ -163,8 +163,49 @@ def test_gaussian_crossed_marginal_is_exact():
     torch.testing.assert_close(grad, expected, rtol=0, atol=1e-8)
 
 
-def test_the_marginal_equals_a_dense_laplace_and_its_gradient_finite_differences():
-    view = FactorView(crossed_model, *crossed_data(), unit_plate=("subjects", "items"))
+def mixed_model(item, obs):
+    """subjects × items crossed, two-coordinate sessions nested in subjects."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    with pyro.plate("subjects", 6):
+        a = pyro.sample("a", dist.Normal(0.0, tau))
+    with pyro.plate("sessions", 12):
+        s = pyro.sample("s", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("items", 4):
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    session = torch.arange(len(obs)) % 12
+    with pyro.plate("obs", len(obs)):
+        eta = mu + a[session // 2] + s[session, 0] + 0.5 * s[session, 1] + b[item]
+        pyro.sample("z", dist.Poisson(eta.exp()), obs=obs)
+
+
+def mixed_data():
+    g = torch.Generator().manual_seed(0)
+    item = torch.randint(0, 4, (48,), generator=g)
+    return item, torch.poisson(torch.full((48,), 1.5, dtype=torch.float64), generator=g)
+
+
+def poisson_nested_model(school, obs):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    with pyro.plate("schools", int(school.max()) + 1):
+        s = pyro.sample("s", dist.Normal(0.0, tau))
+    with pyro.plate("classes", len(school)):
+        c = pyro.sample("c", dist.Normal(s[school], 0.5))
+    with pyro.plate("obs", obs.shape[0]):
+        pyro.sample("z", dist.Poisson((mu + c[torch.arange(obs.shape[0]) % len(school)]).exp()), obs=obs)
+
+
+@pytest.mark.parametrize(
+    "model, data, plates",
+    [
+        (crossed_model, crossed_data(), ("subjects", "items")),
+        (poisson_nested_model, (nested_data(4)[0], torch.arange(24.0) % 3), ("schools", "classes")),
+        (mixed_model, mixed_data(), ("subjects", "sessions", "items")),
+    ],
+)
+def test_the_marginal_equals_a_dense_laplace_and_its_gradient_finite_differences(model, data, plates):
+    view = FactorView(model, *data, unit_plate=plates)
     theta = torch.tensor([0.3, -0.2], dtype=torch.float64)
     value, modes = laplace_log_marginal(view, theta, view.init_y)
     assert bool(modes.converged)
@@ -542,3 +583,21 @@ def test_the_laplace_guide_with_several_factors_is_reparameterised_through_its_p
     expected = torch.autograd.grad(exact, params)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_a_tuple_of_one_plate_is_the_one_plate_path():
+    from curvi import AmortizedLaplaceGuide, LaplaceGuide, LaplaceMarginal, ModelView
+    from curvi.guides import LaplaceGuideBase
+
+    def model(obs):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("groups", 5):
+            u = pyro.sample("u", dist.Normal(mu, 1.0))
+            pyro.sample("z", dist.Poisson(u.exp()), obs=obs)
+
+    obs = torch.tensor([0.0, 3.0, 1.0, 7.0, 2.0], dtype=torch.float64)
+    assert ModelView(model, obs, unit_plate=("groups",)).unit_plate == "groups"
+    for Guide in (LaplaceGuide, AmortizedLaplaceGuide):
+        guide = Guide(model, unit_plate=["groups"])
+        assert isinstance(guide, LaplaceGuideBase) and guide.unit_plate == "groups"
+    assert LaplaceMarginal(model, unit_plate=("groups",)).unit_plate == "groups"
