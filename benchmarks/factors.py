@@ -946,14 +946,6 @@ def reading(summary, scaled, notes, costs):
             )
             + "."
         )
-        gt = summary.get("grouseticks", {}).get("stats")
-        if gt and not gt["nested"] and gt["nnz_l"] == gt["nnz_h"]:
-            parts.append(
-                "grouseticks' factors are nested (chicks in broods in locations), yet `pattern.nested` is "
-                "False: each chick's observation involves its brood and its location, so the unit graph "
-                "has triangles (chick–brood–location) and is not a forest; they are chordal, so CHOLMOD "
-                "still factors it without fill (nnz(L) = nnz(lower H))."
-            )
     for kind, rows in scaled.items():
         if len(rows) < 2:
             continue
@@ -961,7 +953,7 @@ def reading(summary, scaled, notes, costs):
         growth = last["latents"] / first["latents"]
         products = " → ".join(str(r["products"]) for r in rows)
         text = (
-            f"Scaling, {kind} ({'a forest' if all(r['nested'] for r in rows) else 'not a forest'}): "
+            f"Scaling, {kind} ({'nested' if all(r['nested'] for r in rows) else 'not nested'}): "
             f"from {first['latents']:,} to {last['latents']:,} latents ({growth:.0f}×) the products per "
             f"Hessian go {products}"
         )
@@ -1072,7 +1064,8 @@ def main():
             + "\n\ncurvi's sparse Hessian of the random effects (at the estimates): Hessian-vector products "
             "per Hessian (`pattern.num_products`), stored entries of its lower triangle and of the "
             "Cholesky factor (CHOLMOD, AMD order; `SparsePattern.factor(...).nnz`), and whether the "
-            "unit graph is a forest (`pattern.nested`: nested factors, no fill).\n\n"
+            "factors nest (`pattern.nested`: of every two factors that share terms, each unit of one "
+            "meets one unit of the other; CHOLMOD then factors without fill).\n\n"
             "| data set | latents | products per Hessian | nnz(lower H) | nnz(L) | nested |\n"
             "|---|---:|---:|---:|---:|---|\n" + "\n".join(hessian_rows) + "\n"
         )

@@ -48,9 +48,10 @@ class HessianPattern(NamedTuple):
         HV[reads[2, e], reads[3, e]])``, HV the stacked products (the two
         reads differ in a unit's own block, where both halves are computed).
     :ivar edges: the unit graph's edges ``(E, 2)`` (unit ids, factor by factor).
-    :ivar nested: whether the unit graph is a forest (nested factors: each
-        unit meets one unit of a coarser factor); CHOLMOD then eliminates it
-        leaves first, without fill.
+    :ivar nested: whether the factors are nested: of every two factors that
+        share terms, each unit of one meets a single unit of the other (a
+        class its school; a chick its brood and its location). CHOLMOD's
+        ordering then eliminates the finest units first, without fill.
     """
 
     lower: SparsePattern
@@ -298,7 +299,7 @@ def _pattern_from_edges(view, edges):
     order = np.lexsort((rows, cols))
     rows, cols, reads = rows[order], cols[order], reads[:, order]
     lower = SparsePattern(n, torch.as_tensor(rows), torch.as_tensor(cols))
-    return HessianPattern(lower, products, torch.as_tensor(reads), edges, _is_forest(edges, num_units))
+    return HessianPattern(lower, products, torch.as_tensor(reads), edges, _nested(factor_of, src, dst, F))
 
 
 def _choose_providers(factor_of, dims, src, dst, F):
@@ -352,21 +353,17 @@ def _partial_colouring(f, served, factor_of, indptr, neighbours, num_units):
     return colour[units]
 
 
-def _is_forest(edges, num_units):
-    """Whether the unit graph has no cycle (union-find)."""
-    parent = np.arange(num_units)
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra == rb:
-            return False
-        parent[ra] = rb
+def _nested(factor_of, src, dst, F):
+    """Whether, of every two factors that share terms, each unit of one
+    meets at most one unit of the other."""
+    for f in range(F):
+        for g in range(f + 1, F):
+            most = []
+            for a, b in ((f, g), (g, f)):
+                sel = (factor_of[src] == a) & (factor_of[dst] == b)
+                most.append(int(np.bincount(src[sel]).max()) if sel.any() else 0)
+            if min(most) > 1:
+                return False
     return True
 
 

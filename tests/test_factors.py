@@ -326,6 +326,21 @@ def test_laplace_mle_reproduces_glmmtmb_on_grouseticks_three_nested_factors():
     )
     for name, sd in ref["sds"].items():
         torch.testing.assert_close(fit.params[f"sd_{name}"].item(), sd, rtol=0, atol=1e-4)
+    # chicks in broods in locations: nested (the graph has chick–brood–location
+    # triangles, chordal), factored without fill, one product per factor
+    view = FactorView(
+        grouseticks_model,
+        data.design,
+        data.index,
+        data.brood,
+        data.location,
+        data.ticks,
+        unit_plate=("indices", "broods", "locations"),
+    )
+    pattern = hessian_pattern(view, view.init_theta, view.init_y)
+    assert pattern.nested and pattern.num_products == 3
+    values = -sparse_hessian(view, view.init_theta, view.init_y, pattern)[2]
+    assert pattern.lower.factor(values).nnz == pattern.lower.nnz
 
 
 # ------------------------------------------------------------ bad input
