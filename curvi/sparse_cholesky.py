@@ -71,7 +71,7 @@ class SparsePattern:
             raise ValueError(f"the pattern misses {int((~diagonal).sum())} diagonal entries")
         self.n, self.rows, self.cols = n, rows, cols
         self._rows_c, self._cols_c = matrix(rows), matrix(cols)
-        self._analysis = None
+        self._analysis = None  # CHOLMOD's ordering, from the first factor
 
     @property
     def nnz(self) -> int:
@@ -90,7 +90,14 @@ class SparsePattern:
         """``P A Pᵀ = L D Lᵀ`` by CHOLMOD (supernodal), A from ``values``.
 
         :raises NoLaplaceApproximation: when A is not positive definite.
+        :raises ValueError: for values of the wrong shape, or not finite.
         """
+        if values.shape != (self.nnz,):
+            raise ValueError(
+                f"values must have shape ({self.nnz},), one per pattern entry; got {tuple(values.shape)}"
+            )
+        if not torch.isfinite(values).all():
+            raise ValueError(f"{int((~torch.isfinite(values)).sum())} of the matrix's values are not finite")
         return Factor(self, values.detach().cpu().numpy())
 
     def to_dense(self, values: torch.Tensor) -> torch.Tensor:
@@ -111,13 +118,18 @@ class Factor:
         options = dict(cholmod.options)
         cholmod.options["supernodal"] = 2  # supernodal: 5x faster here; read out as L Lᵀ
         try:
-            F = cholmod.symbolic(A)
-            cholmod.numeric(A, F)
-        except ArithmeticError as error:
-            raise NoLaplaceApproximation(
-                f"the sparse Hessian is not negative definite at the modes ({error}): no "
-                "Laplace approximation there"
-            ) from None
+            # the fill-reducing ordering depends on the pattern alone: AMD once per pattern
+            if pattern._analysis is None:
+                F = cholmod.symbolic(A)
+            else:
+                F = cholmod.symbolic(A, p=matrix(pattern._analysis))
+            try:
+                cholmod.numeric(A, F)
+            except ArithmeticError as error:  # CHOLMOD: not positive definite
+                raise NoLaplaceApproximation(
+                    f"the sparse Hessian is not negative definite at the modes ({error}): no "
+                    "Laplace approximation there"
+                ) from None
         finally:
             cholmod.options.clear()
             cholmod.options.update(options)
@@ -125,6 +137,8 @@ class Factor:
         cholmod.solve(F, probe, sys=8)
         #: the elimination order: ``L D Lᵀ`` factors ``A[order][:, order]``
         self.order = np.argsort(np.array(probe).ravel().astype(np.int64))
+        if pattern._analysis is None:
+            pattern._analysis = self.order.copy()
         L = cholmod.getfactor(F)  # (this turns F into a copy of the factor)
         colptr, rowind, vals = (np.array(t).ravel() for t in L.CCS)
         self.pattern, self.n = pattern, pattern.n
@@ -317,6 +331,8 @@ class _LogDet(torch.autograd.Function):
 class _Solve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, b, pattern):
+        if b.dim() not in (1, 2) or b.shape[0] != pattern.n:
+            raise ValueError(f"b must have shape ({pattern.n},) or ({pattern.n}, m); got {tuple(b.shape)}")
         factor = pattern.factor(values)
         x = torch.as_tensor(factor.solve(b.detach().cpu().numpy()), dtype=b.dtype, device=b.device)
         ctx.factor, ctx.pattern = factor, pattern

@@ -131,3 +131,16 @@ def test_draws_are_reparameterised_with_the_exact_expected_gradient(name, make):
     w = values.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(torch.trace(W @ torch.linalg.inv(pattern.to_dense(w))), w)
     torch.testing.assert_close(grad, expected, rtol=0, atol=1e-9)
+
+
+def test_bad_values_and_right_hand_sides_are_refused_by_name():
+    pattern, values, _ = random_spd(6, 0.5, 8)
+    with pytest.raises(ValueError, match="values must have shape"):
+        sparse_logdet(pattern, values[:-1])
+    with pytest.raises(ValueError, match="not finite"):
+        sparse_logdet(pattern, torch.where(torch.arange(values.numel()) == 0, torch.nan, values))
+    with pytest.raises(ValueError, match="b must have shape"):
+        sparse_solve(pattern, values, torch.ones(5, dtype=torch.float64))
+    # a second factor of the pattern reuses the first one's ordering, and agrees
+    first, second = pattern.factor(values), pattern.factor(values)
+    assert (first.order == second.order).all() and first.logdet() == second.logdet()
