@@ -5,12 +5,10 @@ Pattern. Units of one factor never share a term (that would couple them
 outside any structure curvi knows; it is refused); units of two factors do
 when an observation involves both (a subject and an item, a class and its
 school). Which ones is read off the derivatives, per element of every term
-of the log density: for factor f, random positive weights ``w`` on a unit's
-coordinates and the unit codes ``1, 2, ...``, two Jacobian-vector products
-give ``b_e = Σ w ∂t_e/∂x_f`` and ``a_e = Σ (i + 1) w ∂t_e/∂x_f``; an element
-that depends on one unit i of f has ``a_e / b_e = i + 1`` exactly. Two
-points are combined, and the finished Hessian is checked against a
-Hessian-vector product along a random direction.
+of the log density, by :func:`~curvi.unit_split.find_unit_split` (the
+long-format models' read-off) applied to each factor in turn; the finished
+Hessian is checked against a Hessian-vector product along a random
+direction.
 
 Products. Each pair of factors that share terms has its block read from
 the products of one of them (the assignment with the fewest products:
@@ -35,6 +33,7 @@ from .factors import FactorView
 from .sparse_cholesky import SparsePattern, sparse_matvec
 from .tensor_ops import grad as _grad
 from .tensor_ops import hessian_rows
+from .unit_split import find_unit_split
 
 __all__ = ["HessianPattern", "hessian_pattern", "sparse_hessian"]
 
@@ -140,12 +139,7 @@ def hessian_pattern(
     """
     generator = torch.Generator().manual_seed(seed)
     theta, x = theta.detach(), x.detach()
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    found = [_element_units(view, theta, x0, generator) for x0 in (x, x + 0.5 * noise)]
-    units = np.where(found[0] >= 0, found[0], found[1])  # (elements, F)
-    clash = (found[0] >= 0) & (found[1] >= 0) & (found[0] != found[1])
-    if clash.any():
-        raise ValueError(_coupled_message(view, int(np.nonzero(clash.any(-1))[0][0])))
+    units = _element_units(view, theta, x)  # (elements, F)
     unit_offset = np.cumsum((0,) + view.factor_sizes)[:-1]
     edges = []
     F = len(view.factor_sizes)
@@ -161,64 +155,38 @@ def hessian_pattern(
 
 
 # ------------------------------------------------------------------ pieces
-def _element_units(view, theta, x, generator):
+def _element_units(view, theta, x):
     """For every element of every term, the unit of each factor it depends
-    on (−1: none), ``(elements, F)``; raises when an element depends on two
-    units of one factor (a non-integer or out-of-range code)."""
-    F = len(view.factor_sizes)
-    with torch.enable_grad():
-        xx = x.clone().requires_grad_(True)
-        terms = view.terms(theta, xx)
-        T = torch.cat([t.reshape(-1) for t in terms.values()])
-        u = torch.zeros_like(T, requires_grad=True)
-        (gx,) = torch.autograd.grad((u * T).sum(), xx, create_graph=True, allow_unused=True)
-        result = np.full((T.numel(), F), -1, dtype=np.int64)
-        if gx is None or not gx.requires_grad:
-            return result
-        blocks_offset = view.factor_offsets
-        for f, (N, k) in enumerate(zip(view.factor_sizes, view.factor_dims)):
-            w = (1 + torch.rand(k, generator=generator, dtype=x.dtype)).to(x.device)
-            codes = torch.arange(1, N + 1, dtype=x.dtype, device=x.device).unsqueeze(-1)
-            v_b = torch.zeros_like(x)
-            v_a = torch.zeros_like(x)
-            span = slice(blocks_offset[f], blocks_offset[f] + N * k)
-            v_b[span] = w.expand(N, k).reshape(-1)
-            v_a[span] = (codes * w).reshape(-1)
-            b, a = (
-                torch.autograd.grad((gx * v).sum(), u, retain_graph=True, allow_unused=True)[0]
-                for v in (v_b, v_a)
-            )
-            if b is None:
-                continue
-            b, a = b.detach(), a.detach()
-            tol = 1e-8 * b.abs().max().clamp_min(1e-300)
-            present = b.abs() > tol
-            code = torch.where(present, a / torch.where(present, b, 1.0), 0.0)
-            unit = code.round()
-            bad = present & (
-                ((code - unit).abs() > 1e-6 * code.abs().clamp_min(1.0)) | (unit < 1) | (unit > N)
-            )
-            if bad.any():
-                e = int(bad.nonzero()[0])
-                raise ValueError(_coupled_message(view, e, terms=terms, factor=f))
-            result[:, f] = np.where(present.cpu().numpy(), unit.long().cpu().numpy() - 1, -1)
-    return result
+    on (−1: none), ``(elements, F)``: :func:`~curvi.unit_split.find_unit_split`
+    on each factor in turn, the other factors' latents held at ``x``. Raises
+    when an element depends on two units of one factor."""
+    sizes = [t.numel() for t in view.terms(theta, x).values()]
+    columns = []
+    for f in range(len(view.factor_sizes)):
+        one = _OneFactor(view, x, f)
+        split = find_unit_split(one, theta, one.block)
+        parts = [
+            torch.full((n,), -1, dtype=torch.long) if found is None else found.cpu()
+            for n, found in zip(sizes, split.values())
+        ]
+        columns.append(torch.cat(parts).numpy())
+    return np.stack(columns, -1)
 
 
-def _coupled_message(view, element, terms=None, factor=None):
-    where = ""
-    if terms is not None:
-        at = 0
-        for name, t in terms.items():
-            if element < at + t.numel():
-                where = f" (term of site '{name}', element {element - at})"
-                break
-            at += t.numel()
-    plate = view.unit_plate[factor] if factor is not None else "one of the unit plates"
-    return (
-        f"a term of the log density involves two units of plate '{plate}'{where}; curvi's "
-        "grouping factors need every term to involve at most one unit of each factor"
-    )
+class _OneFactor:
+    """One factor of a :class:`FactorView` as :func:`~curvi.unit_split.find_unit_split`
+    reads a view: its units' latents are the rows ``y``, the other factors'
+    held at ``x``, and no term is per unit."""
+
+    def __init__(self, view, x, f):
+        self.view, self.unit_plate = view, view.unit_plate[f]
+        start, size = view.factor_offsets[f], view.unit_index[f].numel()
+        self.before, self.after = x[:start], x[start + size :]
+        self.block = x[start : start + size].reshape(view.unit_index[f].shape)
+
+    def _terms(self, theta, y, units):
+        x = torch.cat([self.before, y.reshape(-1), self.after])
+        return {name: (t, False) for name, t in self.view.terms(theta, x).items()}
 
 
 def _pattern_from_edges(view, edges):
