@@ -35,6 +35,7 @@ the current guide.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -77,6 +78,26 @@ class LaplaceGuideBase(AutoGuide):
     (differentiable) mean in :meth:`_locs`. A type to check against, not a
     guide to use: see :class:`LaplaceGuide` and :class:`AmortizedLaplaceGuide`.
     """
+
+    _factor_guide = None  # the name of the subclass's guide for several grouping factors
+
+    def __new__(cls, model: Callable = None, *args, unit_plate=None, **kwargs):
+        # several grouping factors: the subclass's guide with the sparse Hessian
+        if unit_plates(unit_plate) is None:
+            return super().__new__(cls)
+        if cls._factor_guide is None:
+            raise ValueError(f"{cls.__name__} takes one unit plate, got {unit_plate!r}")
+        from . import factor_guide
+
+        Guide = getattr(factor_guide, cls._factor_guide)
+        accepted = sorted(set(inspect.signature(Guide).parameters) - {"model", "unit_plate"})
+        refused = sorted(set(kwargs) - set(accepted))
+        if refused:
+            raise ValueError(
+                f"{cls.__name__} with several grouping factors (unit_plate={unit_plate!r}) "
+                f"takes only {accepted}; got {refused}"
+            )
+        return Guide(model, unit_plate=unit_plate, **kwargs)
 
     def __init__(
         self,
@@ -673,20 +694,7 @@ class LaplaceGuide(LaplaceGuideBase):
         moments and marginal densities", JASA 81.
     """
 
-    def __new__(cls, model: Callable = None, *args, unit_plate=None, **kwargs):
-        # several grouping factors: the guide with the sparse Hessian
-        if unit_plates(unit_plate) is not None:
-            from .factor_guide import FactorLaplaceGuide
-
-            allowed = {"repair", "init_loc_fn", "init_to_mode", "create_plates"}
-            refused = sorted(set(kwargs) - allowed)
-            if refused:
-                raise ValueError(
-                    f"LaplaceGuide with several grouping factors (unit_plate={unit_plate!r}) "
-                    f"takes only {sorted(allowed)}; got {refused}"
-                )
-            return FactorLaplaceGuide(model, unit_plate=unit_plate, **kwargs)
-        return super().__new__(cls)
+    _factor_guide = "FactorLaplaceGuide"  # its guide for several grouping factors
 
     def _init_locs(self, view, theta):
         self.loc_global = PyroParam(theta.clone(), constraints.real, event_dim=1)
@@ -787,20 +795,9 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
         :class:`LaplaceGuide`.
     """
 
-    def __new__(cls, model: Callable = None, *args, unit_plate=None, **kwargs):
-        # several grouping factors: the guide of the sparse Laplace marginal
-        if unit_plates(unit_plate) is not None:
-            from .factor_guide import AmortizedFactorLaplaceGuide
-
-            allowed = {"init_loc_fn", "xtol", "max_iter", "create_plates"}
-            refused = sorted(set(kwargs) - allowed)
-            if refused:
-                raise ValueError(
-                    f"AmortizedLaplaceGuide with several grouping factors (unit_plate={unit_plate!r}) "
-                    f"takes only {sorted(allowed)}; got {refused}"
-                )
-            return AmortizedFactorLaplaceGuide(model, unit_plate=unit_plate, **kwargs)
-        return super().__new__(cls)
+    _factor_guide = (
+        "AmortizedFactorLaplaceGuide"  # its guide for several grouping factors (curvi/factor_guide.py)
+    )
 
     def __init__(
         self,
