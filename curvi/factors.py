@@ -33,7 +33,13 @@ __all__ = ["FactorView", "unit_plates"]
 
 def unit_plates(unit_plate) -> tuple[str, ...] | None:
     """The plate names of ``unit_plate`` when it names several grouping
-    factors (a tuple or list of two or more names), else None."""
+    factors (a tuple or list of two or more names), else None.
+
+    Usage::
+
+        unit_plates(("subjects", "items")), unit_plates("groups"), unit_plates(["groups"])
+        # ('subjects', 'items'), None, None
+    """
     if isinstance(unit_plate, (tuple, list)):
         names = tuple(unit_plate)
         if not names or not all(isinstance(n, str) for n in names):

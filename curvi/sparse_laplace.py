@@ -155,6 +155,26 @@ def sparse_log_marginal(
     ``create_graph=True``). What :func:`~curvi.marginal.laplace_log_marginal`
     runs for a :class:`~curvi.factors.FactorView`.
 
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from curvi import FactorView
+
+        def model(subject, item, obs):
+            mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+            with pyro.plate("subjects", 4):
+                a = pyro.sample("a", dist.Normal(0.0, 1.0))
+            with pyro.plate("items", 3):
+                b = pyro.sample("b", dist.Normal(0.0, 1.0))
+            with pyro.plate("obs", len(obs)):
+                pyro.sample("z", dist.Poisson((mu + a[subject] + b[item]).exp()), obs=obs)
+
+        subject, item = torch.arange(12) % 4, torch.arange(12) // 4
+        view = FactorView(model, subject, item, torch.arange(12.0), unit_plate=("subjects", "items"))
+        theta = torch.zeros(1, requires_grad=True)
+        value, modes = sparse_log_marginal(view, theta, view.init_y)
+        value.backward()   # theta.grad: d log p̃(mu, z) / d mu
+
     :raises NoLaplaceApproximation: when the Hessian is not negative
         definite at the joint mode.
     """
