@@ -1,14 +1,19 @@
 """Small real data sets bundled with curvi (see README.md in this folder for
-sources and licences). Loaders return tensors in the default dtype."""
+sources and licences). Loaders return tensors in the default dtype;
+:func:`load_frame` returns any of them as a pandas DataFrame, for formulas."""
 
 from __future__ import annotations
 
 import csv
 import gzip
+import json
 from importlib import resources
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    import pandas
 
 #: glmmTMB 1.1.5's Laplace fit of ``incidence/size ~ period + (1 | herd)``
 #: (binomial): fixed effects in R's treatment coding, herd sd, logLik with
@@ -377,3 +382,69 @@ def load_insteval(dtype=None) -> InstEval:
     d = _codes([r["d"] for r in rows])
     y = torch.tensor([float(r["y"]) for r in rows], dtype=dtype)
     return InstEval(s, d, y, torch.ones(len(rows), 1, dtype=dtype))
+
+
+# --- Data frames for formulas (curvi.glmm) ------------------------------------
+
+#: The factor columns (grouping factors, categorical covariates, identifiers)
+#: of each bundled CSV: :func:`load_frame` reads them as strings, so that a
+#: formula treats them as factors (levels in sorted order, as R's for these
+#: labels). All other columns are read as numbers.
+_FRAME_FACTORS = {
+    "cbpp": ("herd", "period"),
+    "contraception": ("woman", "district", "livch", "urban"),
+    "grouseticks": ("INDEX", "BROOD", "YEAR", "LOCATION"),
+    "insteval": ("s", "d"),
+    "pastes": ("batch", "cask", "sample"),
+    "penicillin": ("plate", "sample"),
+    "pima": (),
+    "sleepstudy": ("Subject",),
+}
+
+
+def load_frame(name: str) -> pandas.DataFrame:
+    """A bundled data set as a pandas DataFrame, as R sees it: the CSV's rows
+    in order, its factor columns as strings (cbpp's ``herd`` "1".."15" and
+    ``period`` "1".."4", grouseticks' ``YEAR`` "95".."97", sleepstudy's
+    ``Subject``, ...) and the others as numbers. ``name`` is the file name
+    with or without ``.csv`` / ``.csv.gz`` ("cbpp", "sleepstudy.csv",
+    "insteval", ...), e.g. the ``dataset`` of a :func:`glmm_references`
+    entry; see README.md in this folder for each data set.
+
+    Usage::
+
+        frame = load_frame("cbpp")
+        frame.shape, sorted(set(frame["period"]))  # (56, 4), ['1', '2', '3', '4']
+        load_frame("sleepstudy.csv")["Subject"].nunique()  # 18
+    """
+    import pandas
+
+    files = {}
+    for entry in resources.files(__package__).iterdir():
+        for suffix in (".csv.gz", ".csv"):
+            if entry.name.endswith(suffix):
+                files[entry.name[: -len(suffix)]] = entry.name
+                break
+    stem = name.removesuffix(".gz").removesuffix(".csv")
+    if stem not in files:
+        raise ValueError(f"no bundled data set {name!r}; available: {', '.join(sorted(files))}")
+    factors = _FRAME_FACTORS.get(stem, ())
+    with resources.as_file(resources.files(__package__).joinpath(files[stem])) as path:
+        return pandas.read_csv(path, dtype={column: str for column in factors})
+
+
+def glmm_references() -> list[dict]:
+    """The glmmTMB reference fits of ``glmm_reference.json`` (ten GLMMs on
+    bundled data, made by ``benchmarks/reference/glmm.R``; the keys are
+    described in README.md in this folder): one dict per case, with the
+    model in R and in formulae syntax, the data set for :func:`load_frame`,
+    estimates, standard errors and logLik.
+
+    Usage::
+
+        refs = glmm_references()
+        refs[0]["name"], refs[0]["formula"]  # 'cbpp_binomial', 'p(incidence, size) ~ period + (1 | herd)'
+        load_frame(refs[0]["dataset"]).shape  # (56, 4)
+    """
+    with resources.files(__package__).joinpath("glmm_reference.json").open() as f:
+        return json.load(f)
