@@ -113,7 +113,9 @@ def to_inference_data(
     :param bool log_likelihood: add the ``log_likelihood`` group.
     :param int num_chains: C: the draws are C chains of S / C draws each,
         one after the other (``mcmc.get_samples()``'s order).
-    :returns: ``arviz.InferenceData``.
+    :returns: ``arviz.InferenceData``. Draws and data may live on any
+        device and in any dtype; the replay runs there, and only the arrays
+        handed to ArviZ are copied to the CPU.
     :raises ValueError: naming the site, for draws that disagree on S, are
         not finite, have the wrong shape, or name no latent or deterministic
         site of the model; for latent sites the draws lack when the model is
@@ -135,6 +137,10 @@ def to_inference_data(
                 "log_likelihood=False, posterior_predictive=False to export the draws alone)"
             )
         computed = [n for n in structure.deterministic if n not in draws] if not structure.missing else []
+        shapes = {n: tuple(v.shape[1:]) for n, v in draws.items()}
+        shapes.update({n: structure.shape[n] for n in computed})
+        obs_shapes = {n: structure.obs_shape[n] for n in exported}
+        ll_dims = _check_dims(dims, coords, shapes, obs_shapes, structure.log_lik_shape)
         wanted = _Wanted(
             log_lik=exported if log_likelihood else [],
             replicate=exported if posterior_predictive else [],
@@ -144,9 +150,6 @@ def to_inference_data(
 
     posterior = dict(draws)
     posterior.update({n: results[("deterministic", n)] for n in computed})
-    shapes = {n: tuple(v.shape[1:]) for n, v in posterior.items()}
-    obs_shapes = {n: structure.obs_shape[n] for n in exported}
-    ll_dims = _check_dims(dims, coords, shapes, obs_shapes, structure.log_lik_shape)
 
     az = _arviz()
     dims = dict(dims or {})
