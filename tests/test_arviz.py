@@ -183,6 +183,25 @@ def test_scale_and_mask_apply_to_the_pointwise_log_likelihood():
     assert (idata.log_likelihood["y"].values[..., 1] == 0).all()
 
 
+def test_obs_mask_exports_the_observed_part_and_factors_are_not_observations():
+    def model(y, present):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.factor("penalty", -(mu**2))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y, obs_mask=present)
+
+    y, present = torch.randn(5), torch.tensor([True, True, False, True, False])
+    draws = {"mu": torch.randn(60), "y_unobserved": torch.randn(60, 5)}
+    idata = to_inference_data(model, draws, y, present)
+    assert set(idata.observed_data.data_vars) == {"y_observed"}
+    expected = dist.Normal(draws["mu"][:, None], 1.0).log_prob(y) * present
+    np.testing.assert_allclose(idata.log_likelihood["y_observed"].values[0], expected.numpy(), rtol=1e-12)
+    filled = torch.where(present, y, draws["y_unobserved"])  # the model's deterministic "y"
+    np.testing.assert_allclose(idata.posterior["y"].values[0], filled.numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match="'penalty' is a pyro.factor term"):
+        to_inference_data(model, {**draws, "penalty": torch.zeros(60)}, y, present)
+
+
 def test_unit_plate_keeps_its_trailing_singleton_and_laplace_marginal_draws_export():
     def model(obs):
         mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
