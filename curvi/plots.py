@@ -345,8 +345,8 @@ def plot_spectrum(
         below 90 %): for plain eigenvalues, one label per eigenvalue in the
         given order; for an :class:`~curvi.EigenResult`, the d coordinate
         names, or True for the result's own (``x[i]`` if it has none). With
-        more than 24 eigenvalues, only the 8 at either end and up to 8
-        negative ones are annotated.
+        more than 24 eigenvalues, only 8 at either end (every k-th when
+        they would crowd) and up to 8 negative ones are annotated.
     :param str title: the axes' title (default: a count of the eigenvalues
         and of the negative ones).
     :param bool negate: negate the eigenvalues before plotting (default:
@@ -367,14 +367,20 @@ def plot_spectrum(
         negate = result is not None
     if negate:
         values = -values
-    names = _spectrum_labels(labels, result, values.size)
-    order = np.argsort(-values, kind="stable")
+    m = values.size
+    names = _spectrum_labels(labels, result, m)
     if ranks is None:
-        position = np.empty(values.size, dtype=np.int64)
-        position[order] = np.arange(values.size)
-    else:  # ascending ranks of H are descending ranks of −H
-        position = ranks if negate else dim - 1 - ranks
-    x = position + 1.0
+        order = np.argsort(-values, kind="stable")
+        rank = np.empty(m, dtype=np.int64)
+        rank[order] = np.arange(m)
+    else:  # 0-based ranks in −H's spectrum, descending: H's ascending ones
+        rank = ranks if negate else dim - 1 - ranks
+        order = np.argsort(rank, kind="stable")
+    # x: the position among the eigenvalues shown, in rank order; the gaps of a
+    # partial spectrum are marked rather than drawn to scale, so that its two
+    # ends do not collapse onto the edges of the axis
+    x = np.empty(m)
+    x[order] = np.arange(1, m + 1)
     negative = values < 0
     fig, ax = _figure_and_axes(ax, (7.0, 4.0))
     ax.scatter(x[~negative], values[~negative], s=22, color=_BLUE, zorder=3, label="λ > 0")
@@ -385,7 +391,8 @@ def plot_spectrum(
         ax.axhline(0.0, color=_GREY, lw=0.8)
     nonzero = np.abs(values[values != 0])
     if (values > 0).all():
-        ax.set_yscale("log")
+        if values.max() >= 20 * values.min():
+            ax.set_yscale("log")
     elif nonzero.size:  # linear within the decade below the smallest |λ|
         linthresh = 10.0 ** math.floor(math.log10(float(nonzero.min())))
         ax.set_yscale("symlog", linthresh=linthresh, linscale=1.0)
@@ -394,18 +401,39 @@ def plot_spectrum(
         _annotate_spectrum(ax, x, values, names, order, negative)
         below, above = (0.35 if negative.any() else 0.06), 0.35
     _pad_y(ax, values, below, above)
-    ax.set_xlim(0.3, dim + 0.7)
-    if dim <= 12:
-        ax.set_xticks(np.arange(1, dim + 1))
+    ax.set_xlim(0.3, m + 0.7)
+    shown_ranks = rank[order] + 1
+    if m == dim:
+        if m <= 12:
+            ax.set_xticks(np.arange(1, m + 1))
+    else:
+        jumps = np.flatnonzero(np.diff(shown_ranks) > 1)
+        for i in jumps:
+            ax.axvline(i + 1.5, color=_GREY, lw=0.8, ls=":")
+            ax.text(
+                i + 1.5,
+                0.5,
+                f"{shown_ranks[i + 1] - shown_ranks[i] - 1} not computed",
+                transform=ax.get_xaxis_transform(),
+                rotation=90,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color=_GREY,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+            )
+        ends = np.unique(np.r_[0, jumps, jumps + 1, m - 1])
+        ticks = np.arange(m) if m <= 16 else ends
+        ax.set_xticks(ticks + 1, [str(r) for r in shown_ranks[ticks]])
     ax.set_xlabel(f"rank, stiffest first (d = {dim})")
     ax.set_ylabel("eigenvalue λ of −H")
     if title is None:
-        shown = f"{values.size}" if values.size == dim else f"{values.size} of {dim}"
+        shown = f"{m}" if m == dim else f"{m} of {dim}"
         title = f"curvature spectrum: {shown} eigenvalues, {int(negative.sum())} negative"
     ax.set_title(title)
     ax.grid(alpha=0.3, lw=0.5)
-    if negative.any():
-        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    if negative.any():  # the corner a falling spectrum leaves free
+        ax.legend(loc="lower left", fontsize=8, frameon=False)
     return _finish(fig, out)
 
 
@@ -431,9 +459,11 @@ def _spectrum_labels(labels, result, m):
 
 def _annotate_spectrum(ax, x, values, names, order, negative):
     m = values.size
-    chosen = (
-        set(range(m)) if m <= 24 else set(order[:8]) | set(order[-8:]) | set(np.flatnonzero(negative)[:8])
-    )
+    chosen = set(range(m))
+    if m > 24:  # 8 at either end, spread out so that their labels do not collide
+        stride = max(1, math.ceil(m / 45))
+        ends = np.r_[np.arange(8) * stride, m - 1 - np.arange(8) * stride]
+        chosen = set(order[ends]) | set(np.flatnonzero(negative)[:8])
     for j in sorted(chosen):
         above = values[j] >= 0
         ax.annotate(

@@ -199,6 +199,7 @@ def test_spectrum_marks_negative_eigenvalues():
     assert ax.get_yscale() == "symlog"
     assert "2 negative" in ax.get_title()
     assert plot_spectrum(np.logspace(-3, 3, 30)).axes[0].get_yscale() == "log"
+    assert plot_spectrum([9.0, 10.0]).axes[0].get_yscale() == "linear"  # within a decade
 
 
 def test_spectrum_of_an_eigen_result_is_that_of_minus_h():
@@ -212,11 +213,15 @@ def test_spectrum_of_an_eigen_result_is_that_of_minus_h():
     assert [y for y, c in zip(ys, colours) if c == RED] == pytest.approx([-2.0])
     assert len(ax.texts) == 4  # each eigenvalue labelled by its dominant coordinate
     assert all(t.get_text().split(" ")[0] in res.names for t in ax.texts)
-    # a Lanczos result sits at its ranks in the full spectrum
+    # a Lanczos result: its two ends side by side, ticked with their ranks in
+    # the full spectrum, the gap between them marked
     part = eigen(torch.diag(-torch.arange(1.0, 201.0)), k=2, method="lanczos")
     ax = plot_spectrum(part).axes[0]
-    xs = np.concatenate([c.get_offsets()[:, 0] for c in ax.collections])
-    assert sorted(xs) == [1, 2, 199, 200] and "4 of 200" in ax.get_title()
+    xs, ys = np.concatenate([c.get_offsets() for c in ax.collections]).T
+    np.testing.assert_allclose(ys[np.argsort(xs)], [200.0, 199.0, 2.0, 1.0], rtol=1e-8)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "199", "200"]
+    assert [t.get_text() for t in ax.texts] == ["196 not computed"]
+    assert "4 of 200" in ax.get_title()
     # negate=False: an EigenResult of the precision itself
     ys, _ = scatter_points(plot_spectrum(eigen(-H), negate=False).axes[0])
     np.testing.assert_allclose(sorted(ys), [-2.0, 0.5, 5.0, 50.0], rtol=1e-10)
