@@ -1,11 +1,14 @@
 """curvi: curvature-aware variational inference for Pyro."""
 
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, PrecisionCholeskyNormal, RepairReport
+from .arviz import to_inference_data
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
 from .eigen import EigenResult, coordinate_names, eigen
 from .factors import FactorView
 from .fit import FitOutcome, FitResult, elbo_converged, fit
 from .flows import FlowHessian, log_density_hessian
+from .glmm import GLMM, glmm
+from .glmm_fit import MaximumLikelihoodFit, PosteriorFit
 from .guides import AmortizedLaplaceGuide, LaplaceGuide
 from .hessian import ArrowheadHessian, dense_hessian, gradient, local_hessian, structured_hessian
 from .laplace_newton import (
@@ -23,6 +26,7 @@ from .model import ModelView
 from .modes import ModeConvergenceWarning, ModeResult, implicit_modes, solve_modes
 from .natural_gradient import NaturalGradient
 from .particles import CollapsedELBO, particle_elbos
+from .plots import plot_caterpillar, plot_elbo, plot_marginals, plot_spectrum
 from .posterior import ArrowheadNormal, LaplaceGaussian, LaplacePosterior, laplace_gaussian
 from .psis import PSISResult, psis
 from .quadrature import (
@@ -51,6 +55,7 @@ __all__ = [
     "FitOutcome",
     "FitResult",
     "FixedNoise",
+    "GLMM",
     "FlowHessian",
     "GradientVariance",
     "Jitter",
@@ -63,12 +68,14 @@ __all__ = [
     "LaplaceNewton",
     "LaplacePosterior",
     "LeaveOneOut_ELBO",
+    "MaximumLikelihoodFit",
     "ModeConvergenceWarning",
     "NaturalGradient",
     "ModeResult",
     "ModelView",
     "NewtonStep",
     "PSISResult",
+    "PosteriorFit",
     "PrecisionCholeskyNormal",
     "QuadratureLogMarginal",
     "RepairReport",
@@ -84,6 +91,7 @@ __all__ = [
     "fit",
     "fit_newton",
     "gauss_hermite_rule",
+    "glmm",
     "gradient",
     "gradient_variance",
     "implicit_modes",
@@ -96,10 +104,15 @@ __all__ = [
     "log_density_hessian",
     "newton_step",
     "particle_elbos",
+    "plot_caterpillar",
+    "plot_elbo",
+    "plot_marginals",
+    "plot_spectrum",
     "psis",
     "quadrature_log_marginal",
     "solve_modes",
     "structured_hessian",
     "surrogate_terms",
+    "to_inference_data",
     "unit_disagreement",
 ]

@@ -421,7 +421,7 @@ def _response(response, lhs, family, like):
             raise ValueError(
                 f"response {lhs!r} must hold non-negative whole numbers for family {family!r} (found {bad:g})"
             )
-    return torch.as_tensor(values, **like), None
+    return torch.as_tensor(values.copy(), **like), None
 
 
 def _split_offsets(values, offset_terms, like):

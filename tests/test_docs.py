@@ -42,6 +42,10 @@ MODULES = [
     "curvi.sparse_hessian",
     "curvi.sparse_laplace",
     "curvi.factor_guide",
+    "curvi.formula",
+    "curvi.glmm",
+    "curvi.arviz",
+    "curvi.plots",
 ]
 
 
