@@ -278,26 +278,26 @@ class GLMM:
         return priors
 
     def _param_inits(self):
-        """Starting values for maximum likelihood: the intercept at the link of
-        the mean response, slopes 0, sds 1 (× sd of a Gaussian response)."""
-        design, s = self.design, self._scale()
+        """Starting values for maximum likelihood: the fixed effects of the
+        GLM without random effects (a few IRLS steps), its residual sd for a
+        Gaussian, and random-effect sds of half the response's scale per unit
+        of each column."""
+        design = self.design
+        beta, sigma = _glm_start(design, self.family)
+        scale = sigma if sigma is not None else beta.new_tensor(1.0)
         inits = {}
         if design.fixed.shape[-1]:
-            beta = design.fixed.new_zeros(design.fixed.shape[-1])
-            if "Intercept" in design.fixed_names:
-                beta[design.fixed_names.index("Intercept")] = _link_of_mean(design, self.family)
             inits["beta"] = (beta, constraints.real)
         for block, sites in zip(design.blocks, self._sites):
-            inits[sites["sd"]] = (s * torch.ones_like(block.design[0]), constraints.positive)
+            rms = block.design.pow(2).mean(0).sqrt().clamp(min=1e-8)
+            inits[sites["sd"]] = (0.5 * scale / rms, constraints.positive)
             if "L" in sites:
-                inits[sites["L"]] = (
-                    torch.eye(block.size, dtype=s.dtype, device=s.device),
-                    constraints.corr_cholesky,
-                )
+                eye = torch.eye(block.size, dtype=beta.dtype, device=beta.device)
+                inits[sites["L"]] = (eye, constraints.corr_cholesky)
         if self.family == "gaussian":
-            inits["sigma"] = (s.clone(), constraints.positive)
+            inits["sigma"] = (sigma, constraints.positive)
         if self.family == "negativebinomial":
-            inits["phi"] = (s.new_tensor(1.0), constraints.positive)
+            inits["phi"] = (beta.new_tensor(1.0), constraints.positive)
         return inits
 
     # ---- fitting ---------------------------------------------------------
@@ -355,6 +355,41 @@ def _fixed_prior(design, family, s):
     if family == "gaussian" and "Intercept" in design.fixed_names:
         loc[design.fixed_names.index("Intercept")] = design.response.mean()
     return dist.Normal(loc, scale).to_event(1)
+
+
+def _glm_start(design, family, steps=8):
+    """Fixed effects of the GLM without random effects by IRLS from the
+    intercept at the link of the mean (ridge 1e-6 for safety), and the
+    residual sd of a Gaussian response."""
+    x, y = design.fixed, design.response
+    offset = design.offset if design.offset is not None else torch.zeros_like(y)
+    beta = x.new_zeros(x.shape[-1])
+    if "Intercept" in design.fixed_names:
+        beta[design.fixed_names.index("Intercept")] = _link_of_mean(design, family)
+    ridge = 1e-6 * torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    for _ in range(steps if x.shape[-1] else 0):
+        eta = x @ beta + offset
+        if family == "gaussian":
+            mean, variance = eta, torch.ones_like(eta)
+        elif family in ("binomial", "bernoulli"):
+            trials = design.trials if design.trials is not None else torch.ones_like(y)
+            p = torch.sigmoid(eta)
+            mean, variance = trials * p, trials * p * (1 - p)
+        else:
+            mean = eta.clamp(max=30).exp()
+            variance = mean
+        variance = variance.clamp(min=1e-8)
+        working = eta - offset + (y - mean) / variance
+        weighted = x * variance.unsqueeze(-1)
+        beta = torch.linalg.solve(x.T @ weighted + ridge, weighted.T @ working)
+        if family == "gaussian":
+            break
+    if not torch.isfinite(beta).all():  # separation or overflow: the plain start
+        beta = x.new_zeros(x.shape[-1])
+    sigma = None
+    if family == "gaussian":
+        sigma = (y - x @ beta - offset).std().clamp(min=1e-8) if x.shape[-1] else y.std().clamp(min=1e-8)
+    return beta, sigma
 
 
 def _link_of_mean(design, family):
