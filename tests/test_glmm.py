@@ -216,9 +216,9 @@ def test_guide_fit_matches_nuts_on_cbpp(guide_fit):
 
 def test_nuts_fit_reads_out(float64):
     model = curvi.glmm("strength ~ 1 + (1 | batch)", load_frame("pastes"))
-    fit = model.fit("nuts", num_samples=60, warmup_steps=60)
-    assert fit.draws["r_batch"].shape == (60, 10, 1)
-    assert fit.draws["beta"].shape == (60, 1)
+    fit = model.fit("nuts", num_samples=6, warmup_steps=6)  # read-outs only: a short chain
+    assert fit.draws["r_batch"].shape == (6, 10, 1)
+    assert fit.draws["beta"].shape == (6, 1)
     text = fit.summary()
     assert "Rhat" in text and "~batch (Number of levels: 10)" in text
 
@@ -320,3 +320,19 @@ def test_an_unknown_level_in_newdata_gives_the_population_prediction(ml_fits):
     assert torch.allclose(fit.predict(new), population)
     with pytest.raises(ValueError, match="newdata has no column 'cask'"):
         fit.predict(new.drop(columns=["cask"]))
+
+
+def test_ml_with_quadrature_reproduces_glmer_nagq(float64):
+    # glmer(..., nAGQ = 5) on cbpp; see tests/test_quadrature.py for the R
+    # command and the saturated-model constant glmer leaves out
+    from test_quadrature import GLMER_AGQ, saturated_log_likelihood
+
+    cbpp = load_frame("cbpp")
+    model = curvi.glmm("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp, family="binomial")
+    fit = model.fit("ml", quadrature=5)
+    log_lik, beta, sigma = GLMER_AGQ[5]
+    expected = log_lik + saturated_log_likelihood(model.design.trials, model.response)
+    assert fit.log_likelihood == pytest.approx(expected, abs=1e-5)
+    assert list(fit.fixed_effects.values()) == pytest.approx(beta, abs=2e-5)
+    assert fit.variance_components[0]["sd"].item() == pytest.approx(sigma, abs=2e-5)
+    assert "adaptive Gauss-Hermite (5 nodes)" in fit.summary()
