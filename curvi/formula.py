@@ -101,7 +101,7 @@ class Design:
         data = _as_frame(data, "newdata")
         like = dict(dtype=self.fixed.dtype, device=self.fixed.device)
         fixed = offset = None
-        if self._fixed_matrices is not None:
+        if self._fixed_matrices is not None and self._fixed_matrices.common is not None:
             common = self._fixed_matrices.common
             needed = set().union(*(t.var_names for t in common.terms.values()))
             _require_columns(data, sorted(needed), "newdata")
@@ -242,6 +242,8 @@ def read_formula(formula: str, data, *, family: str, weights=None, dtype=None, d
         raise ValueError(f"formula {formula!r}: {error}") from error
     response, trials = _response(matrices.response, written, family, like)
     fixed, offset, offset_terms, names = _fixed(matrices.common, like)
+    if matrices.common is None:  # "y ~ 0 + (1 | g)": no fixed effects
+        fixed = response.new_zeros(response.shape[0], 0)
     factors, blocks, bar_matrices = {}, [], []
     for expr, factor, double in bars:
         try:

@@ -192,8 +192,10 @@ class GLMM:
             designs = [b.design for b in design.blocks]
         else:
             fixed, offset, index, designs = new
-        beta = values["beta"]
-        eta = (beta.unsqueeze(-2) * fixed).sum(-1) if fixed.shape[-1] else fixed.new_zeros(fixed.shape[0])
+        if fixed.shape[-1]:
+            eta = (values["beta"].unsqueeze(-2) * fixed).sum(-1)
+        else:
+            eta = fixed.new_zeros(fixed.shape[0])
         if offset is not None:
             eta = eta + offset
         for block, sites, z in zip(design.blocks, self._sites, designs):

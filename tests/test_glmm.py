@@ -336,3 +336,15 @@ def test_ml_with_quadrature_reproduces_glmer_nagq(float64):
     assert list(fit.fixed_effects.values()) == pytest.approx(beta, abs=2e-5)
     assert fit.variance_components[0]["sd"].item() == pytest.approx(sigma, abs=2e-5)
     assert "adaptive Gauss-Hermite (5 nodes)" in fit.summary()
+
+
+def test_formulas_without_fixed_effects_and_with_factor_responses(float64):
+    pastes = load_frame("pastes")
+    fit = curvi.glmm("strength ~ 0 + (1 | batch)", pastes).fit("ml")
+    assert fit.glmm.fixed_names == () and fit.fixed_effects == {}
+    assert torch.allclose(fit.predict(pastes.head(3)), fit.predict()[:3])
+    frame = load_frame("contraception")
+    frame["used"] = np.where(frame["use"] == 1, "Y", "N")
+    model = curvi.glmm("used[Y] ~ age * urban + (1 | district)", frame, family="bernoulli")
+    assert torch.equal(model.response, torch.tensor(frame["use"].to_numpy(), dtype=torch.float64))
+    assert model.fixed_names == ("Intercept", "age", "urban[Y]", "age:urban[Y]")
