@@ -25,6 +25,7 @@ from typing import NamedTuple
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible, init_to_median
 from pyro.infer.autoguide.utils import helpful_support_errors
@@ -134,6 +135,10 @@ class ModelView:
         # Laplace approximation needs, including the sites hidden from the guide
         self._full_model, blocked = without_blocks(model)
         full_trace = _trace_prototype(self._full_model, init_loc_fn, args, kwargs) if blocked else trace
+        # curvi evaluates the model with Pyro's validation off (torch.func):
+        # its observed values are checked here instead, and in with_args
+        check_observed(full_trace)
+        self._checked_data = [(args, kwargs, None)]  # shared by with_args's copies
         frame = None if unit_plate is None else _find_unit_frame(trace, unit_plate)
         #: units in the plate (0 without a unit plate: every latent is global)
         self.num_units = (
@@ -474,10 +479,16 @@ class ModelView:
         return view
 
     def with_args(self, *args, **kwargs) -> ModelView:
-        """The same view (same layout, no re-tracing) of the model called with
-        other arguments, e.g. a new minibatch of data."""
+        """The same view (same layout) of the model called with other
+        arguments, e.g. a new minibatch of data. Data not seen before (other
+        objects than the last checked) are traced once at a feasible point
+        and their observed values checked (:func:`check_observed`)."""
         view = copy.copy(self)
         view.args, view.kwargs = args, kwargs
+        key = (args, kwargs, None)
+        if not _same_objects(self._checked_data[0], key):  # new data: one trace to check them
+            check_observed(_trace_prototype(self._full_model, init_to_feasible, args, kwargs))
+            self._checked_data[0] = key
         return view
 
     def unpack_unconstrained(self, theta: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -642,6 +653,152 @@ class ModelView:
 
 
 # ---------------------------------------------------------------- set-up steps
+def check_observed(trace) -> None:
+    """Refuse, naming the site, observed values that the model's density
+    cannot take: a shape that disagrees with a plate the site sits in or
+    with its distribution, NaN or infinite entries, and (while Pyro's
+    validation is on, as by default) values outside the distribution's
+    support -- a negative or fractional count, say. Masked entries
+    (``poutine.mask``, ``obs_mask``) are not checked.
+
+    Pyro checks the support when it computes a log probability; curvi
+    computes them with validation off (``torch.func`` cannot run the
+    data-dependent checks), so it checks the data here, once per data.
+
+    Usage::
+
+        import pyro, pyro.distributions as dist, pyro.poutine as poutine
+
+        def model(counts):
+            rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+            with pyro.plate("days", len(counts)):
+                pyro.sample("c", dist.Poisson(rate), obs=counts)
+
+        check_observed(poutine.trace(model).get_trace(torch.tensor([0.0, 3.0])))  # fine
+        try:
+            check_observed(poutine.trace(model).get_trace(torch.tensor([0.0, 2.5])))
+        except ValueError as error:
+            print(error)  # observed site 'c' has 1 of 2 values outside the support ...
+
+    :raises ValueError: naming the site, and the plate or the offending value.
+    """
+    validate = pyro.distributions.is_validation_enabled()
+    for name, site in trace.nodes.items():
+        if (
+            site["type"] != "sample"
+            or not site["is_observed"]
+            or site_is_subsample(site)
+            or site["infer"].get("_deterministic")
+            or _is_factor(site)
+            or not torch.is_tensor(site["value"])
+        ):
+            continue
+        problem = _observed_problem(site, validate)
+        if problem:
+            raise ValueError(f"observed site '{name}' {problem}")
+
+
+def _observed_problem(site, validate):
+    value, fn = site["value"].detach(), site["fn"]
+    shape, event_dim = tuple(value.shape), fn.event_dim
+    for f in site["cond_indep_stack"]:
+        axis = None if not f.vectorized or f.dim is None else f.dim - event_dim
+        if axis is not None and len(shape) >= -axis and shape[axis] not in (1, f.size):
+            return (
+                f"has shape {shape}, but it sits in plate '{f.name}' of size {f.size} (dim {f.dim}), "
+                f"along which it has {shape[axis]} entries: its values must have the plate's size there"
+            )
+    expected = tuple(fn.batch_shape + fn.event_shape)
+    try:
+        torch.broadcast_shapes(shape, expected)
+    except RuntimeError:
+        return f"has shape {shape}, which does not broadcast with its distribution's shape {expected}"
+    mask = _observed_mask(site)
+    if mask is False:
+        return None
+    entries = ~torch.isfinite(value)
+    if event_dim:
+        entries = entries.flatten(-event_dim).any(-1)
+    bad = _unmasked(entries, mask)
+    if bad.any():
+        return (
+            f"holds {int(bad.sum())} NaN or infinite value(s) of {bad.numel()} (the first "
+            f"{_first(value, event_dim, bad)}); drop them, or mask them out (obs_mask=, poutine.mask)"
+        )
+    if not validate:
+        return None
+    try:
+        entries = ~fn.support.check(value)
+        bad = _unmasked(entries, mask)
+    except (RuntimeError, ValueError, NotImplementedError):  # a support that cannot say
+        return None
+    if bad.any():
+        return (
+            f"has {int(bad.sum())} of {bad.numel()} values outside the support of its "
+            f"{type(fn).__name__} distribution ({_describe_support(fn.support, fn)}); the first "
+            f"{_first(value, event_dim, bad)}"
+        )
+    return None
+
+
+def _observed_mask(site):
+    """The site's mask: a tensor, ``None`` (every entry counts) or ``False``."""
+    masks = [site["mask"]]
+    if isinstance(site["fn"], MaskedDistribution):  # obs_mask=, fn.mask(...)
+        masks.append(site["fn"]._mask)
+    mask = None
+    for m in masks:
+        if m is None or m is True:
+            continue
+        if m is False:
+            return False
+        mask = m if mask is None else mask & m
+    return mask
+
+
+def _unmasked(entries, mask):
+    if mask is None:
+        return entries
+    try:
+        entries, mask = torch.broadcast_tensors(entries, mask.to(entries.device))
+    except RuntimeError:
+        return entries
+    return entries & mask
+
+
+def _first(value, event_dim, bad):
+    """The first offending entry of ``value``, where ``bad`` (its batch
+    shape, possibly broadcast further) is true."""
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    try:
+        shown = value.expand(bad.shape + value.shape[value.dim() - event_dim :])[index]
+    except RuntimeError:  # a shape that does not say which entry it is
+        return f"is at index {index}"
+    shown = shown.item() if shown.numel() == 1 else shown.tolist()
+    return f"is {shown} at index {index}" if index else f"is {shown}"
+
+
+def _describe_support(support, fn):
+    """A short name of ``fn``'s support (without the tensors of a dependent one)."""
+    constraints = torch.distributions.constraints
+    if isinstance(support, constraints.independent):
+        return _describe_support(support.base_constraint, fn)
+    if isinstance(support, constraints._IntegerGreaterThan):
+        return "non-negative integers" if support.lower_bound == 0 else f"integers >= {support.lower_bound}"
+    if isinstance(support, constraints._IntegerInterval):
+
+        def bound(b):
+            if isinstance(b, (int, float)):
+                return f"{b:g}"
+            return "total_count" if hasattr(fn, "total_count") else "its upper bound"
+
+        return f"integers from {bound(support.lower_bound)} to {bound(support.upper_bound)}"
+    if isinstance(support, constraints._Boolean):
+        return "0 or 1"
+    text = repr(support)
+    return text if len(text) <= 60 else type(support).__name__.lstrip("_")
+
+
 def _trace_prototype(model, init_loc_fn, args, kwargs):
     with pyro.validation_enabled(False), torch.no_grad():
         return poutine.block(poutine.trace(InitMessenger(init_loc_fn)(model)).get_trace)(*args, **kwargs)

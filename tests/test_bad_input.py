@@ -1,0 +1,459 @@
+"""Bad input, end to end: the mistakes users make, fed to each public entry
+point, and a clear error or warning naming the site, plate or argument --
+never a NaN or a corrupted parameter store handed back in silence.
+
+curvi evaluates models with Pyro's validation off (``torch.func`` cannot
+run its data-dependent checks), so the observed values are checked when a
+view of the model is made and when it is given new data
+(:func:`curvi.model.check_observed`); these tests hold every entry point to
+that. (The formula front end's mistakes -- a missing column, a grouping
+factor with one level -- live with its own tests.)
+"""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+
+import curvi
+from curvi import (
+    AmortizedLaplaceGuide,
+    LaplaceGuide,
+    LaplaceMarginal,
+    LaplaceNewton,
+    ModelView,
+    dense_hessian,
+    laplace_log_marginal,
+    laplace_mle,
+    psis,
+    solve_modes,
+    structured_hessian,
+)
+
+# ---------------------------------------------------------------------------
+# models and data (float64: tests/conftest.py sets the default dtype)
+
+
+def hier(obs):
+    """Gaussian random intercepts: unit plate 'groups' (dim -2), observations in 'obs'."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    with pyro.plate("groups", obs.shape[0], dim=-2):
+        u = pyro.sample("u", dist.Normal(mu, tau))
+        with pyro.plate("obs", obs.shape[1], dim=-1):
+            pyro.sample("z", dist.Normal(u, 0.5), obs=obs)
+
+
+def hier_mle(obs):
+    mu = pyro.param("mu", torch.tensor(0.0))
+    tau = pyro.param("tau", torch.tensor(1.0), constraint=dist.constraints.positive)
+    with pyro.plate("groups", obs.shape[0], dim=-2):
+        u = pyro.sample("u", dist.Normal(mu, tau))
+        with pyro.plate("obs", obs.shape[1], dim=-1):
+            pyro.sample("z", dist.Normal(u, 0.5), obs=obs)
+
+
+def crossed(a_idx, b_idx, counts):
+    """Poisson counts with crossed random effects: unit plates 'a' and 'b'."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("a", int(a_idx.max()) + 1):
+        a = pyro.sample("ua", dist.Normal(0.0, 1.0))
+    with pyro.plate("b", int(b_idx.max()) + 1):
+        b = pyro.sample("ub", dist.Normal(0.0, 1.0))
+    with pyro.plate("obs", len(counts)):
+        pyro.sample("c", dist.Poisson((mu + a[..., a_idx] + b[..., b_idx]).exp()), obs=counts)
+
+
+def crossed_mle(a_idx, b_idx, counts):
+    mu = pyro.param("mu", torch.tensor(0.0))
+    with pyro.plate("a", int(a_idx.max()) + 1):
+        a = pyro.sample("ua", dist.Normal(0.0, 1.0))
+    with pyro.plate("b", int(b_idx.max()) + 1):
+        b = pyro.sample("ub", dist.Normal(0.0, 1.0))
+    with pyro.plate("obs", len(counts)):
+        pyro.sample("c", dist.Poisson((mu + a[..., a_idx] + b[..., b_idx]).exp()), obs=counts)
+
+
+def hier_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(5, 3, generator=g, dtype=torch.float64) + torch.randn(5, 1, generator=g)
+
+
+def crossed_data():
+    g = torch.Generator().manual_seed(1)
+    a_idx, b_idx = torch.arange(12) % 4, torch.arange(12) % 3
+    return a_idx, b_idx, torch.poisson(torch.full((12,), 2.0, dtype=torch.float64), generator=g)
+
+
+def traced(marginal, *args):
+    """Run a LaplaceMarginal as inference would (inside a trace)."""
+    return poutine.trace(marginal).get_trace(*args)
+
+
+def on_a_view(function, model=hier):
+    """``function(view, theta, y)`` on a view made on good data and given the
+    bad data through ``with_args`` (the route of every later call)."""
+
+    def call(bad, good):
+        view = ModelView(model, good, unit_plate="groups")
+        return function(view.with_args(bad), view.init_theta, view.init_y)
+
+    return call
+
+
+def amortized(model):
+    """An amortized guide started at init_loc_fn's point (quick to set up)."""
+    return AmortizedLaplaceGuide(model, unit_plate="groups", init_to_mode=False)
+
+
+def later_call(make_guide, model=hier):
+    """A guide set up on good data, then called on bad data of the same shapes."""
+
+    def call(bad, good):
+        guide = make_guide(model)
+        guide(*good) if isinstance(good, tuple) else guide(good)
+        return guide(*bad) if isinstance(bad, tuple) else guide(bad)
+
+    return call
+
+
+def marginal_later_call(bad, good):
+    marginal = LaplaceMarginal(hier, unit_plate="groups")
+    traced(marginal, good)
+    return traced(marginal, bad)
+
+
+def psis_on_other_data(bad, good):
+    guide = LaplaceGuide(hier, unit_plate="groups", init_to_mode=False)
+    guide(good)
+    return psis(hier, guide, bad, num_samples=4)
+
+
+# ---------------------------------------------------------------------------
+# entry points, each as ``call(bad_data, good_data)``
+
+ONE_PLATE = {
+    "LaplaceGuide": lambda bad, good: LaplaceGuide(hier, unit_plate="groups")(bad),
+    "AmortizedLaplaceGuide": lambda bad, good: AmortizedLaplaceGuide(hier, unit_plate="groups")(bad),
+    "fit": lambda bad, good: curvi.fit(
+        hier, AmortizedLaplaceGuide(hier, unit_plate="groups"), bad, steps=2, progress=False
+    ),
+    "LaplaceNewton": lambda bad, good: curvi.fit(
+        hier, AmortizedLaplaceGuide(hier, unit_plate="groups"), bad, optim=LaplaceNewton(), progress=False
+    ),
+    "laplace_mle": lambda bad, good: laplace_mle(hier_mle, bad, unit_plate="groups"),
+    "LaplaceMarginal": lambda bad, good: traced(LaplaceMarginal(hier, unit_plate="groups"), bad),
+    "LaplaceMarginal later call": marginal_later_call,
+    "guide later call": later_call(amortized),
+    "ModelView.with_args": on_a_view(lambda view, theta, y: view),
+    "laplace_log_marginal": on_a_view(laplace_log_marginal),
+    "solve_modes": on_a_view(solve_modes),
+    "structured_hessian": on_a_view(structured_hessian),
+    "dense_hessian": on_a_view(dense_hessian),
+    "psis": psis_on_other_data,
+}
+
+SEVERAL_PLATES = {
+    "LaplaceGuide": lambda bad, good: LaplaceGuide(crossed, unit_plate=("a", "b"))(*bad),
+    "AmortizedLaplaceGuide": lambda bad, good: AmortizedLaplaceGuide(crossed, unit_plate=("a", "b"))(*bad),
+    "laplace_mle": lambda bad, good: laplace_mle(crossed_mle, *bad, unit_plate=("a", "b")),
+    "LaplaceMarginal": lambda bad, good: traced(LaplaceMarginal(crossed, unit_plate=("a", "b")), *bad),
+    "guide later call": later_call(lambda m: AmortizedLaplaceGuide(m, unit_plate=("a", "b")), crossed),
+}
+
+
+def with_entry(data, index, value):
+    data = data.clone()
+    data[index] = value
+    return data
+
+
+# ---------------------------------------------------------------------------
+# NaN and infinite data
+
+
+NON_FINITE = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
+def test_nan_and_infinite_data_are_refused_naming_the_site_the_entry_and_the_fix(value):
+    bad = with_entry(with_entry(hier_data(), (1, 2), value), (3, 0), value)
+    match = (
+        rf"observed site 'z' holds 2 NaN or infinite value\(s\) of 15 \(the first is {value} at index "
+        r"\(1, 2\)\); drop them, or mask them out \(obs_mask=, poutine.mask\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        ModelView(hier, bad, unit_plate="groups")
+
+
+@pytest.mark.parametrize("entry", ONE_PLATE)
+def test_non_finite_data_are_refused_by_every_entry_point(entry):
+    good = hier_data()
+    value = NON_FINITE[list(ONE_PLATE).index(entry) % 3]  # each entry point one of them
+    bad = with_entry(good, (2, 1), value)
+    with pytest.raises(ValueError, match=r"observed site 'z' holds 1 NaN or infinite value.*index \(2, 1\)"):
+        ONE_PLATE[entry](bad, good)
+
+
+@pytest.mark.parametrize("entry", SEVERAL_PLATES)
+def test_non_finite_counts_are_refused_with_several_grouping_factors(entry):
+    good = crossed_data()
+    bad = (*good[:2], with_entry(good[2], 5, math.nan))
+    with pytest.raises(ValueError, match=r"observed site 'c' holds 1 NaN or infinite value.*index \(5,\)"):
+        SEVERAL_PLATES[entry](bad, good)
+
+
+@pytest.mark.parametrize("how", ["poutine.mask", "obs_mask"])
+def test_missing_values_under_a_mask_are_not_refused(how):
+    obs = with_entry(hier_data(), (1, 1), math.nan)  # a missing value ...
+    mask = torch.isfinite(obs)  # ... masked out
+
+    def masked(obs):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("groups", obs.shape[0], dim=-2):
+            u = pyro.sample("u", dist.Normal(mu, 1.0))
+            with pyro.plate("obs", obs.shape[1], dim=-1):
+                if how == "obs_mask":  # Pyro imputes it: a latent z_unobserved
+                    pyro.sample("z", dist.Normal(u, 0.5), obs=obs, obs_mask=mask)
+                else:
+                    with poutine.mask(mask=mask):
+                        pyro.sample("z", dist.Normal(u, 0.5), obs=obs)
+
+    view = ModelView(masked, obs, unit_plate="groups")
+    assert torch.isfinite(view.log_joint(view.init_theta, view.init_y))
+
+
+# ---------------------------------------------------------------------------
+# count families given negative or fractional data
+
+
+def count_model(family):
+    def model(counts):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("groups", counts.shape[0]):
+            u = pyro.sample("u", dist.Normal(mu, 1.0))
+            if family == "Poisson":
+                fn = dist.Poisson(u.exp())
+            elif family == "Binomial":
+                fn = dist.Binomial(10, logits=u)
+            else:
+                fn = dist.NegativeBinomial(5.0, logits=u)
+            pyro.sample("c", fn, obs=counts)
+
+    return model
+
+
+COUNT_ENTRIES = {
+    "LaplaceGuide": lambda model, bad, good: LaplaceGuide(model, unit_plate="groups")(bad),
+    "fit": lambda model, bad, good: curvi.fit(
+        model, AmortizedLaplaceGuide(model, unit_plate="groups"), bad, steps=2, progress=False
+    ),
+    "LaplaceMarginal": lambda model, bad, good: traced(LaplaceMarginal(model, unit_plate="groups"), bad),
+    "guide later call": lambda model, bad, good: later_call(amortized, model)(bad, good),
+}
+
+SUPPORTS = {
+    "Poisson": "non-negative integers",
+    "Binomial": "integers from 0 to total_count",
+    "NegativeBinomial": "non-negative integers",
+}
+
+
+def count_message(family, value):
+    return (
+        f"observed site 'c' has 1 of 4 values outside the support of its {family} distribution "
+        rf"\({SUPPORTS[family]}\); the first is {value} at index \(1,\)"
+    )
+
+
+@pytest.mark.parametrize("value", [-3.0, 2.5], ids=["negative", "fractional"])
+@pytest.mark.parametrize("family", ["Poisson", "Binomial", "NegativeBinomial"])
+def test_counts_outside_the_support_are_refused_naming_the_site(family, value):
+    bad = torch.tensor([0.0, value, 1.0, 2.0])
+    with pytest.raises(ValueError, match=count_message(family, value)):
+        ModelView(count_model(family), bad, unit_plate="groups")
+
+
+@pytest.mark.parametrize("entry", COUNT_ENTRIES)
+def test_bad_counts_are_refused_by_every_entry_point(entry):
+    i = list(COUNT_ENTRIES).index(entry)
+    family, value = ["Poisson", "Binomial", "NegativeBinomial"][i % 3], [2.5, -3.0][i % 2]
+    good = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match=count_message(family, value)):
+        COUNT_ENTRIES[entry](count_model(family), with_entry(good, 1, value), good)
+
+
+def test_a_binomial_count_above_its_total_is_refused():
+    with pytest.raises(
+        ValueError, match=r"observed site 'c' .* Binomial .* the first is 12.0 at index \(1,\)"
+    ):
+        LaplaceGuide(count_model("Binomial"), unit_plate="groups")(torch.tensor([0.0, 12.0, 1.0, 2.0]))
+
+
+def test_laplace_mle_refuses_fractional_counts():
+    def model(counts):
+        mu = pyro.param("mu", torch.tensor(0.0))
+        with pyro.plate("groups", len(counts)):
+            u = pyro.sample("u", dist.Normal(mu, 1.0))
+            pyro.sample("c", dist.Poisson(u.exp()), obs=counts)
+
+    with pytest.raises(
+        ValueError, match="observed site 'c' has 1 of 4 values outside the support of its Poisson"
+    ):
+        laplace_mle(model, torch.tensor([0.0, 2.5, 1.0, 2.0]), unit_plate="groups")
+
+
+@pytest.mark.parametrize("entry", SEVERAL_PLATES)
+def test_fractional_counts_are_refused_with_several_grouping_factors(entry):
+    good = crossed_data()
+    bad = (*good[:2], with_entry(good[2], 3, 0.5))
+    with pytest.raises(ValueError, match=r"observed site 'c' has 1 of 12 values outside the support .* 0.5"):
+        SEVERAL_PLATES[entry](bad, good)
+
+
+def test_the_support_check_follows_pyros_validation_switch():
+    # with validation off (pyro.enable_validation(False)) Pyro takes a
+    # fractional count; so does curvi -- the user's choice
+    model = count_model("Poisson")
+    with pyro.validation_enabled(False):
+        view = ModelView(model, torch.tensor([0.0, 2.5, 1.0, 2.0]), unit_plate="groups")
+    assert torch.isfinite(view.log_joint(view.init_theta, view.init_y))
+
+
+# ---------------------------------------------------------------------------
+# shapes that disagree with a plate
+
+
+def fixed_plate(obs):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("groups", 5):
+        u = pyro.sample("u", dist.Normal(mu, 1.0))
+        pyro.sample("z", dist.Normal(u, 1.0), obs=obs)
+
+
+def fixed_plate_mle(obs):
+    mu = pyro.param("mu", torch.tensor(0.0))
+    with pyro.plate("groups", 5):
+        u = pyro.sample("u", dist.Normal(mu, 1.0))
+        pyro.sample("z", dist.Normal(u, 1.0), obs=obs)
+
+
+SHAPE_ENTRIES = {
+    "ModelView": lambda obs: ModelView(fixed_plate, obs, unit_plate="groups"),
+    "LaplaceGuide": lambda obs: LaplaceGuide(fixed_plate, unit_plate="groups")(obs),
+    "AmortizedLaplaceGuide": lambda obs: AmortizedLaplaceGuide(fixed_plate, unit_plate="groups")(obs),
+    "laplace_mle": lambda obs: laplace_mle(fixed_plate_mle, obs, unit_plate="groups"),
+    "LaplaceMarginal": lambda obs: traced(LaplaceMarginal(fixed_plate, unit_plate="groups"), obs),
+    "ModelView.with_args": lambda obs: ModelView(fixed_plate, torch.zeros(5), unit_plate="groups").with_args(
+        obs
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", [(4,), (10,), (5, 2)])
+@pytest.mark.parametrize("entry", SHAPE_ENTRIES)
+def test_observations_that_disagree_with_a_plate_are_refused_naming_site_and_plate(entry, shape):
+    expected = (
+        rf"observed site 'z' has shape \({', '.join(map(str, shape))},?\), but it sits in plate 'groups' "
+        rf"of size 5 \(dim -1\), along which it has {shape[-1]} entries"
+    )
+    with pytest.raises(ValueError, match=expected):
+        SHAPE_ENTRIES[entry](torch.zeros(shape))
+
+
+# ---------------------------------------------------------------------------
+# a unit plate the model does not have
+
+
+NOPE = {
+    "LaplaceGuide": lambda p: LaplaceGuide(hier, unit_plate=p)(hier_data()),
+    "AmortizedLaplaceGuide": lambda p: AmortizedLaplaceGuide(hier, unit_plate=p)(hier_data()),
+    "fit": lambda p: curvi.fit(hier, AmortizedLaplaceGuide(hier, unit_plate=p), hier_data(), progress=False),
+    "laplace_mle": lambda p: laplace_mle(hier_mle, hier_data(), unit_plate=p),
+    "LaplaceMarginal": lambda p: traced(LaplaceMarginal(hier, unit_plate=p), hier_data()),
+    "ModelView": lambda p: ModelView(hier, hier_data(), unit_plate=p),
+}
+
+
+@pytest.mark.parametrize("plate", ["nope", ("nope",), ("groups", "nope"), ("nope", "groups")], ids=str)
+@pytest.mark.parametrize("entry", NOPE)
+def test_a_missing_unit_plate_is_named_with_the_plates_the_model_has(entry, plate):
+    if entry == "ModelView" and isinstance(plate, tuple) and len(plate) > 1:
+        pytest.skip("ModelView takes one unit plate (FactorView takes several)")
+    with pytest.raises(
+        ValueError, match=r"the model has no plate named 'nope'; its plates are \['groups', 'obs'\]"
+    ):
+        NOPE[entry](plate)
+
+
+# ---------------------------------------------------------------------------
+# a discrete latent under a Laplace guide
+
+
+def discrete_local(obs):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("groups", 5):
+        u = pyro.sample("u", dist.Normal(mu, 1.0))
+        k = pyro.sample("k", dist.Bernoulli(0.5))
+        pyro.sample("z", dist.Normal(u + k, 1.0), obs=obs)
+
+
+def discrete_global(obs):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    k = pyro.sample("k", dist.Bernoulli(0.5))
+    with pyro.plate("groups", 5):
+        u = pyro.sample("u", dist.Normal(mu, 1.0))
+        pyro.sample("z", dist.Normal(u + k, 1.0), obs=obs)
+
+
+def discrete_crossed(a_idx, b_idx, counts):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("a", int(a_idx.max()) + 1):
+        a = pyro.sample("ua", dist.Normal(0.0, 1.0))
+        k = pyro.sample("k", dist.Bernoulli(0.5))
+    with pyro.plate("b", int(b_idx.max()) + 1):
+        b = pyro.sample("ub", dist.Normal(0.0, 1.0))
+    with pyro.plate("obs", len(counts)):
+        pyro.sample("c", dist.Poisson((mu + a[..., a_idx] + b[..., b_idx] + k[..., a_idx]).exp()), obs=counts)
+
+
+DISCRETE = {
+    "LaplaceGuide local": lambda: LaplaceGuide(discrete_local, unit_plate="groups")(torch.zeros(5)),
+    "LaplaceGuide global": lambda: LaplaceGuide(discrete_global, unit_plate="groups")(torch.zeros(5)),
+    "LaplaceGuide no plate": lambda: LaplaceGuide(discrete_global)(torch.zeros(5)),
+    "AmortizedLaplaceGuide": lambda: AmortizedLaplaceGuide(discrete_local, unit_plate="groups")(
+        torch.zeros(5)
+    ),
+    "LaplaceMarginal": lambda: traced(LaplaceMarginal(discrete_local, unit_plate="groups"), torch.zeros(5)),
+    "fit": lambda: curvi.fit(
+        discrete_local,
+        AmortizedLaplaceGuide(discrete_local, unit_plate="groups"),
+        torch.zeros(5),
+        progress=False,
+    ),
+    "LaplaceGuide (a, b)": lambda: LaplaceGuide(discrete_crossed, unit_plate=("a", "b"))(*crossed_data()),
+    "AmortizedLaplaceGuide (a, b)": lambda: AmortizedLaplaceGuide(discrete_crossed, unit_plate=("a", "b"))(
+        *crossed_data()
+    ),
+}
+
+
+@pytest.mark.parametrize("entry", DISCRETE)
+def test_a_discrete_latent_is_named_with_the_way_to_sum_it_out(entry):
+    with pytest.raises(ValueError, match=r"discrete sample site 'k'.*poutine.block\(model, hide=\['k'\]\)"):
+        DISCRETE[entry]()
+
+
+def test_laplace_mle_names_a_discrete_latent():
+    def model(obs):
+        mu = pyro.param("mu", torch.tensor(0.0))
+        with pyro.plate("groups", 5):
+            u = pyro.sample("u", dist.Normal(mu, 1.0))
+            k = pyro.sample("k", dist.Bernoulli(0.5))
+            pyro.sample("z", dist.Normal(u + k, 1.0), obs=obs)
+
+    with pytest.raises(ValueError, match="discrete sample site 'k'"):
+        laplace_mle(model, torch.zeros(5), unit_plate="groups")
