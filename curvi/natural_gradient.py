@@ -45,8 +45,10 @@ from typing import NamedTuple
 
 import pyro
 import pyro.optim
+import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
+from pyro.poutine.util import site_is_subsample
 
 from .guide_moments import FlatLayout, batched_log_density, flat_log_density, gaussian_view
 from .tensor_ops import hessian_rows, symmetrize
@@ -157,7 +159,14 @@ class NaturalGradientLoss(pyro.infer.Trace_ELBO):
             with torch.no_grad():
                 mean, precision = adapter.natural(layout)
             densities = self._densities(model, guide, layout, args, kwargs, mean)
-            grad, hess, log_p = self._expectations(densities, mean, precision, adapter.diagonal)
+            try:
+                grad, hess, log_p = self._expectations(densities, mean, precision, adapter.diagonal)
+            except _NotFinite:
+                sites = _non_finite_sites(model, layout, args, kwargs, mean)
+                raise ValueError(
+                    "NaturalGradient: the gradient or Hessian of log p is not finite at the draws of q"
+                    + (f"; sites whose log density is not finite at q's mean: {sites}" if sites else "")
+                ) from None
             if self.num_samples > 0:
                 loss = -(log_p.mean() + _entropy(precision, adapter.diagonal)).item()
         except torch.linalg.LinAlgError as error:  # a covariance too ill-conditioned to factorise
@@ -217,9 +226,7 @@ class NaturalGradientLoss(pyro.infer.Trace_ELBO):
                 hess = symmetrize(outer)
         grad, hess = grads.mean(0), hess.mean(0)
         if not (torch.isfinite(grad).all() and torch.isfinite(hess).all()):
-            raise ValueError(
-                "NaturalGradient: the gradient or Hessian of log p is not finite at the draws of q"
-            )
+            raise _NotFinite
         return grad, hess, values.detach()
 
     def _densities(self, model, guide, layout, args, kwargs, mean):
@@ -259,6 +266,26 @@ class NaturalGradientLoss(pyro.infer.Trace_ELBO):
             state = {"model": model, "layout": FlatLayout.from_trace(guide.prototype_trace)}
             self._layouts[guide] = state
         return state["layout"]
+
+
+class _NotFinite(Exception):
+    """The expected gradient or Hessian is not finite (named by the loss)."""
+
+
+def _non_finite_sites(model, layout, args, kwargs, x):
+    """The names of the model's sample sites (observed ones included) whose
+    log density is not finite at the flat point ``x``."""
+    transforms = {site.name: site.transform for site in layout.sites}
+    values = {name: transforms[name](u) for name, u in layout.unpack(x).items()}
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+        return [
+            name
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample"
+            and not site_is_subsample(site)
+            and not torch.isfinite(site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"]).sum())
+        ]
 
 
 class _MoveTo(torch.optim.Optimizer):

@@ -17,6 +17,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from pyro.infer.autoguide import AutoMultivariateNormal
 
 import curvi
 from curvi import (
@@ -25,6 +26,7 @@ from curvi import (
     LaplaceMarginal,
     LaplaceNewton,
     ModelView,
+    NaturalGradient,
     dense_hessian,
     laplace_log_marginal,
     laplace_mle,
@@ -204,6 +206,18 @@ def test_non_finite_counts_are_refused_with_several_grouping_factors(entry):
     bad = (*good[:2], with_entry(good[2], 5, math.nan))
     with pytest.raises(ValueError, match=r"observed site 'c' holds 1 NaN or infinite value.*index \(5,\)"):
         SEVERAL_PLATES[entry](bad, good)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_natural_gradient_names_the_site_of_non_finite_data(value):
+    bad = with_entry(hier_data(), (0, 2), value)
+    optim = NaturalGradient(lr=0.5, num_samples=4)
+    # NaN: Pyro's own validation (in the ELBO); inf: a real Normal accepts it,
+    # and the step names the site whose density is not finite
+    with pytest.raises(ValueError, match="site 'z'|sites whose log density is not finite.*'z'"):
+        curvi.fit(
+            hier, AutoMultivariateNormal(hier), bad, optim=optim, loss=optim.loss, steps=2, progress=False
+        )
 
 
 @pytest.mark.parametrize("how", ["poutine.mask", "obs_mask"])
