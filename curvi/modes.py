@@ -156,6 +156,9 @@ def solve_modes(
     :param float xtol: step tolerance; default ``sqrt(eps)`` of the dtype.
     :param int max_iter: iteration cap.
     :param float max_step: cap on each unit's step (max norm, unconstrained).
+    :raises NoLaplaceApproximation: (a ValueError) when the log density, its
+        gradient or the unit blocks are not finite at the starting point
+        (naming ``theta``, ``y`` or the sites responsible).
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
@@ -170,7 +173,9 @@ def solve_modes(
     search = _unit_line_search if view.separable else _total_line_search
     value = None  # the log density at y, known after the first line search
     for iteration in range(max_iter + 1):
-        _, g, D = local_hessian(view, theta, y, units=units)
+        log_prob, g, D = local_hessian(view, theta, y, units=units)
+        if iteration == 0:
+            _check_start(view, theta, y, units, log_prob, g, D)
         step = (newton_inverse(-D) @ g.unsqueeze(-1)).squeeze(-1)
         converged = step.abs().amax(-1) <= xtol
         if converged.all() or iteration == max_iter:
@@ -251,6 +256,27 @@ def warn_unconverged(result: ModeResult, *, units: torch.Tensor | None = None, s
 
 
 # ------------------------------------------------------------------ steps
+def _check_start(view, theta, y, units, log_prob, g, D):
+    """Refuse a starting point where the log density, its gradient or the
+    unit blocks are not finite (Newton would carry NaN into the modes),
+    naming the coordinates or the sites responsible. A
+    :class:`NoLaplaceApproximation`, so that the Laplace marginal's callers
+    reject such a θ (an optimiser's trial point that overflows) as they
+    reject one without a mode."""
+    if torch.isfinite(log_prob) and torch.isfinite(g).all() and torch.isfinite(D).all():
+        return
+    try:
+        view.check_finite(theta, y, units=units)
+    except ValueError as error:  # names theta, y or the sites
+        raise NoLaplaceApproximation(f"the mode solve cannot start: {error}") from None
+    bad = (~torch.isfinite(g).all(-1) | ~torch.isfinite(D).flatten(-2).all(-1)).nonzero().flatten()
+    bad = bad if units is None else units[bad]
+    raise NoLaplaceApproximation(
+        "the log density is finite at the starting point of the mode solve but its gradient "
+        f"or curvature in the unit latents is not (units {bad[:_MAX_LISTED_UNITS].tolist()})"
+    )
+
+
 def _capped(step, max_step):
     size = step.abs().amax(-1, keepdim=True)
     return step * (max_step / size).clamp(max=1.0)

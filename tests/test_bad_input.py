@@ -471,3 +471,17 @@ def test_laplace_mle_names_a_discrete_latent():
 
     with pytest.raises(ValueError, match="discrete sample site 'k'"):
         laplace_mle(model, torch.zeros(5), unit_plate="groups")
+
+
+# ---------------------------------------------------------------------------
+# an inner mode solve that cannot converge
+
+
+def test_a_mode_solve_refuses_a_start_where_the_density_is_not_finite():
+    view = ModelView(hier, hier_data(), unit_plate="groups")
+    y = with_entry(view.init_y, (1, 0), math.inf)
+    with pytest.raises(ValueError, match="the mode solve cannot start: y holds non-finite coordinates"):
+        solve_modes(view, view.init_theta, y)
+    theta = with_entry(view.init_theta, 1, 800.0)  # tau = exp(800) = inf
+    with pytest.raises(ValueError, match=r"cannot start: .* sites responsible: 'tau' \(-inf\), 'u' \(-inf\)"):
+        solve_modes(view, theta, view.init_y)
