@@ -25,6 +25,7 @@ from curvi import (
     LaplaceGuide,
     LaplaceMarginal,
     LaplaceNewton,
+    ModeConvergenceWarning,
     ModelView,
     NaturalGradient,
     dense_hessian,
@@ -477,6 +478,54 @@ def test_laplace_mle_names_a_discrete_latent():
 # an inner mode solve that cannot converge
 
 
+def no_mode(counts):
+    """Unit 0 has no counts and its latent a flat density: its conditional
+    log density, -exp(mu + u), rises for ever as u falls (Newton: -1 a step)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("groups", counts.shape[0]):
+        u = pyro.sample("u", dist.Normal(0.0, 1.0))
+        pyro.factor("flat", 0.5 * u**2)  # cancels the prior
+        pyro.sample("c", dist.Poisson((mu + u).exp()), obs=counts)
+
+
+def no_mode_data():
+    return torch.tensor([0.0, 3.0, 1.0, 2.0])
+
+
+def all_finite(values):
+    return all(torch.isfinite(v).all() for v in values.values())
+
+
+NO_MODE = {  # the guides start at init_loc_fn's θ: the units' solve is the point here
+    "LaplaceGuide": lambda obs: LaplaceGuide(no_mode, unit_plate="groups", init_to_mode=False)(obs),
+    "AmortizedLaplaceGuide": lambda obs: AmortizedLaplaceGuide(
+        no_mode, unit_plate="groups", init_to_mode=False, max_iter=5
+    )(obs),
+    "LaplaceMarginal": lambda obs: {
+        name: site["value"]
+        for name, site in traced(LaplaceMarginal(no_mode, unit_plate="groups"), obs).nodes.items()
+        if site["type"] == "sample"
+    },
+}
+
+
+@pytest.mark.parametrize("entry", NO_MODE)
+def test_a_unit_without_a_mode_is_named_by_a_warning_and_nothing_is_nan(entry):
+    match = r"1 of 4 units did not reach their conditional mode in \d+ Newton iterations \(units 0\)"
+    with pytest.warns(ModeConvergenceWarning, match=match):
+        values = NO_MODE[entry](no_mode_data())
+    assert all_finite(values)
+
+
+def test_solve_modes_and_the_laplace_marginal_report_the_unit_without_a_mode():
+    view = ModelView(no_mode, no_mode_data(), unit_plate="groups")
+    result = solve_modes(view, view.init_theta, view.init_y)
+    assert result.converged.tolist() == [False, True, True, True]
+    assert torch.isfinite(result.y).all() and torch.isfinite(result.precision).all()
+    value, modes = laplace_log_marginal(view, view.init_theta, view.init_y, max_iter=1)
+    assert torch.isfinite(value) and not modes.converged.all()
+
+
 def test_a_mode_solve_refuses_a_start_where_the_density_is_not_finite():
     view = ModelView(hier, hier_data(), unit_plate="groups")
     y = with_entry(view.init_y, (1, 0), math.inf)
@@ -485,3 +534,77 @@ def test_a_mode_solve_refuses_a_start_where_the_density_is_not_finite():
     theta = with_entry(view.init_theta, 1, 800.0)  # tau = exp(800) = inf
     with pytest.raises(ValueError, match=r"cannot start: .* sites responsible: 'tau' \(-inf\), 'u' \(-inf\)"):
         solve_modes(view, theta, view.init_y)
+
+
+def test_an_iteration_cap_too_small_is_warned_about_naming_the_units():
+    counts = torch.tensor([0.0, 3.0, 1.0, 2.0, 7.0])
+    with pytest.warns(ModeConvergenceWarning, match=r"5 of 5 units did not reach .* 1 Newton iterations"):
+        trace = traced(LaplaceMarginal(count_model("Poisson"), unit_plate="groups", max_iter=1), counts)
+    assert math.isfinite(trace.log_prob_sum())
+    with pytest.warns(
+        ModeConvergenceWarning, match="joint mode of the units' latents was not reached in 1 Newton"
+    ):
+        trace = traced(LaplaceMarginal(crossed, unit_plate=("a", "b"), max_iter=1), *crossed_data())
+    assert math.isfinite(trace.log_prob_sum())
+
+
+# ---------------------------------------------------------------------------
+# a log density whose Hessian is indefinite everywhere
+
+
+def convex(obs):
+    """Each unit's log density is +(u - mu)²/2: convex in u, no maximum."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("groups", len(obs)):
+        u = pyro.sample("u", dist.Normal(mu, 1.0))
+        pyro.factor("bowl", (u - mu) ** 2)
+        pyro.sample("z", dist.Normal(mu, 1.0), obs=obs)
+
+
+def convex_mle(obs):
+    mu = pyro.param("mu", torch.tensor(0.0))
+    with pyro.plate("groups", len(obs)):
+        u = pyro.sample("u", dist.Normal(mu, 1.0))
+        pyro.factor("bowl", (u - mu) ** 2)
+        pyro.sample("z", dist.Normal(mu, 1.0), obs=obs)
+
+
+CONVEX = {
+    "LaplaceGuide": lambda obs: LaplaceGuide(convex, unit_plate="groups")(obs),
+    "AmortizedLaplaceGuide": lambda obs: AmortizedLaplaceGuide(convex, unit_plate="groups")(obs),
+    "laplace_mle": lambda obs: laplace_mle(convex_mle, obs, unit_plate="groups"),
+    "laplace_log_marginal": lambda obs: (lambda v: laplace_log_marginal(v, v.init_theta, v.init_y))(
+        ModelView(convex, obs, unit_plate="groups")
+    ),
+}
+
+
+@pytest.mark.parametrize("entry", CONVEX)
+def test_units_whose_hessian_is_indefinite_everywhere_are_named(entry):
+    match = r"the Hessian of 4 units is not negative definite .* \(units \[0, 1, 2, 3\]\): no Laplace"
+    with pytest.raises(ValueError, match=match):
+        CONVEX[entry](torch.zeros(4))
+
+
+def test_an_indefinite_hessian_is_refused_unrepaired_and_repaired_on_request():
+    view = ModelView(convex, torch.zeros(4), unit_plate="groups")
+    H = structured_hessian(view, view.init_theta, view.init_y)
+    assert (H.D > 0).all()  # the convex units
+    with pytest.raises(
+        ValueError, match=r"4 of 4 local blocks D\[i\] are not positive definite.*repair='softabs'"
+    ):
+        H.precision()
+    dense = H.precision(repair="softabs").to_dense()
+    assert torch.isfinite(dense).all() and torch.linalg.eigvalsh(dense).min() > 0
+    torch.testing.assert_close(
+        -dense_hessian(view, view.init_theta, view.init_y).diagonal()[1:], -H.D.flatten()
+    )
+    # the Newton solve runs away from the minimum: finite, and says it did not converge
+    result = solve_modes(view, view.init_theta, view.init_y)
+    assert torch.isfinite(result.y).all() and not result.converged.any()
+
+
+def test_the_laplace_marginal_rejects_a_theta_without_a_laplace_approximation():
+    # -inf (a rejected NUTS proposal or trial point), never NaN
+    trace = traced(LaplaceMarginal(convex, unit_plate="groups"), torch.zeros(4))
+    assert trace.log_prob_sum() == -math.inf
