@@ -45,7 +45,8 @@ from torch.distributions import constraints
 
 from .arrowhead import PrecisionCholeskyNormal
 from .factors import FactorView
-from .marginal import laplace_hessian, laplace_mode
+from .guides import start_at_mode
+from .marginal import laplace_hessian
 from .modes import warn_unconverged
 from .posterior import INFER_KEY
 from .repair import as_repair
@@ -378,7 +379,7 @@ class FactorLaplaceGuide(AutoGuide):
         view = self.view = FactorView(
             self.model, *args, unit_plate=self.unit_plate, init_loc_fn=self.init_loc_fn, **kwargs
         )
-        theta = laplace_mode(view, view.init_theta).theta if self.init_to_mode else view.init_theta
+        theta = start_at_mode(view, stacklevel=3) if self.init_to_mode else view.init_theta
         modes = solve_joint_modes(view, theta, view.init_y)
         warn_unconverged(modes, stacklevel=3)
         self.loc_global = PyroParam(theta.clone())

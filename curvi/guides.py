@@ -230,16 +230,7 @@ class LaplaceGuideBase(AutoGuide):
         unit plate does not subsample), else the init strategy's point."""
         if not self.init_to_mode or view.unit_indices is not None:
             return view.init_theta
-        mode = laplace_mode(view, view.init_theta)
-        if not torch.isfinite(mode.log_marginal):
-            warnings.warn(
-                "no mode of the Laplace marginal was found from the initial point; "
-                "starting from init_loc_fn's point instead",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return view.init_theta
-        return mode.theta
+        return start_at_mode(view, stacklevel=4)
 
     def _init_locs(self, view, theta):
         raise NotImplementedError
@@ -580,6 +571,26 @@ def _one_value(name, value, shape):
             "(AutoDelta) for that site"
         )
     return flat[0]
+
+
+def start_at_mode(view, *, stacklevel: int = 2) -> torch.Tensor:
+    """θ at the mode of the Laplace marginal, where a Laplace guide starts;
+    ``view.init_theta`` (with a warning) when no mode is found from there --
+    the log marginal is not finite, or L-BFGS stops without converging, as
+    on an unbounded log density (an improper posterior), where it runs off
+    to ``|θ| ~ 1e100`` with a finite value."""
+    mode = laplace_mode(view, view.init_theta)
+    if torch.isfinite(mode.log_marginal) and mode.converged:
+        return mode.theta
+    warnings.warn(
+        "no mode of the Laplace marginal was found from the initial point (log marginal "
+        f"{float(mode.log_marginal):.3g}, max |gradient| {mode.grad_norm:.3g} after "
+        f"{mode.num_evaluations} evaluations; is the posterior proper?); starting from "
+        "init_loc_fn's point instead",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return view.init_theta
 
 
 def _hint_unit_plate(trace, num_coordinates):

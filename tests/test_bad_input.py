@@ -608,3 +608,26 @@ def test_the_laplace_marginal_rejects_a_theta_without_a_laplace_approximation():
     # -inf (a rejected NUTS proposal or trial point), never NaN
     trace = traced(LaplaceMarginal(convex, unit_plate="groups"), torch.zeros(4))
     assert trace.log_prob_sum() == -math.inf
+
+
+# ---------------------------------------------------------------------------
+# an improper posterior: no mode for a Laplace guide to start from
+
+
+def unbounded(obs):
+    """log p = +mu²/2 + const: no mode, an improper posterior."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    pyro.factor("bowl", mu**2)
+    with pyro.plate("data", len(obs)):
+        pyro.sample("z", dist.Normal(0.0, 1.0), obs=obs)
+
+
+def test_a_laplace_guide_on_an_unbounded_density_warns_and_starts_where_it_was_told():
+    guide = LaplaceGuide(unbounded)
+    with pytest.warns(
+        RuntimeWarning, match=r"no mode of the Laplace marginal was found .* is the posterior proper"
+    ):
+        guide(torch.zeros(3))
+    # not at |mu| ~ 1e100, where L-BFGS runs off to, but at init_loc_fn's point (near the prior median)
+    mu = guide.median(torch.zeros(3))["mu"]
+    assert mu == guide.view.init_theta[0] and abs(mu) < 1.0
