@@ -288,12 +288,14 @@ def maximise_laplace(
     """
     xtol = torch.finfo(params[0].dtype).eps ** (1 / 3)
     predictor = _ModePredictor(view.init_y if y_start is None else y_start)
-    state = {"n": 0}
+    state = {"n": 0, "best": (math.inf, None)}  # the best point evaluated
 
     def closure():
         optimizer.zero_grad()
         state["n"] += 1
         x = torch.cat([p.detach().reshape(-1) for p in params])
+        if not torch.isfinite(x).all():  # a line search whose bracket collapsed (t = NaN)
+            return torch.tensor(math.inf, dtype=x.dtype)
         try:
             value, result = laplace_log_marginal(
                 view, theta_fn(), predictor(x), xtol=xtol, create_graph=create_graph, quadrature=quadrature
@@ -302,6 +304,8 @@ def maximise_laplace(
             return torch.tensor(math.inf, dtype=x.dtype)
         predictor.update(x, result.y)
         (-value).backward()
+        if -value.item() < state["best"][0]:
+            state["best"] = (-value.item(), x)
         return -value.detach()
 
     optimizer = torch.optim.LBFGS(
@@ -315,6 +319,12 @@ def maximise_laplace(
         line_search_fn="strong_wolfe",
     )
     optimizer.step(closure)
+    best = state["best"][1]
+    if best is not None and not all(torch.isfinite(p).all() for p in params):
+        # on a flat or inconsistent objective (a unit without a mode, say) the
+        # strong-Wolfe search can end on t = NaN: go back to the best point
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(best, params)
     iterations = optimizer.state[optimizer._params[0]].get("n_iter", 0)
     return predictor.last, state["n"], iterations
 

@@ -631,3 +631,31 @@ def test_a_laplace_guide_on_an_unbounded_density_warns_and_starts_where_it_was_t
     # not at |mu| ~ 1e100, where L-BFGS runs off to, but at init_loc_fn's point (near the prior median)
     mu = guide.median(torch.zeros(3))["mu"]
     assert mu == guide.view.init_theta[0] and abs(mu) < 1.0
+
+
+def crossed_no_mode(a_idx, b_idx, obs):
+    """Crossed Bernoulli effects; factor a's units have a flat density, and
+    unit a=0 sees only successes: no joint mode."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("a", 4):
+        a = pyro.sample("ua", dist.Normal(0.0, 1.0))
+        pyro.factor("flat", 0.5 * a**2)
+    with pyro.plate("b", 3):
+        b = pyro.sample("ub", dist.Normal(0.0, 1.0))
+    with pyro.plate("obs", len(obs)):
+        pyro.sample("z", dist.Bernoulli(logits=mu + a[..., a_idx] + b[..., b_idx]), obs=obs)
+
+
+def test_several_factors_without_a_joint_mode_warn_and_leak_no_nan():
+    # L-BFGS's line search on this flat, inexact Laplace marginal collapses
+    # its bracket and proposes θ = NaN (once a crash in the model, naming
+    # nothing); the trial is rejected, and the guide starts at init_loc_fn's point
+    a_idx, b_idx = torch.arange(12) % 4, torch.arange(12) % 3
+    obs = torch.where(a_idx == 0, 1.0, (torch.arange(12) % 2).double())
+    pyro.set_rng_seed(0)
+    with (
+        pytest.warns(RuntimeWarning, match="no mode of the Laplace marginal was found"),
+        pytest.warns(ModeConvergenceWarning, match="joint mode of the units' latents was not reached"),
+    ):
+        values = LaplaceGuide(crossed_no_mode, unit_plate=("a", "b"))(a_idx, b_idx, obs)
+    assert all_finite(values)
