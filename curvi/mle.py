@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 
 import pyro
@@ -298,7 +299,31 @@ def _covariance(view, theta, y, params, quadrature=None):
 
     hessian = central_hessian(gradient, flat)
     gradient(flat)  # leave the params at the estimate
+    lam = torch.linalg.eigvalsh(-hessian)
+    # no curvature (or the wrong sign) along some direction, to the precision
+    # of central differences (eps^½ relative): the inverse would be noise
+    if not lam[0] > torch.finfo(lam.dtype).eps ** 0.5 * lam[-1].abs():
+        _warn_not_identified(view.param_sites, params, -hessian)
+        return torch.full_like(hessian, math.nan)
     return torch.linalg.inv(-hessian)
+
+
+def _warn_not_identified(names, params, information):
+    """Warn that the observed information is not positive definite, naming
+    the parameters along its least curved direction."""
+    labels = [
+        name if p.numel() == 1 else f"{name}[{i}]" for name, p in zip(names, params) for i in range(p.numel())
+    ]
+    lam, vectors = torch.linalg.eigh(information)
+    direction = vectors[:, 0].abs()
+    along = [label for label, w in zip(labels, direction.tolist()) if w >= 0.1 * float(direction.max())]
+    warnings.warn(
+        "laplace_mle: the Hessian of the log likelihood at the estimate is not negative definite to "
+        f"working precision (curvature {0.0 - float(lam[0]):.3g} along {', '.join(along)}): the data "
+        "do not identify those parameters, or the optimum was not reached; the standard errors are NaN",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _delta_method(names, params, constraints, covariance):

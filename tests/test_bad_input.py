@@ -659,3 +659,25 @@ def test_several_factors_without_a_joint_mode_warn_and_leak_no_nan():
     ):
         values = LaplaceGuide(crossed_no_mode, unit_plate=("a", "b"))(a_idx, b_idx, obs)
     assert all_finite(values)
+
+
+# ---------------------------------------------------------------------------
+# maximum likelihood where the data do not identify the parameters
+
+
+def test_laplace_mle_names_parameters_the_data_do_not_identify():
+    def model(obs):
+        a = pyro.param("a", torch.tensor(0.0))
+        b = pyro.param("b", torch.tensor(0.0))  # only a + b enters
+        with pyro.plate("groups", obs.shape[0], dim=-2):
+            u = pyro.sample("u", dist.Normal(0.0, 1.0))
+            with pyro.plate("obs", obs.shape[1], dim=-1):
+                pyro.sample("z", dist.Normal(a + b + u, 1.0), obs=obs)
+
+    with pytest.warns(
+        RuntimeWarning, match=r"not negative definite to working precision \(curvature .* along a, b\)"
+    ):
+        fit = laplace_mle(model, hier_data(), unit_plate="groups", max_eval=15)
+    assert math.isfinite(fit.log_likelihood)
+    assert math.isnan(fit.std_errors["a"]) and math.isnan(fit.std_errors["b"])
+    torch.testing.assert_close(fit.params["a"] + fit.params["b"], hier_data().mean(), rtol=0, atol=1e-5)
