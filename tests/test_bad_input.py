@@ -681,3 +681,117 @@ def test_laplace_mle_names_parameters_the_data_do_not_identify():
     assert math.isfinite(fit.log_likelihood)
     assert math.isnan(fit.std_errors["a"]) and math.isnan(fit.std_errors["b"])
     torch.testing.assert_close(fit.params["a"] + fit.params["b"], hier_data().mean(), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# an interrupted fit, and a step that fails
+
+POISON = {"interrupt": False, "inf": False}
+
+
+@pytest.fixture(autouse=True)
+def _no_poison():
+    POISON.update(interrupt=False, inf=False)
+    yield
+    POISON.update(interrupt=False, inf=False)
+
+
+def poisonable(obs):
+    """``hier``, which raises KeyboardInterrupt or adds an infinite factor on demand."""
+    if POISON["interrupt"]:
+        raise KeyboardInterrupt
+    if POISON["inf"]:
+        pyro.factor("poison", torch.tensor(math.inf))
+    hier(obs)
+
+
+def laplace_adam():
+    guide = LaplaceGuide(poisonable, unit_plate="groups", init_to_mode=False)
+    return guide, {"optim": pyro.optim.Adam({"lr": 0.05})}
+
+
+def amortized_newton():
+    guide = AmortizedLaplaceGuide(poisonable, unit_plate="groups", init_to_mode=False)
+    return guide, {"optim": LaplaceNewton(num_particles=4, blocks=2)}
+
+
+def natural_gradient():
+    optim = NaturalGradient(lr=0.5, num_samples=4)
+    return AutoMultivariateNormal(poisonable), {"optim": optim, "loss": optim.loss}
+
+
+FITS = {  # (set-up, steps, the step after which to interrupt)
+    "LaplaceGuide + Adam": (laplace_adam, 6, 3),
+    "AmortizedLaplaceGuide + LaplaceNewton": (amortized_newton, 6, 2),
+    "AutoMultivariateNormal + NaturalGradient": (natural_gradient, 6, 3),
+}
+_REFERENCE = {}
+
+
+def fresh_fit(name, seed=0, **options):
+    """A fit as in a new process (empty param store, new guide and optimiser)."""
+    make, steps, _ = FITS[name]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide, defaults = make()
+    options = {"steps": steps, "window": 2, "tol": None, "progress": False, **defaults, **options}
+    return curvi.fit(poisonable, guide, hier_data(), **options)
+
+
+def param_store():
+    return {name: p.detach().clone() for name, p in pyro.get_param_store().named_parameters()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def reference(name):
+    if name not in _REFERENCE:
+        result = fresh_fit(name)
+        _REFERENCE[name] = result.elbo, param_store()
+    return _REFERENCE[name]
+
+
+@pytest.mark.parametrize("where", ["callback", "inside a step"])
+@pytest.mark.parametrize("name", FITS)
+def test_an_interrupted_fit_leaves_a_complete_checkpoint_and_resumes_exactly(name, where, tmp_path):
+    elbo, final = reference(name)
+    at = FITS[name][2]
+    path = tmp_path / "fit.pt"
+
+    def interrupt(step, value):
+        if where == "callback" and step == at:
+            raise KeyboardInterrupt
+        POISON["interrupt"] = step == at  # the next step's model raises
+
+    with pytest.raises(KeyboardInterrupt):
+        fresh_fit(name, checkpoint=path, checkpoint_every=2, callback=interrupt)
+    POISON["interrupt"] = False
+    saved = torch.load(path, weights_only=False)
+    assert saved["step"] == at and saved["elbo"] == elbo[:at]  # the last completed step
+    assert_same(param_store(), saved["param_store"]["params"])  # nothing half-updated
+
+    resumed = fresh_fit(name, seed=123, checkpoint=path)
+    assert resumed.elbo == elbo and f"resumed from {path} at step {at}" in resumed.message
+    assert_same(param_store(), final)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered \\+inf")
+@pytest.mark.parametrize("name", FITS)
+def test_a_step_whose_loss_turns_non_finite_leaves_the_param_store_untouched(name):
+    at = FITS[name][2]
+    before = {}
+
+    def poison_next(step, value):
+        if step == at:
+            before.update(param_store())
+            POISON["inf"] = True
+
+    # the Laplace guides evaluate the model's density themselves and name the
+    # site; Pyro's ELBO reports the non-finite loss and the step
+    with pytest.raises(ValueError, match=rf"'poison' \(inf\)|non-finite loss -inf at step {at + 1}"):
+        fresh_fit(name, callback=poison_next)
+    assert_same(param_store(), before)
