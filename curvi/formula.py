@@ -5,8 +5,8 @@ The parsing is ``formulae``'s (Bambi's parser): fixed effects with factors,
 interactions, ``C()``, ``I()`` and transformations, ``offset()``, and the
 group-specific terms ``(1 + x | g)``, ``g1/g2`` nesting and ``g1:g2``
 interactions. curvi adds what lme4 has and formulae does not: which columns
-of a grouping factor share a covariance matrix (one block per bar, with
-``(x || g)`` its uncorrelated form), ``cbind(successes, failures)``
+of a grouping factor share a covariance matrix (one block per bar;
+``(x || g)`` is lme4's shorthand for ``(1 | g) + (0 + x | g)``), ``cbind(successes, failures)``
 responses, and checks that name the column at fault. :func:`read_formula`
 returns a :class:`Design`; :meth:`Design.new_data` evaluates the same
 formula on new rows for prediction.
@@ -40,7 +40,7 @@ class RandomBlock:
 
     ``design`` is ``(n, k)``: row i's covariates for the block's ``columns``
     (``"Intercept"`` for ``1``). ``correlated``: a full k×k covariance
-    (``|``) or a diagonal one (``||``, or k = 1). ``terms`` are formulae's
+    (``|``; k = 1 otherwise: ``||`` gives one block per term). ``terms`` are formulae's
     term names (``"1|herd"``, ``"Days|Subject"``).
     """
 
@@ -174,6 +174,35 @@ def split_bars(rhs: str) -> tuple[str, list[tuple[str, str, bool]]]:
     return fixed, bars
 
 
+def _expand_double_bars(bars):
+    """lme4's ``(x + z || g)`` is ``(1 | g) + (0 + x | g) + (0 + z | g)``:
+    one bar, and so one block, per term."""
+    out = []
+    for expr, factor, double in bars:
+        if not double:
+            out.append((expr, factor, False))
+            continue
+        terms = [t.strip() for t in _split_plus(expr) if t.strip()]
+        no_intercept = any(t in ("0", "-1") for t in terms) or expr.replace(" ", "").startswith("-1")
+        terms = [t for t in terms if t not in ("0", "1", "-1")]
+        if not no_intercept:
+            out.append(("1", factor, False))
+        out.extend((f"0 + {t}", factor, False) for t in terms)
+    return out
+
+
+def _split_plus(text):
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += c == "("
+        depth -= c == ")"
+        if c == "+" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
 def _is_term_start(rhs, start):
     """A bar counts only as a whole term: preceded by nothing, ``+`` or ``~``."""
     before = rhs[:start].rstrip()
@@ -245,7 +274,7 @@ def read_formula(formula: str, data, *, family: str, weights=None, dtype=None, d
     if matrices.common is None:  # "y ~ 0 + (1 | g)": no fixed effects
         fixed = response.new_zeros(response.shape[0], 0)
     factors, blocks, bar_matrices = {}, [], []
-    for expr, factor, double in bars:
+    for expr, factor, double in _expand_double_bars(bars):
         try:
             group = formulae.design_matrices(f"0 + ({expr} | {factor})", data, na_action="error").group
         except Exception as error:

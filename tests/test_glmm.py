@@ -99,9 +99,12 @@ def test_blocks_sites_and_correlations(float64):
     sleep = load_frame("sleepstudy")
     correlated = curvi.glmm("Reaction ~ Days + (Days | Subject)", sleep)
     assert correlated.block_sites(0) == {"sd": "sd_Subject", "r": "r_Subject", "L": "L_Subject"}
-    diagonal = curvi.glmm("Reaction ~ Days + (Days || Subject)", sleep)
-    assert diagonal.block_sites(0) == {"sd": "sd_Subject", "r": "r_Subject"}
-    assert diagonal.design.blocks[0].columns == ("Intercept", "Days")
+    diagonal = curvi.glmm("Reaction ~ Days + (Days || Subject)", sleep)  # (1 | S) + (0 + Days | S)
+    assert [diagonal.block_sites(i) for i in range(2)] == [
+        {"sd": "sd_Subject", "r": "r_Subject"},
+        {"sd": "sd_Subject_2", "r": "r_Subject_2"},
+    ]
+    assert [b.columns for b in diagonal.design.blocks] == [("Intercept",), ("Days",)]
     two = curvi.glmm("Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)", sleep)
     assert [two.block_sites(i)["r"] for i in range(2)] == ["r_Subject", "r_Subject_2"]
     nested = curvi.glmm("strength ~ 1 + (1 | batch/cask)", load_frame("pastes"))
