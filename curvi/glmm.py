@@ -27,6 +27,7 @@ standard deviation, ``phi`` the negative binomial's dispersion
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import pyro
@@ -178,7 +179,7 @@ class GLMM:
         """The GLMM with its globals as ``pyro.param`` sites (for maximum likelihood)."""
         globals_ = {
             name: pyro.param(name, init, constraint=constraint)
-            for name, (init, constraint) in self._param_inits().items()
+            for name, (init, constraint) in self._starting_values.items()
         }
         return self._likelihood(globals_, response)
 
@@ -278,6 +279,11 @@ class GLMM:
         if self.family == "negativebinomial":
             priors["phi"] = dist.Gamma(s.new_tensor(0.01), s.new_tensor(0.01))
         return priors
+
+    @functools.cached_property
+    def _starting_values(self):
+        """:meth:`_param_inits`, computed once (``ml_model`` runs at every evaluation)."""
+        return self._param_inits()
 
     def _param_inits(self):
         """Starting values for maximum likelihood: the fixed effects of the
