@@ -106,7 +106,7 @@ class Design:
             needed = set().union(*(t.var_names for t in common.terms.values()))
             _require_columns(data, sorted(needed), "newdata")
             values = self._fixed_matrices.common.evaluate_new_data(data).design_matrix
-            fixed, offset = _split_offsets(values, self._offset_terms, like)
+            fixed, offset = _columns_and_offset(np.asarray(values, dtype=float), self._offset_terms, like)
         if fixed is None:
             fixed = torch.zeros(len(data), 0, **like)
         index, designs = {}, []
@@ -116,12 +116,25 @@ class Design:
                 name = term.factor.name
                 if name in index:
                     continue
-                codes, _ = term.eval_new_data_group_index(data)
+                codes, new_groups = term.eval_new_data_group_index(data)
                 fitted = self.factors[name]
                 position = {level: i for i, level in enumerate(fitted.levels)}
-                all_levels = term.groups
-                mapped = [position.get(all_levels[c], -1) if 0 <= c < len(all_levels) else -1 for c in codes]
+                all_levels = list(term.groups) + [
+                    ":".join(map(str, g)) if isinstance(g, tuple) else str(g) for g in new_groups
+                ]
+                mapped = [position.get(all_levels[c], -1) if c >= 0 else -1 for c in codes]
                 index[name] = torch.tensor(mapped, dtype=torch.long, device=like["device"])
+                unseen = sorted(
+                    {all_levels[c] if c >= 0 else "<missing>" for c, m in zip(codes, mapped) if m < 0}
+                )
+                if unseen:
+                    warnings.warn(
+                        f"newdata has levels of {name!r} not seen in the fit ({unseen[:5]}"
+                        f"{' ...' if len(unseen) > 5 else ''}): their random effects are 0, the "
+                        "population-level prediction (glmmTMB's allow.new.levels)",
+                        UserWarning,
+                        3,
+                    )
         for block in self.blocks:
             group = next(g for g in self._bar_matrices if block.terms[0] in g.terms)
             columns = [_column(group.terms[t].expr.eval_new_data(data)) for t in block.terms]
@@ -143,11 +156,8 @@ def split_bars(rhs: str) -> tuple[str, list[tuple[str, str, bool]]]:
         split_bars("Days + (Days || Subject) + (1 | a/b)")
         # ('Days', [('Days', 'Subject', True), ('1', 'a/b', False)])
     """
-    pieces, bars, depth, start, i = [], [], 0, None, 0
-    kept = []
-    last = 0
-    while i < len(rhs):
-        c = rhs[i]
+    bars, kept, depth, start, last = [], [], 0, None, 0
+    for i, c in enumerate(rhs):
         if c == "(":
             if depth == 0:
                 start = i
@@ -164,14 +174,11 @@ def split_bars(rhs: str) -> tuple[str, list[tuple[str, str, bool]]]:
                     last = i + 1
                     expr, factor, double = bar
                     bars.append((expr.strip(), factor.strip(), double))
-        i += 1
     if depth != 0:
         raise ValueError(f"formula: unbalanced '(' in {rhs!r}")
     kept.append(rhs[last:])
-    fixed = "".join(kept)
-    pieces = [p.strip() for p in fixed.split("+")]
-    fixed = " + ".join(p for p in pieces if p)
-    return fixed, bars
+    pieces = [p.strip() for p in _split_top_level("".join(kept), "+")]
+    return " + ".join(p for p in pieces if p), bars
 
 
 def _expand_double_bars(bars):
@@ -182,25 +189,13 @@ def _expand_double_bars(bars):
         if not double:
             out.append((expr, factor, False))
             continue
-        terms = [t.strip() for t in _split_plus(expr) if t.strip()]
+        terms = [t.strip() for t in _split_top_level(expr, "+") if t.strip()]
         no_intercept = any(t in ("0", "-1") for t in terms) or expr.replace(" ", "").startswith("-1")
         terms = [t for t in terms if t not in ("0", "1", "-1")]
         if not no_intercept:
             out.append(("1", factor, False))
         out.extend((f"0 + {t}", factor, False) for t in terms)
     return out
-
-
-def _split_plus(text):
-    parts, depth, start = [], 0, 0
-    for i, c in enumerate(text):
-        depth += c == "("
-        depth -= c == ")"
-        if c == "+" and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
 
 
 def _is_term_start(rhs, start):
@@ -334,7 +329,7 @@ def _rewrite_cbind(data, lhs):
     match = re.fullmatch(r"cbind\((.*)\)", lhs.replace(" ", ""))
     if not match:
         return data, lhs
-    args = _split_arguments(match.group(1))
+    args = _split_top_level(match.group(1), ",")
     if len(args) != 2:
         raise ValueError(f"cbind() in the response takes (successes, failures), got {lhs!r}")
     data = data.copy()
@@ -350,12 +345,13 @@ def _rewrite_cbind(data, lhs):
 _CBIND = ("cbind_successes", "cbind_trials")
 
 
-def _split_arguments(text):
+def _split_top_level(text, separator):
+    """``text`` split at ``separator`` outside parentheses."""
     parts, depth, start = [], 0, 0
     for i, c in enumerate(text):
         depth += c == "("
         depth -= c == ")"
-        if c == "," and depth == 0:
+        if c == separator and depth == 0:
             parts.append(text[start:i])
             start = i + 1
     parts.append(text[start:])
@@ -453,11 +449,6 @@ def _response(response, lhs, family, like):
                 f"response {lhs!r} must hold non-negative whole numbers for family {family!r} (found {bad:g})"
             )
     return torch.as_tensor(values.copy(), **like), None
-
-
-def _split_offsets(values, offset_terms, like):
-    values = np.asarray(values, dtype=float)
-    return _columns_and_offset(values, offset_terms, like)
 
 
 def _columns_and_offset(values, offset_slices, like):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping
 
 import pyro
@@ -35,6 +36,10 @@ def fit_ml(glmm: GLMM, *, quadrature=None, max_eval: int = 500, num_draws: int =
         torch.manual_seed(seed)
         laplace = laplace_mle(
             glmm.ml_model, glmm.response, unit_plate=glmm.unit_plate, quadrature=quadrature, max_eval=max_eval
+        )
+    if not laplace.converged:
+        warnings.warn(
+            f"curvi.glmm: the ML fit of {glmm.design.formula!r} {laplace.message}", RuntimeWarning, 3
         )
     return MaximumLikelihoodFit(glmm, laplace, num_draws=num_draws, seed=seed)
 
@@ -91,6 +96,14 @@ def fit_nuts(
         start = time.perf_counter()
         mcmc.run(glmm.response)
         draws = dict(mcmc.get_samples())
+        divergent = sum(len(d) for d in mcmc.diagnostics().get("divergences", {}).values())
+        if divergent:
+            warnings.warn(
+                f"curvi.glmm: NUTS had {divergent} divergent transitions of {num_samples}; its draws "
+                "may be biased (more warmup_steps, or compare with fit('guide'))",
+                RuntimeWarning,
+                3,
+            )
         draws.update(marginal.sample_locals(draws, glmm.response))
         seconds = time.perf_counter() - start
     return PosteriorFit(glmm, _shaped(glmm, draws), method="nuts", info=mcmc, seconds=seconds)
@@ -395,7 +408,13 @@ class MaximumLikelihoodFit(GLMMFit):
         flat = torch.cat([biject_to(constraints[n]).inv(params[n]).reshape(-1) for n in names])
         generator = torch.Generator(device=flat.device).manual_seed(self.seed)
         cov = self.laplace.covariance
-        L = torch.linalg.cholesky(0.5 * (cov + cov.T))
+        L, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.T))
+        if info.item() != 0 or not torch.isfinite(L).all():
+            raise ValueError(
+                f"the ML fit's covariance of {names} is not positive definite (parameters the data do "
+                "not identify, or an estimate on a boundary): it has no Wald draws; read the estimates, "
+                "or fit with method='guide' or 'nuts'"
+            )
         noise = torch.randn(
             self.num_draws, flat.numel(), generator=generator, dtype=flat.dtype, device=flat.device
         )

@@ -132,7 +132,8 @@ def test_predict_by_hand(ml_fits):
     population = fit.predict(random_effects=False, type="link")
     assert torch.allclose(population, x @ beta)
     new = cbpp.head(3).assign(herd=["1", "no such herd", "2"])
-    predicted = fit.predict(new, type="link")
+    with pytest.warns(UserWarning, match=r"levels of 'herd' not seen in the fit \(\['no such herd'\]\)"):
+        predicted = fit.predict(new, type="link")
     assert predicted[1] == pytest.approx((x[1] @ beta).item())
     assert predicted[0] == pytest.approx(eta[0].item())
 
@@ -320,7 +321,8 @@ def test_an_unknown_level_in_newdata_gives_the_population_prediction(ml_fits):
     fit = ml_fits["pastes_nested"]
     new = load_frame("pastes").head(2).assign(batch=["Z", "Z"])
     population = fit.predict(random_effects=False)[:2]
-    assert torch.allclose(fit.predict(new), population)
+    with pytest.warns(UserWarning, match="levels of 'batch' not seen"):
+        assert torch.allclose(fit.predict(new), population)
     with pytest.raises(ValueError, match="newdata has no column 'cask'"):
         fit.predict(new.drop(columns=["cask"]))
 
@@ -351,3 +353,15 @@ def test_formulas_without_fixed_effects_and_with_factor_responses(float64):
     model = curvi.glmm("used[Y] ~ age * urban + (1 | district)", frame, family="bernoulli")
     assert torch.equal(model.response, torch.tensor(frame["use"].to_numpy(), dtype=torch.float64))
     assert model.fixed_names == ("Intercept", "age", "urban[Y]", "age:urban[Y]")
+
+
+def test_ml_draws_refuse_a_covariance_that_is_not_positive_definite(ml_fits):
+    fit = ml_fits["cbpp_binomial"]
+    broken = curvi.MaximumLikelihoodFit(fit.glmm, fit.laplace)
+    original = fit.laplace.covariance
+    try:
+        fit.laplace.covariance = torch.full_like(original, float("nan"))
+        with pytest.raises(ValueError, match=r"covariance of \['beta', 'sd_herd'\] is not positive definite"):
+            _ = broken.draws
+    finally:
+        fit.laplace.covariance = original
