@@ -339,6 +339,17 @@ class GLMMFit:
 class MaximumLikelihoodFit(GLMMFit):
     """``GLMM.fit("ml")``: Laplace (or adaptive Gauss–Hermite) maximum likelihood.
 
+    Usage::
+
+        import curvi
+        from curvi.datasets import load_frame
+
+        cbpp = load_frame("cbpp")
+        fit = curvi.glmm("p(incidence, size) ~ period + (1 | herd)", cbpp, family="binomial").fit("ml")
+        fit.log_likelihood, fit.aic                          # -92.026, 194.05
+        fit.predict(cbpp.head(2), random_effects=False)      # population-level probabilities
+        fit.random_effect_intervals("herd")[1][:3]           # 5 % points of three herds
+
     :ivar LaplaceFit laplace: :func:`~curvi.mle.laplace_mle`'s result.
 
     ``draws`` (for ``to_arviz`` and the plots) are read off the fit: the
@@ -458,6 +469,17 @@ class MaximumLikelihoodFit(GLMMFit):
 
 class PosteriorFit(GLMMFit):
     """``GLMM.fit("guide")`` or ``GLMM.fit("nuts")``: posterior draws.
+
+    Usage::
+
+        import curvi
+        from curvi.datasets import load_frame
+
+        model = curvi.glmm("strength ~ 1 + (1 | batch)", load_frame("pastes"))
+        posterior = model.fit("guide", num_draws=500)
+        print(posterior)                                     # brms's layout
+        posterior.global_draws()["sd(batch: Intercept)"].mean()
+        posterior.predict()[:3]                              # posterior mean per row
 
     :ivar dict draws: constrained draws by site, ``(S, *site shape)``.
     :ivar info: the :class:`~curvi.fit.FitResult` (guide: ``info.elbo``) or

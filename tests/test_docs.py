@@ -44,6 +44,7 @@ MODULES = [
     "curvi.factor_guide",
     "curvi.formula",
     "curvi.glmm",
+    "curvi.glmm_fit",
     "curvi.arviz",
     "curvi.plots",
 ]
