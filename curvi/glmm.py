@@ -183,9 +183,13 @@ class GLMM:
         }
         return self._likelihood(globals_, response)
 
-    def linear_predictor(self, values: Mapping[str, torch.Tensor], new=None) -> torch.Tensor:
-        """η from global and random-effect values (batched over leading dims of
-        ``beta``); ``new`` is :meth:`Design.new_data`'s output for other rows."""
+    def linear_predictor(self, values: Mapping[str, torch.Tensor], new=None, *, in_model=False):
+        """η from global and random-effect values, batched over the leading
+        dims of the draws (``beta`` ``(..., p)``); ``new`` is
+        :meth:`Design.new_data`'s output for other rows, where a level not
+        seen in the fit (index −1) adds no random effect. ``in_model``: inside
+        the Pyro model, where ``beta``'s batch dims already align with the
+        observation plate."""
         design = self.design
         if new is None:
             fixed, offset = design.fixed, design.offset
@@ -194,7 +198,8 @@ class GLMM:
         else:
             fixed, offset, index, designs = new
         if fixed.shape[-1]:
-            eta = (values["beta"].unsqueeze(-2) * fixed).sum(-1)
+            beta = values["beta"] if in_model else values["beta"].unsqueeze(-2)
+            eta = (beta * fixed).sum(-1)
         else:
             eta = fixed.new_zeros(fixed.shape[0])
         if offset is not None:
@@ -204,28 +209,21 @@ class GLMM:
             if r is None:
                 continue
             idx = index[block.factor]
-            known = idx >= 0
-            picked = r[..., idx.clamp(min=0), :] * known.unsqueeze(-1).to(r.dtype)
+            picked = r[..., idx.clamp(min=0), :]
+            if new is not None:
+                picked = picked * (idx >= 0).unsqueeze(-1).to(r.dtype)
             eta = eta + (z * picked).sum(-1)
         return eta
 
     def _likelihood(self, g, response):
         design = self.design
-        if design.fixed.shape[-1]:
-            eta = (g["beta"] * design.fixed).sum(-1)  # beta's batch dims align with the observation plate
-        else:
-            eta = design.fixed.new_zeros(design.num_observations)
-        if design.offset is not None:
-            eta = eta + design.offset
-        effects = {}
+        effects = dict(g)
         for factor in design.factors.values():
             with pyro.plate(factor.name, len(factor.levels)):
                 for block, sites in zip(design.blocks, self._sites):
                     if block.factor == factor.name:
                         effects[sites["r"]] = pyro.sample(sites["r"], self._effects_prior(block, sites, g))
-        for block, sites in zip(design.blocks, self._sites):
-            r = effects[sites["r"]]
-            eta = eta + (block.design * r[..., self.design.factors[block.factor].index, :]).sum(-1)
+        eta = self.linear_predictor(effects, in_model=True)
         with pyro.plate("observations", design.num_observations):
             likelihood = self._observation(eta, g)
             if design.weights is not None:
