@@ -49,13 +49,7 @@ def ml_fits(float64):
     return _Fits()
 
 
-# 20-30 s each on CI's machine: run with -m slow
-SLOW = {"contraception_correlated", "grouseticks_nbinom2", "contraception_bernoulli"}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(REFERENCES)]
-)
+@pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_ml_fit_equals_glmmtmb(ml_fits, name):
     ref, fit = REFERENCES[name], ml_fits[name]
     assert fit.converged
@@ -186,7 +180,6 @@ def test_summary_reads_like_glmmtmb(ml_fits):
         assert piece in text
 
 
-@pytest.mark.slow
 def test_summary_reports_the_dispersion(ml_fits):
     assert "Dispersion parameter for nbinom2" in ml_fits["grouseticks_nbinom2"].summary()
 
