@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 from importlib import resources
 from typing import TYPE_CHECKING, NamedTuple
@@ -448,3 +449,74 @@ def glmm_references() -> list[dict]:
     """
     with resources.files(__package__).joinpath("glmm_reference.json").open() as f:
         return json.load(f)
+
+
+# --- Handwritten digits (8 × 8) ----------------------------------------------
+
+#: Rows of :func:`load_digits` held out by :func:`split_digits` by default.
+DIGITS_NUM_TEST = 297
+
+#: Grey levels above this are 1 in :func:`load_digits`'s binarised images
+#: (pixels count the on-pixels of a 4 × 4 block: 0..16; 8..16 become 1).
+DIGITS_THRESHOLD = 7
+
+
+class Digits(NamedTuple):
+    """The 8 × 8 handwritten digits: ``images`` (n, 64), the pixels of each
+    image row by row (grey levels 0..16, or 0/1 binarised), and ``labels``
+    (n,), the digit 0..9 (int64)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def load_digits(binarize: bool = True, dtype=None) -> Digits:
+    """Load the 1 797 handwritten digits scikit-learn ships (the test set of
+    UCI's "Optical Recognition of Handwritten Digits", Alpaydin & Kaynak
+    1998; source and licences in README.md and ``digits_licence.md`` in this
+    folder), a small image benchmark for variational autoencoders.
+
+    Each pixel counts the on-pixels of a 4 × 4 block of a 32 × 32 bitmap
+    (0..16). With ``binarize=True`` (the default) a pixel is 1 when its
+    count is above ``DIGITS_THRESHOLD`` = 7 (at least half the block on),
+    else 0 -- a fixed threshold, not a random draw, so every run sees the
+    same data; ``binarize=False`` returns the counts. Rows are in the file's
+    order; :func:`split_digits` makes the fixed train/test split.
+
+    Usage::
+
+        data = load_digits()
+        data.images.shape, data.labels.shape  # (1797, 64), (1797,)
+        sorted(set(data.images.flatten().tolist()))  # [0.0, 1.0]
+        int(load_digits(binarize=False).images.max())  # 16
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    res = resources.files(__package__).joinpath("digits.csv.gz")
+    with res.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
+        rows = [[int(v) for v in row] for row in csv.reader(f)]
+    table = torch.tensor(rows)
+    images, labels = table[:, :64], table[:, 64]
+    if binarize:
+        images = images > DIGITS_THRESHOLD
+    return Digits(images.to(dtype), labels)
+
+
+def split_digits(data: Digits, num_test: int = DIGITS_NUM_TEST, seed: int = 0) -> tuple[Digits, Digits]:
+    """The fixed train/test split of :func:`load_digits`'s rows: rows sorted
+    by the SHA-256 digest of ``f"{seed}:{i}"`` (i the 0-based row), the last
+    ``num_test`` of that order the test set (297 by default: 1 500 train,
+    297 test), each part in file order. A hash, not a random generator, so
+    the split is the same under every version of torch and Python.
+
+    Usage::
+
+        train, test = split_digits(load_digits())
+        train.images.shape, test.images.shape  # (1500, 64), (297, 64)
+    """
+    n = len(data.labels)
+    if not 0 < num_test < n:
+        raise ValueError(f"num_test must be between 1 and {n - 1} (the rows of data); got {num_test}")
+    order = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
+    train = torch.tensor(sorted(order[:-num_test]))
+    test = torch.tensor(sorted(order[-num_test:]))
+    return Digits(data.images[train], data.labels[train]), Digits(data.images[test], data.labels[test])
