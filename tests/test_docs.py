@@ -47,6 +47,7 @@ MODULES = [
     "curvi.glmm_fit",
     "curvi.arviz",
     "curvi.plots",
+    "curvi.compositional",
 ]
 
 
