@@ -135,7 +135,7 @@ from .checks import check_count, check_positive
 from .kfac import KroneckerLayer, LayerRecorder, input_factor, output_factor
 from .tensor_ops import symmetrize
 
-__all__ = ["CompositionalNG"]
+__all__ = ["CompositionalNG", "latent_curvature", "unit_curvature_blocks"]
 
 _MODES = ("staged", "pushforward", "empirical")
 _CURVATURES = ("ggn", "hessian")
@@ -354,7 +354,7 @@ class CompositionalNG:
         )
         loss_p = -log_p
         leaf_list = list(leaves.values())
-        grad_p = _grads(loss_p, leaf_list, retain_graph=True, create_graph=self.curvature == "hessian")
+        grad_p = _grads(loss_p, leaf_list, retain_graph=True)
         grad_p = {
             name: g if g is not None else torch.zeros_like(leaf)
             for (name, leaf), g in zip(leaves.items(), grad_p, strict=True)
@@ -381,7 +381,12 @@ class CompositionalNG:
         out = {"loss": loss, "units": units, "plain": plain, "kfac": {}, "A": {}, "G": {}}
 
         need_blocks = self.mode == "staged" or (self.mode == "pushforward" and update_factors)
-        chol = self._unit_curvature(model_trace, latents, leaves, loss_p, grad_p) if need_blocks else None
+        chol = None
+        if need_blocks:
+            sizes = {name: _units(site) for name, site in latents.items()}
+            blocks = unit_curvature_blocks(model_trace, leaves, sizes, curvature=self.curvature)
+            absolute = self.curvature == "hessian"
+            chol = {name: _cholesky(block, absolute=absolute) for name, block in blocks.items()}
         layer_params = [p for module, _ in layers.values() for p in KroneckerLayer(module).parameters]
         if self.mode == "staged":
             parts = {name: _normal_parts(name, site) for name, site in latents.items()}
@@ -427,75 +432,6 @@ class CompositionalNG:
         return out
 
     # ------------------------------------------------------------ H_z
-    def _unit_curvature(self, model_trace, latents, leaves, loss_p, grad_p):
-        """The Cholesky factor of every unit's block of H_z, by site:
-        ``(units, k, k)``."""
-        blocks = {
-            name: leaves[name].new_zeros(_units(site) + (_units(site)[1],)) for name, site in latents.items()
-        }
-        names = list(leaves)
-        leaf_list = [leaves[n] for n in names]
-        if self.curvature == "hessian":
-            grads = [grad_p[n] for n in names]
-        else:
-            prior = -sum(model_trace.nodes[n]["log_prob_sum"] for n in names if n in model_trace.nodes)
-            grads = _grads(prior, leaf_list, retain_graph=True, create_graph=True)
-        for name, g, leaf in zip(names, grads, leaf_list, strict=True):
-            n_units, k = _units(latents[name])
-            if g is None or not g.requires_grad:
-                continue
-            g = g.reshape(n_units, k)
-            for col in range(k):
-                (column,) = _grads(g[:, col].sum(), [leaf], retain_graph=True)
-                if column is not None:
-                    blocks[name][:, :, col] = column.reshape(n_units, k)
-        if self.curvature == "ggn":
-            self._add_likelihood_fisher(model_trace, latents, leaves, blocks)
-        return {
-            name: _cholesky(block, absolute=self.curvature == "hessian") for name, block in blocks.items()
-        }
-
-    def _add_likelihood_fisher(self, model_trace, latents, leaves, blocks):
-        """Add the Fisher of every observed site, pulled back to each latent
-        site's unit blocks, ``Jᵀ F J`` by Jacobian-vector products."""
-        params, fishers = [], []
-        for name, site in model_trace.nodes.items():
-            if (
-                site["type"] != "sample"
-                or not site["is_observed"]
-                or name in leaves
-                or site_is_subsample(site)
-            ):
-                continue
-            for param, fisher in _fisher_terms(name, site):
-                if param.requires_grad:
-                    params.append(param)
-                    fishers.append(fisher)
-        if not params:
-            return
-        names = list(leaves)
-        leaf_list = [leaves[n] for n in names]
-        with torch.enable_grad():
-            dummies = [torch.zeros_like(p, requires_grad=True) for p in params]
-            pulled = _grads(params, leaf_list, grad_outputs=dummies, retain_graph=True, create_graph=True)
-        for name, back, leaf in zip(names, pulled, leaf_list, strict=True):
-            if back is None or not back.requires_grad:
-                continue
-            n_units, k = _units(latents[name])
-            for col in range(k):
-                direction = torch.zeros(n_units, k, dtype=leaf.dtype, device=leaf.device)
-                direction[:, col] = 1
-                tangents = _grads(
-                    back, dummies, grad_outputs=direction.reshape(back.shape), retain_graph=True
-                )
-                weighted = [
-                    fisher(t) if t is not None else torch.zeros_like(p)
-                    for fisher, t, p in zip(fishers, tangents, params, strict=True)
-                ]
-                (column,) = _grads(params, [leaf], grad_outputs=weighted, retain_graph=True)
-                if column is not None:
-                    blocks[name][:, :, col] += column.reshape(n_units, k)
-
     # ------------------------------------------------------------ vectors v
     def _pushforward_vectors(self, latents, chol):
         """Lists of ``{site: v}`` with E[v vᵀ] = H_z per unit (``v = L ξ``), or
@@ -614,6 +550,117 @@ class CompositionalNG:
             param.grad = grad.detach().clone()
             adam.step()
             param.grad = None
+
+
+# ---------------------------------------------------------------- H_z
+def latent_curvature(
+    model: Callable, values: dict, *args, curvature: str = "ggn", **kwargs
+) -> dict[str, torch.Tensor]:
+    """The model's curvature H_z in its latent sites, one block per unit.
+
+    Runs ``model(*args, **kwargs)`` with its latent sites set to ``values``
+    and returns, for each site of ``values``, the blocks ``(units, k, k)``
+    of H_z = Gauss–Newton (``curvature="ggn"``: the likelihood's Fisher
+    pulled back to z plus the Hessian of −log prior) or the Hessian of
+    −log p(x, z) (``curvature="hessian"``), as :class:`CompositionalNG`
+    uses them (before any positive-definite repair). A site's units are its
+    batch elements and k its event size (the model site's ``event_dim``).
+
+    Usage::
+
+        import pyro, pyro.distributions as dist
+        from curvi.compositional import latent_curvature
+
+        def model(x):
+            with pyro.plate("data", len(x)):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+                pyro.sample("x", dist.Bernoulli(logits=z.sum(-1)), obs=x)
+
+        x = torch.tensor([0.0, 1.0, 1.0])
+        H = latent_curvature(model, {"z": torch.zeros(3, 2)}, x)["z"]  # (3, 2, 2): I + 1/4 (all-ones)
+
+    :raises ValueError: for an unknown ``curvature``, or (``"ggn"``) a
+        likelihood whose Fisher is not known, naming the site.
+    """
+    _check_choice("curvature", curvature, _CURVATURES)
+    leaves = {name: value.detach().clone().requires_grad_(True) for name, value in values.items()}
+    with torch.enable_grad():
+        trace = poutine.trace(poutine.condition(model, data=leaves)).get_trace(*args, **kwargs)
+        for name in leaves:
+            trace.nodes[name]["is_observed"] = False  # latent sites, set to values
+        trace.compute_log_prob()
+    sizes = {name: _units(trace.nodes[name]) for name in leaves}
+    return unit_curvature_blocks(trace, leaves, sizes, curvature=curvature)
+
+
+def unit_curvature_blocks(trace, leaves: dict, sizes: dict, *, curvature: str) -> dict[str, torch.Tensor]:
+    """H_z's unit blocks ``(units, k, k)`` by site, from a model ``trace``
+    (log probabilities computed) whose latent sites hold the tensors
+    ``leaves``; ``sizes[name] = (units, k)``. All units of a site are
+    handled at once (one direction per latent coordinate), which assumes
+    them conditionally independent, as in a data plate; different sites are
+    not coupled."""
+    names = list(leaves)
+    leaf_list = [leaves[n] for n in names]
+    blocks = {name: leaves[name].new_zeros(sizes[name] + sizes[name][1:]) for name in names}
+    terms = [
+        site["log_prob_sum"]
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site_is_subsample(site)
+        and (curvature == "hessian" or name in leaves)
+    ]
+    grads = _grads(-sum(terms), leaf_list, create_graph=True) if terms else [None] * len(names)
+    for name, g, leaf in zip(names, grads, leaf_list, strict=True):
+        n_units, k = sizes[name]
+        if g is None or not g.requires_grad:
+            continue
+        g = g.reshape(n_units, k)
+        for col in range(k):
+            (column,) = _grads(g[:, col].sum(), [leaf], retain_graph=True)
+            if column is not None:
+                blocks[name][:, :, col] = column.reshape(n_units, k)
+    if curvature == "ggn":
+        _add_likelihood_fisher(trace, leaves, sizes, blocks)
+    return {name: symmetrize(block) for name, block in blocks.items()}
+
+
+def _add_likelihood_fisher(trace, leaves, sizes, blocks):
+    """Add the Fisher of every observed site, pulled back to each latent
+    site's unit blocks, ``Jᵀ F J`` by Jacobian-vector products (double
+    backpropagation, one per latent coordinate, all units at once)."""
+    params, fishers = [], []
+    for name, site in trace.nodes.items():
+        observed = site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+        if not observed or name in leaves:
+            continue
+        for param, fisher in _fisher_terms(name, site):
+            if param.requires_grad:
+                params.append(param)
+                fishers.append(fisher)
+    if not params:
+        return
+    names = list(leaves)
+    leaf_list = [leaves[n] for n in names]
+    with torch.enable_grad():
+        dummies = [torch.zeros_like(p, requires_grad=True) for p in params]
+        pulled = _grads(params, leaf_list, grad_outputs=dummies, create_graph=True)
+    for name, back, leaf in zip(names, pulled, leaf_list, strict=True):
+        if back is None or not back.requires_grad:
+            continue
+        n_units, k = sizes[name]
+        for col in range(k):
+            direction = leaf.new_zeros(n_units, k)
+            direction[:, col] = 1
+            direction = direction.reshape(back.shape)
+            tangents = _grads(back, dummies, grad_outputs=direction, retain_graph=True)
+            weighted = [
+                fisher(t) if t is not None else torch.zeros_like(p)
+                for fisher, t, p in zip(fishers, tangents, params, strict=True)
+            ]
+            (column,) = _grads(params, [leaf], grad_outputs=weighted, retain_graph=True)
+            if column is not None:
+                blocks[name][:, :, col] += column.reshape(n_units, k)
 
 
 # ---------------------------------------------------------------- helpers
