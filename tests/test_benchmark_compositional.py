@@ -27,7 +27,9 @@ def bench():
 
 
 def tiny_args(**changes):
-    args = dict(quick=True, iterations=4, seeds=1, adam_lrs=[1e-3], modes=["staged"], out=None)
+    args = dict(
+        quick=True, iterations=4, seeds=1, adam_lrs=[1e-3], modes=["staged"], decoder_lr=None, out=None
+    )
     args.update(changes)
     return argparse.Namespace(**args)
 
