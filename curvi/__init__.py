@@ -3,6 +3,7 @@
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, PrecisionCholeskyNormal, RepairReport
 from .arviz import to_inference_data
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
+from .distributed import local_units
 from .eigen import EigenResult, coordinate_names, eigen
 from .factors import FactorView
 from .fit import FitOutcome, FitResult, elbo_converged, fit
@@ -99,6 +100,7 @@ __all__ = [
     "laplace_gaussian",
     "laplace_log_marginal",
     "laplace_mle",
+    "local_units",
     "laplace_mode",
     "local_hessian",
     "log_density_hessian",

@@ -27,6 +27,7 @@ anything again.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -320,6 +321,12 @@ class ArrowheadPrecision:
     :param repair: ``None`` (require PD), ``"softabs"``, ``"softplus"``,
         ``"clip"``, ``"jitter"`` or a repair object; see
         :func:`curvi.repair.as_repair`.
+    :param reduce: applied to this piece's ``A − Σᵢ Bᵢᵀ Dᵢ⁻¹ Bᵢ`` before it is
+        repaired and factored: :func:`curvi.distributed.sum_over_ranks` when
+        the units are shared among processes (``A`` is then this process's
+        share of the global block, and the precision holds only its units:
+        :meth:`log_det`, :meth:`to_dense` and the stored ``A`` are this
+        process's piece, with the global Schur complement).
     """
 
     def __init__(
@@ -329,10 +336,12 @@ class ArrowheadPrecision:
         D: torch.Tensor,
         *,
         repair: SpectralRepair | Jitter | str | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self._p, self._N, self._k = _check_blocks(A, B, D)
         _check_finite(A=A, B=B, D=D)
         self._repair = as_repair(repair)
+        self._reduce = (lambda S: S) if reduce is None else reduce
         A, D = symmetrize(A), symmetrize(D)
         if self._repair is None:
             self._factor_exact(A, B, D)
@@ -351,7 +360,7 @@ class ArrowheadPrecision:
                 "'softplus', 'clip', 'jitter') to repair them"
             )
         W, BtDinvB = _eliminate(L_D, B)
-        S = symmetrize(A - BtDinvB)
+        S = self._reduce(symmetrize(A - BtDinvB))
         L_S, info = torch.linalg.cholesky_ex(S)
         if info > 0:
             raise ValueError(
@@ -365,7 +374,7 @@ class ArrowheadPrecision:
         D_rep = self._repair(D)
         L_D = torch.linalg.cholesky(D_rep.matrix)
         W, BtDinvB = _eliminate(L_D, B)
-        S_rep = self._repair(symmetrize(A - BtDinvB))
+        S_rep = self._repair(self._reduce(symmetrize(A - BtDinvB)))
         L_S = torch.linalg.cholesky(S_rep.matrix)
         report = RepairReport(
             num_units=self._N,
@@ -385,6 +394,7 @@ class ArrowheadPrecision:
         """Another precision of the same shape and repair from given factors."""
         new = object.__new__(type(self))
         new._p, new._N, new._k, new._repair = self._p, self._N, self._k, self._repair
+        new._reduce = self._reduce
         new._store(A, B, D, S, cholesky, self._report, M)
         return new
 

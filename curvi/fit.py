@@ -55,6 +55,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import torch_item, zero_grads
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checks import check_count, check_positive
 from .tensor_ops import rng_state, set_rng_state
 
@@ -328,6 +329,12 @@ def fit(
     """
     _check_options(model, guide, steps, optim, window, tol, checkpoint, checkpoint_every, callback)
     optim, loss, from_guide = _defaults(guide, optim, loss, args, kwargs)
+    if distributed.is_sharded() and not getattr(optim, "shares_units", False):
+        raise ValueError(
+            f"under torch.distributed (units shared among {distributed.world_size()} processes) "
+            f"curvi.fit needs an optimiser that sums its evaluations over the processes: "
+            f"LaplaceNewton (AmortizedLaplaceGuide's default), not {type(optim).__name__}"
+        )
     svi = SVI(model, guide, optim, loss)
     modules = _modules(model, guide)
     stepper = _Stepper(svi, modules, keep=checkpoint is not None)
@@ -340,13 +347,20 @@ def fit(
 
     def save():
         if checkpoint is not None and elbo:
-            _write_checkpoint(checkpoint, _capture(len(elbo), elbo, optim, modules))
+            state = _capture(len(elbo), elbo, optim, modules)
+            if distributed.rank() == 0:  # one file, as one process writes it
+                _write_checkpoint(checkpoint, state)
+            distributed.barrier("waiting for rank 0 to write the checkpoint")
 
     watch = _Watch(window, tol if not decides else None, elbo)
     reason = _stop_reason(optim, watch, elbo, decides)
     # an optimiser that decides when it is done has no known total
     bar = tqdm(
-        total=None if decides else steps, initial=len(elbo), disable=not progress, desc="fit", unit="step"
+        total=None if decides else steps,
+        initial=len(elbo),
+        disable=not progress or distributed.rank() > 0,  # one bar for all processes
+        desc="fit",
+        unit="step",
     )
     first_call = True
     try:
@@ -609,9 +623,30 @@ def _capture(step, elbo, optim, modules):
         "elbo": list(elbo),
         "param_store": pyro.get_param_store().get_state(),
         "optim": optim.get_state(),
-        "modules": {role: module.state_dict() for role, module in modules.items()},
+        "modules": {role: _full_state_dict(module) for role, module in modules.items()},
         "rng": rng_state(),
     }
+
+
+def _full_state_dict(module):
+    """The module's state dict; its per-unit buffers (``module.unit_buffers``)
+    over every unit, gathered from the processes that share them."""
+    state = module.state_dict()
+    for name in getattr(module, "unit_buffers", ()):
+        if name in state:
+            state[name] = distributed.gather_units(state[name], what=f"buffer {name!r}")
+    return state
+
+
+def _local_state_dict(module, saved):
+    """A saved state dict with the per-unit buffers cut to this process's units."""
+    if saved is None or not distributed.is_sharded():
+        return saved
+    saved = dict(saved)
+    for name in getattr(module, "unit_buffers", ()):
+        if name in saved:
+            saved[name] = distributed.local_rows(saved[name])
+    return saved
 
 
 def _write_checkpoint(path, state):
@@ -658,15 +693,16 @@ def _restore(state, svi, modules, args, kwargs, path):
     """Load a checkpoint into the live model, guide, param store and optimiser."""
     used = _used_params(svi, args, kwargs)
     problems = _param_problems(used, state["param_store"]["params"])
+    saved = {role: _local_state_dict(module, state["modules"].get(role)) for role, module in modules.items()}
     for role, module in modules.items():
-        problems += _state_dict_problems(role, module, state["modules"].get(role))
+        problems += _state_dict_problems(role, module, saved[role])
     if problems:
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} does not match this model and guide "
             "(nothing was loaded):\n  " + "\n  ".join(problems)
         )
     for role, module in modules.items():
-        module.load_state_dict(state["modules"][role])
+        module.load_state_dict(saved[role])
     _load_param_store(state["param_store"])
     _zero_all_grads(modules)
     svi.optim.optim_objs.clear()  # forget torch optimisers of any earlier run

@@ -53,6 +53,7 @@ from pyro.poutine.runtime import _PYRO_STACK, Message
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch.distributions import constraints
 
+from . import distributed
 from .arrowhead import ArrowheadPrecision, PrecisionCholeskyNormal
 from .checks import check_count
 from .factors import unit_plates
@@ -63,7 +64,14 @@ from .marginal import _check_quadrature, _laplace_draws, laplace_hessian, laplac
 from .model import ModelView
 from .modes import NoLaplaceApproximation, implicit_modes, solve_modes, warn_unconverged
 from .particles import CollapsedELBO
-from .posterior import INFER_KEY, ArrowheadNormal, LaplaceGaussian, LaplacePosterior, laplace_gaussian
+from .posterior import (
+    INFER_KEY,
+    UNITS_KEY,
+    ArrowheadNormal,
+    LaplaceGaussian,
+    LaplacePosterior,
+    laplace_gaussian,
+)
 from .quadrature import laplace_bias, quadrature_log_marginal
 from .repair import Jitter, SpectralRepair, as_repair
 
@@ -275,7 +283,8 @@ class LaplaceGuideBase(AutoGuide):
         is the batch's unbiased estimate of the full one."""
         s = view.unit_scale(y_hat.shape[0])
         H = structured_hessian(view, theta_hat, y_hat, units=units, create_graph=torch.is_grad_enabled())
-        return ArrowheadPrecision(-H.A, -H.B / math.sqrt(s), -H.D / s, repair=self.repair)
+        reduce = distributed.schur_sum if distributed.is_sharded() else None
+        return ArrowheadPrecision(-H.A, -H.B / math.sqrt(s), -H.D / s, repair=self.repair, reduce=reduce)
 
     def _global_precision(self, P, subsampled):
         """S for q(θ): the batch's own under full batches; under subsampling a
@@ -334,7 +343,9 @@ class LaplaceGuideBase(AutoGuide):
                     q.precision.cholesky.L_D.reshape(unit_shape + (k, k)),
                     validate_args=False,  # Cholesky factors: valid by construction
                 ),
-                infer={"is_auxiliary": True},
+                # unit i's noise keyed by its global index (FixedNoise): the same
+                # draws whichever process holds the unit
+                infer={"is_auxiliary": True, UNITS_KEY: (_global_units(y_hat, units), self.unit_plate)},
             )
         y = self._unit_draws(view, theta.reshape(-1, view.global_dim), loc_y, q, y.reshape(-1, n, k))
         values = view.unpack_unconstrained(theta.reshape(-1, view.global_dim), y)
@@ -593,6 +604,13 @@ def start_at_mode(view, *, stacklevel: int = 2) -> torch.Tensor:
     return view.init_theta
 
 
+def _global_units(y_hat, units):
+    """Global indices of the rows of ``y_hat``: the batch's units (or every
+    unit of this process) offset by the process's first unit."""
+    rows = torch.arange(y_hat.shape[0], device=y_hat.device) if units is None else units
+    return rows + distributed.unit_offset()
+
+
 def _hint_unit_plate(trace, num_coordinates):
     """Without a unit plate the precision is dense: say so when the model has a
     plate of latents large enough that the structured path would pay off."""
@@ -708,6 +726,11 @@ class LaplaceGuide(LaplaceGuideBase):
     _factor_guide = "FactorLaplaceGuide"  # its guide for several grouping factors
 
     def _init_locs(self, view, theta):
+        if distributed.is_sharded():
+            raise ValueError(
+                "LaplaceGuide learns every unit's mean, which curvi does not share among processes; "
+                "under torch.distributed use AmortizedLaplaceGuide (its only parameter is θ̂)"
+            )
         self.loc_global = PyroParam(theta.clone(), constraints.real, event_dim=1)
         if view.num_units:
             self.loc_local = PyroParam(self._all_units_modes(view, theta), constraints.real, event_dim=2)
@@ -809,6 +832,9 @@ class AmortizedLaplaceGuide(LaplaceGuideBase):
     _factor_guide = (
         "AmortizedFactorLaplaceGuide"  # its guide for several grouping factors (curvi/factor_guide.py)
     )
+    #: buffers with one row per unit (axis 0): checkpoints of a fit whose units
+    #: are shared among processes hold them over every unit (curvi.distributed)
+    unit_buffers = ("mode_cache", "mode_theta", "mode_slope")
 
     def __init__(
         self,

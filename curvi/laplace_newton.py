@@ -42,9 +42,10 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
 
 from .checks import check_count, check_positive
+from .distributed import sum_gradients, sum_tensor, sum_values, unit_normal
 from .fit import FitOutcome, FitResult, fit
 from .particles import particle_elbos, particle_values
-from .posterior import laplace_gaussian
+from .posterior import UNITS_KEY, laplace_gaussian
 from .tensor_ops import symmetrize
 
 __all__ = [
@@ -291,7 +292,14 @@ class FixedNoise(Messenger):
             return
         shape = fn.batch_shape + fn.event_shape
         like = loc if from_noise is None else fn.mean
-        eps = torch.randn(shape, generator=self._generator(like.device), dtype=like.dtype, device=like.device)
+        keyed = msg["infer"].get(UNITS_KEY)
+        if keyed is None:
+            generator = self._generator(like.device)
+            eps = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+        else:  # a unit site: each unit's noise keyed by its global index
+            units, plate = keyed
+            axis = _unit_axis(shape, fn.event_shape, plate, msg)
+            eps = unit_normal(self.seed, units, shape, axis, dtype=like.dtype, device=like.device)
         if self.antithetic:
             if len(shape) <= len(fn.event_shape) or shape[0] % 2:
                 raise ValueError(
@@ -305,6 +313,15 @@ class FixedNoise(Messenger):
             msg["value"] = from_noise(eps)
         else:
             msg["value"] = loc + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+
+
+def _unit_axis(shape, event_shape, plate, msg):
+    """The axis of a unit site's sample shape that indexes its units: the
+    unit plate's dim among the batch dims."""
+    frames = [f for f in msg["cond_indep_stack"] if f.name == plate and f.dim is not None]
+    if not frames:
+        raise ValueError(f"FixedNoise: site {msg['name']!r} holds unit indices but is not in plate {plate!r}")
+    return len(shape) - len(event_shape) + frames[0].dim
 
 
 def _plate_nesting(guide):
@@ -367,7 +384,7 @@ class NewtonELBO(Trace_ELBO):
         self._set_nesting(guide)
         with torch.no_grad():
             values, _ = self._values(model, guide, args, kwargs, self.optim.noise_seed)
-        return -values.mean().item()
+        return -sum_values(values.mean(), what="the ELBO")[0]
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Evaluate, backpropagate into every parameter, record for the step."""
@@ -396,15 +413,19 @@ class NewtonELBO(Trace_ELBO):
         param = _unconstrained(gaussian.theta_hat)
         if param.grad is None:
             raise ValueError("the guide's θ̂ received no gradient from the ELBO")
+        # under processes sharing the units, value and gradient were this
+        # process's shares: every process now holds the sums
+        sum_gradients([param], what="the ELBO's gradient")
+        (total,) = sum_values(value, what="the ELBO")
         # the ELBO's gradient (the loss's is its negative)
         self.last = Evaluation(
-            value.item(),
+            total,
             -param.grad.detach().clone(),
             gaussian.global_precision.detach(),
             param,
             epoch=gaussian.epoch,
         )
-        return -value.item()
+        return -total
 
     def _set_nesting(self, guide):
         if self.max_plate_nesting == math.inf:
@@ -423,13 +444,15 @@ class NewtonELBO(Trace_ELBO):
             values, trace = [], None
             for c in range(chunks):
                 v, trace = self._values(model, guide, args, kwargs, optim.estimate_seed(c))
+                v = sum_tensor(v, what="the final ELBO estimate")
                 values.append(_pair_means(v, optim.antithetic))
             units = torch.cat(values)
         gaussian = laplace_gaussian(trace)
         elbo = units.mean().item()
         spread = units.var().item() if units.numel() > 1 else math.nan
         se = math.sqrt(spread / units.numel())
-        dim = gaussian.theta_hat.numel() + gaussian.y_hat.numel()
+        (num_local,) = sum_values(gaussian.y_hat.numel(), what="the number of unit coordinates")
+        dim = gaussian.theta_hat.numel() + int(num_local)
         param = _unconstrained(gaussian.theta_hat)
         self.last = Evaluation(elbo, None, gaussian.global_precision.detach(), param, se, spread / dim)
         return elbo
@@ -531,6 +554,10 @@ class LaplaceNewton(pyro.optim.PyroOptim):
     :param dict others: :class:`torch.optim.Adam` arguments for parameters
         other than θ̂; ``None`` raises a ValueError naming any such parameter.
     """
+
+    #: its loss sums value and gradient over processes sharing the units
+    #: (curvi.distributed), so curvi.fit may use it under torch.distributed
+    shares_units = True
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
 
+from . import distributed
 from .checks import check_count
 from .factors import FactorView, unit_plates
 from .hessian import local_hessian
@@ -193,6 +194,8 @@ def laplace_mode(
     y, nfev, _ = maximise_laplace(view, [theta], lambda: theta, y_start=y_start, max_eval=max_eval)
     value, result = laplace_log_marginal(view, theta, y)
     (grad,) = torch.autograd.grad(value, theta)
+    grad = distributed.sum_tensor(grad, what="the Laplace marginal's gradient")
+    value = value.new_tensor(distributed.sum_values(value, what="the Laplace marginal")[0])
     if gtol is None:
         gtol = torch.finfo(theta.dtype).eps ** (1 / 3) * max(1.0, abs(value.item())) ** 0.5
     grad_norm = grad.abs().max().item()
@@ -258,7 +261,8 @@ def laplace_hessian(
         with torch.enable_grad():  # also from read-outs under no_grad
             t = t.clone().requires_grad_(True)
             value, _ = laplace_log_marginal(view, t, y, units=units, quadrature=quadrature)
-            return torch.autograd.grad(value, t)[0]
+            gradient = torch.autograd.grad(value, t)[0]
+        return distributed.sum_tensor(gradient, what="the Laplace marginal's gradient")
 
     return central_hessian(gradient, theta, step=step)
 
@@ -300,13 +304,19 @@ def maximise_laplace(
             value, result = laplace_log_marginal(
                 view, theta_fn(), predictor(x), xtol=xtol, create_graph=create_graph, quadrature=quadrature
             )
+            failed = False
         except NoLaplaceApproximation:  # reject this trial point
+            failed = True
+        # processes sharing the units reject a point together, and sum their shares
+        if distributed.any_rank(failed, "the Laplace marginal's existence"):
             return torch.tensor(math.inf, dtype=x.dtype)
         predictor.update(x, result.y)
         (-value).backward()
-        if -value.item() < state["best"][0]:
-            state["best"] = (-value.item(), x)
-        return -value.detach()
+        distributed.sum_gradients(params, what="the Laplace marginal's gradient")
+        (total,) = distributed.sum_values(value, what="the Laplace marginal")
+        if -total < state["best"][0]:
+            state["best"] = (-total, x)
+        return torch.tensor(-total, dtype=x.dtype)
 
     optimizer = torch.optim.LBFGS(
         params,

@@ -23,10 +23,11 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
 from torch.distributions import biject_to
 
+from . import distributed
 from .factors import FactorView, unit_plates
 from .marginal import _check_quadrature, central_hessian, laplace_log_marginal, maximise_laplace
 from .model import ModelView
-from .modes import warn_unconverged
+from .modes import NoLaplaceApproximation, warn_unconverged
 from .quadrature import quadrature_log_marginal
 
 
@@ -220,6 +221,10 @@ def laplace_mle(
             "quadrature= integrates one unit plate's units one by one; with several grouping "
             "factors the units are integrated jointly, by Laplace"
         )
+    if distributed.is_sharded():  # processes sharing the units start from rank 0's values
+        with torch.no_grad():
+            for param in params:
+                param.copy_(distributed.broadcast(param, "the initial parameters"))
     theta = view.init_theta
     nodes = 1 if quadrature in (None, "auto") else quadrature
     error = math.nan
@@ -241,6 +246,11 @@ def laplace_mle(
             )
             nfev, nit = nfev + more_evaluations + 1, nit + more_iterations
     value, gradient, result = _value_and_gradient(view, theta, y, params, _rule(nodes))
+    covariance = _covariance(view, theta, result.y, params, _rule(nodes))
+    value, gradient, result = _newton_polish(
+        view, theta, params, covariance, value, gradient, result, _rule(nodes)
+    )
+    nfev += 1  # the polishing step
     warn_unconverged(result)
     if gtol is None:
         gtol = 1e-6 * max(1.0, abs(value))
@@ -251,10 +261,10 @@ def laplace_mle(
         if converged
         else f"not converged: max |gradient| {grad_norm:.2g} > {gtol:.2g} after {nit} iterations"
     )
-    covariance = _covariance(view, theta, result.y, params, _rule(nodes))
     constraints = {name: store._constraints[name] for name in names}
     estimates, std_errors = _delta_method(names, params, constraints, covariance)
-    modes = {k: v.detach() for k, v in view.unpack(theta, result.y).items()}
+    # every unit's modes, as one process holds them (gathered from the processes sharing them)
+    modes = {k: v.detach() for k, v in view.unpack(theta, distributed.gather_units(result.y)).items()}
     fit = LaplaceFit(
         estimates,
         value,
@@ -265,7 +275,7 @@ def laplace_mle(
         message,
         nit,
         nfev,
-        view.num_observations,
+        int(distributed.sum_values(view.num_observations, what="the number of observations")[0]),
         constraints,
     )
     fit.num_nodes, fit.quadrature_error = nodes, error
@@ -281,7 +291,43 @@ def _value_and_gradient(view, theta, y, params, quadrature=None):
     """The Laplace log likelihood and its gradient in the unconstrained params."""
     value, result = laplace_log_marginal(view, theta, y, create_graph=True, quadrature=quadrature)
     grads = torch.autograd.grad(value, params, allow_unused=True, materialize_grads=True)
-    return value.item(), torch.cat([g.reshape(-1) for g in grads]), result
+    gradient = torch.cat([g.reshape(-1) for g in grads])
+    # processes sharing the units: their shares summed
+    gradient = distributed.sum_tensor(gradient, what="the log likelihood's gradient")
+    return distributed.sum_values(value, what="the log likelihood")[0], gradient, result
+
+
+def _set_params(params, x):
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(x[offset : offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+
+
+def _newton_polish(view, theta, params, covariance, value, gradient, result, quadrature=None):
+    """One Newton step from where L-BFGS stopped, with the Hessian the
+    standard errors come from (``covariance``): the estimate becomes as
+    precise as the gradient, not only as the stopping tolerance, so runs
+    that stop at different points (another start, units summed in another
+    order or over processes) agree. Kept only where it raises log L (to
+    rounding) and lowers the gradient; the params are left at the point
+    returned."""
+    if not torch.isfinite(covariance).all():
+        return value, gradient, result
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    _set_params(params, flat + covariance @ gradient)
+    try:
+        polished = _value_and_gradient(view, theta, result.y, params, quadrature)
+    except NoLaplaceApproximation:
+        polished = None
+    slack = 1e-12 * max(1.0, abs(value))
+    if polished is None or not (
+        polished[0] >= value - slack and polished[1].abs().max() <= gradient.abs().max()
+    ):
+        _set_params(params, flat)
+        return value, gradient, result
+    return polished
 
 
 def _covariance(view, theta, y, params, quadrature=None):
@@ -290,11 +336,7 @@ def _covariance(view, theta, y, params, quadrature=None):
     flat = torch.cat([p.detach().reshape(-1) for p in params])
 
     def gradient(x):
-        offset = 0
-        with torch.no_grad():
-            for p in params:
-                p.copy_(x[offset : offset + p.numel()].reshape(p.shape))
-                offset += p.numel()
+        _set_params(params, x)
         return _value_and_gradient(view, theta, y, params, quadrature)[1]
 
     hessian = central_hessian(gradient, flat)

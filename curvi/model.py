@@ -33,6 +33,7 @@ from pyro.poutine.runtime import Message
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from . import distributed
 from .hidden_sites import HiddenSites, check_deterministic, enumerated_terms, without_blocks
 from .unit_split import find_unit_split
 
@@ -160,6 +161,21 @@ class ModelView:
         )
         subsampled = frame is not None and frame.size < self.num_units
         self.unit_indices = trace.nodes[unit_plate]["value"] if subsampled else None
+        if distributed.world_size() > 1:
+            if frame is None:
+                raise ValueError(
+                    "under torch.distributed curvi shares the units of a unit plate among the "
+                    "processes; pass unit_plate= (the plate of the units given by curvi.local_units)"
+                )
+            if subsampled:
+                raise ValueError(
+                    f"under torch.distributed plate '{unit_plate}' must hold this process's units "
+                    "(curvi.local_units), not subsample them"
+                )
+            distributed.check_units(unit_plate, self.num_units)
+        #: weight of the terms every process computes alike (the global latents'
+        #: densities): 1/K under K processes sharing the units, else 1
+        self.replicated_weight = distributed.replicated_weight()
 
         latent = [s for s in trace.nodes.values() if _is_latent(s)]
         for site in latent:
@@ -207,6 +223,8 @@ class ModelView:
             raise ValueError("the model has no latent sample site: there is nothing to infer")
         values = {s["name"]: s["value"].detach() for s in latent}
         self.init_theta, self.init_y = self.pack(values)
+        # processes sharing the units start from rank 0's globals (their draws differ)
+        self.init_theta = distributed.broadcast(self.init_theta, "the initial globals")
         self.check_finite(self.init_theta, self.init_y)
         check_deterministic(lambda: self.log_joint(self.init_theta, self.init_y))
         if check_structure:
@@ -548,6 +566,11 @@ class ModelView:
             )
             terms[name] = (log_p, per_unit)
         terms.update(log_jac)
+        if self.replicated_weight != 1:  # this process's share of the globals' densities
+            for name in self.global_sites:
+                for key in (name, f"log|J| {name}"):
+                    if key in terms:
+                        terms[key] = (terms[key][0] * self.replicated_weight, False)
         return terms
 
     # ---------------------------------------------------------------- checks

@@ -18,6 +18,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.poutine.trace_struct import Trace
 
+from . import distributed
 from .checks import check_count
 from .hidden_sites import SummingOutELBO, particle_log_joint
 from .modes import warn_unconverged
@@ -106,11 +107,14 @@ def particle_values(
         model_trace, guide_trace = next(iter(elbo._get_traces(model, guide, args, kwargs)))
         traces = ((model_trace, 1.0), (guide_trace, -1.0))
     depth = elbo.max_plate_nesting  # (guessed by now) the particle plate is the leftmost of these dims
+    share = _replicated_share(guide)
     for trace, sign in traces:
         for site in trace.nodes.values():
             if site["type"] != "sample":
                 continue
             lp = site["log_prob"]
+            if share is not None and share(site):
+                lp = lp * distributed.replicated_weight()
             if elbo.num_particles == 1:  # Pyro adds no particle plate for one particle
                 total = total + sign * lp.sum()
                 continue
@@ -120,6 +124,27 @@ def particle_values(
     values = torch.as_tensor(total).reshape(-1)
     K = elbo.num_particles
     return (values.expand(K) if values.numel() == 1 else values), guide_trace
+
+
+def _replicated_share(guide):
+    """When the units are shared among processes: a test of whether a site's
+    density is computed alike on every process (a latent outside the unit
+    plate: θ's prior, q(θ) and its Delta sites), whose share is 1/K; None
+    otherwise. Observed sites and factors hold the process's own data."""
+    if not distributed.is_sharded():
+        return None
+    plate = getattr(guide, "unit_plate", None)
+    if not isinstance(plate, str):
+        raise ValueError(
+            "under torch.distributed curvi's ELBO needs a guide with one unit plate "
+            f"(AmortizedLaplaceGuide or LaplaceGuide with unit_plate=...), got {type(guide).__name__}"
+        )
+
+    def replicated(site):
+        in_plate = any(f.name == plate for f in site["cond_indep_stack"])
+        return not site["is_observed"] and not in_plate
+
+    return replicated
 
 
 def _collapsed_values(elbo, guide, args, kwargs):
@@ -156,7 +181,8 @@ def _collapsed_values(elbo, guide, args, kwargs):
         warn_unconverged(modes)
         y = modes.y
         values.append(value)
-    return torch.stack(values) - log_q, guide_trace
+    # each process's share: its units' log marginals, and 1/K of log q(θ)
+    return torch.stack(values) - distributed.replicated_weight() * log_q, guide_trace
 
 
 class CollapsedELBO(Trace_ELBO):

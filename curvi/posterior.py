@@ -262,6 +262,10 @@ class ArrowheadNormal(TorchDistribution):
 #: the key of the global auxiliary site's ``infer`` dict that holds the
 #: call's :class:`~curvi.posterior.LaplaceGaussian`
 INFER_KEY = "laplace_gaussian"
+#: the key of the unit auxiliary site's ``infer`` dict that holds the global
+#: indices of its units and the unit plate's name (what
+#: :class:`~curvi.laplace_newton.FixedNoise` keys their noise by)
+UNITS_KEY = "curvi_units"
 
 
 def laplace_gaussian(guide_trace: Trace) -> LaplaceGaussian | None:

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import distributed
 from .checks import check_count
 from .hessian import local_hessian
 from .model import ModelView
@@ -202,11 +203,13 @@ def quadrature_log_marginal(
     previous = None
     for k_nodes in AUTO_NODES:
         value, logs = value_with(k_nodes)
+        # the whole marginal's change (processes sharing the units decide together)
+        (total,) = distributed.sum_values(value, what="the quadrature marginal")
         if previous is not None:
-            change = abs(value.item() - previous)
+            change = abs(total - previous)
             if change < tol:
                 return QuadratureLogMarginal(value, result, k_nodes, change, logs)
-        previous = value.item()
+        previous = total
     raise ValueError(
         f"num_nodes='auto' did not settle to {tol:g} nats with up to {AUTO_NODES[-1]} nodes per "
         f"dimension (last change {change:.3g}); the units' posteriors are far from Gaussian: "
@@ -321,8 +324,9 @@ def laplace_bias(
             found = quadrature_log_marginal(view, t, y_start, num_nodes=nodes)
             (g,) = torch.autograd.grad(found.value, t)
         warn_unconverged(found.modes)
-        gradients.append(g)
-        values.append(found.value.item())
+        # processes sharing the units: their shares summed
+        gradients.append(distributed.sum_tensor(g, what="the marginal's gradient"))
+        values.append(distributed.sum_values(found.value, what="the marginal")[0])
     step = torch.linalg.solve(precision, gradients[1] - gradients[0])
     shift = step / torch.linalg.inv(precision).diagonal().sqrt()
     return LaplaceBias(shift, shift.abs().max().item(), values[1] - values[0], num_nodes)
