@@ -265,7 +265,8 @@ class CompositionalNG:
     # ------------------------------------------------------------ public API
     def step(self, *args, **kwargs) -> float:
         """Take one step; return the −ELBO estimate of its draws (before the step)."""
-        update_factors = self.num_steps % self.factor_interval == 0 or not self.layers
+        has_factors = bool(self.layers or self._pending["layers"])
+        update_factors = self.num_steps % self.factor_interval == 0 or not has_factors
         totals = None
         for _ in range(self.num_particles):
             particle = self._particle(args, kwargs, update_factors)
@@ -326,12 +327,7 @@ class CompositionalNG:
             guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
         latents = _latent_sites(guide_trace)
         leaves = {name: site["value"].detach().requires_grad_(True) for name, site in latents.items()}
-        replay = guide_trace.copy()
-        for name, leaf in leaves.items():
-            replay.nodes[name] = dict(replay.nodes[name], value=leaf)
-        with torch.enable_grad():
-            model_trace = poutine.trace(poutine.replay(self.model, trace=replay)).get_trace(*args, **kwargs)
-            model_trace.compute_log_prob()
+        model_trace = self._model_trace(guide_trace, leaves, args, kwargs)
         params = _parameters(guide_trace, model_trace)
         guide_params = _parameters(guide_trace)
         if not guide_params and self.num_steps == 0:
@@ -382,14 +378,28 @@ class CompositionalNG:
 
         need_blocks = self.mode == "staged" or (self.mode == "pushforward" and update_factors)
         chol = None
+        if self.mode == "staged":
+            parts = {name: _normal_parts(name, site) for name, site in latents.items()}
         if need_blocks:
             sizes = {name: _units(site) for name, site in latents.items()}
-            blocks = unit_curvature_blocks(model_trace, leaves, sizes, curvature=self.curvature)
+            if self.mode == "staged":
+                # H_z at q's mean, not at the draw: H_z⁻¹ and ∇_z ℓ are then
+                # independent, so the staged direction's expectation is zero
+                # where the ELBO's gradient is (at the draw it would not be
+                # once H_z varies with z)
+                point = {name: parts[name][0].detach().clone().requires_grad_(True) for name in latents}
+                blocks = unit_curvature_blocks(
+                    self._model_trace(guide_trace, point, args, kwargs),
+                    point,
+                    sizes,
+                    curvature=self.curvature,
+                )
+            else:
+                blocks = unit_curvature_blocks(model_trace, leaves, sizes, curvature=self.curvature)
             absolute = self.curvature == "hessian"
             chol = {name: _cholesky(block, absolute=absolute) for name, block in blocks.items()}
         layer_params = [p for module, _ in layers.values() for p in KroneckerLayer(module).parameters]
         if self.mode == "staged":
-            parts = {name: _normal_parts(name, site) for name, site in latents.items()}
             staged = self._staged_surrogate(latents, parts, grad_z, chol)
             kfac_grads = _grads(staged, layer_params, retain_graph=True) if layer_params else []
             kfac_grads = dict(zip(map(id, layer_params), kfac_grads, strict=True))
@@ -432,6 +442,17 @@ class CompositionalNG:
         return out
 
     # ------------------------------------------------------------ H_z
+    def _model_trace(self, guide_trace, values, args, kwargs):
+        """The model's trace replayed on the guide's, its latent sites set to
+        ``values``, log probabilities computed."""
+        replay = guide_trace.copy()
+        for name, value in values.items():
+            replay.nodes[name] = dict(replay.nodes[name], value=value)
+        with torch.enable_grad():
+            trace = poutine.trace(poutine.replay(self.model, trace=replay)).get_trace(*args, **kwargs)
+            trace.compute_log_prob()
+        return trace
+
     # ------------------------------------------------------------ vectors v
     def _pushforward_vectors(self, latents, chol):
         """Lists of ``{site: v}`` with E[v vᵀ] = H_z per unit (``v = L ξ``), or
