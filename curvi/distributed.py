@@ -32,19 +32,33 @@ seconds, default 300) and a failed one -- another process raised and
 exited, was killed, or timed out -- raises :class:`RankFailure` naming this
 process and the operation it was waiting in, never a hang.
 
-Usage (a script run as ``torchrun --nproc-per-node 2 script.py``; run
-plainly, ``local_units`` returns every unit and nothing is distributed)::
+**Supported.** :class:`~curvi.guides.AmortizedLaplaceGuide` fitted by
+:func:`curvi.fit` with its default optimiser
+(:class:`~curvi.laplace_newton.LaplaceNewton`, also with ``quadrature=``),
+:func:`curvi.laplace_mle`, :func:`curvi.laplace_mode` and
+:class:`~curvi.model.ModelView`'s sums; other optimisers, ``LaplaceGuide``
+and several grouping factors are refused by name under several processes.
+Observed sites and factors are the process's own data: an observation that
+belongs to no unit must be added by one process only.
+
+The script below runs as it is (one process: ``local_units`` returns every
+unit) and unchanged as ``torchrun --nproc-per-node 2 script.py``, where each
+process prints the same result.
+
+Usage::
 
     import torch, pyro, pyro.distributions as dist
     import curvi
 
     N = 1000
-    counts = torch.poisson(torch.full((N, 4), 3.0, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.poisson(torch.full((N, 4), 3.0, dtype=torch.float64), generator=g)
     units = curvi.local_units(N)          # this process's units
     obs = counts[units]                   # only their observations
 
     def model(obs):
-        mu = pyro.sample("mu", dist.Normal(0.0, 5.0).expand([1]).to_event(1))
+        zero = torch.zeros(1, dtype=torch.float64)
+        mu = pyro.sample("mu", dist.Normal(zero, 5.0).to_event(1))
         with pyro.plate("units", obs.shape[0], dim=-2):
             u = pyro.sample("u", dist.Normal(mu, 1.0))
             with pyro.plate("obs", obs.shape[1], dim=-1):
@@ -52,12 +66,13 @@ plainly, ``local_units`` returns every unit and nothing is distributed)::
 
     guide = curvi.AmortizedLaplaceGuide(model, unit_plate="units")
     result = curvi.fit(model, guide, obs, progress=False)
-    # every process holds the same θ̂ and prints the same result
+    print(result.message, guide.loc_global)   # the same on every process
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 from collections.abc import Iterable
@@ -210,11 +225,47 @@ def replicated_weight() -> float:
     return 1.0 / world_size() if is_sharded() else 1.0
 
 
+_inside = {"depth": 0}
+
+
+@contextlib.contextmanager
+def evaluating_shares():
+    """Within this context a Laplace guide may be run when the units are
+    shared: curvi's own losses enter it, as they weigh each site's share
+    and sum over the processes (Pyro's ``Trace_ELBO`` would not)."""
+    _inside["depth"] += 1
+    try:
+        yield
+    finally:
+        _inside["depth"] -= 1
+
+
+def check_guide_call(name: str) -> None:
+    """Refuse a guide call outside curvi's losses when the units are shared."""
+    if is_sharded() and not _inside["depth"]:
+        raise ValueError(
+            f"{name} is run outside curvi's losses while {world_size()} processes share the units: "
+            "Pyro's ELBOs, SVI with another optimiser and Predictive would see this process's "
+            "units only; fit with curvi.fit (LaplaceNewton, the guide's default)"
+        )
+
+
 # ---------------------------------------------------------------------------
 # collectives
 
 
+#: what this process has sent through collectives: ``calls`` and ``bytes``
+#: (each all-reduce, broadcast or gather counted once with its tensor's size)
+traffic = {"calls": 0, "bytes": 0}
+
+
+def _count(tensor: torch.Tensor) -> None:
+    traffic["calls"] += 1
+    traffic["bytes"] += tensor.numel() * tensor.element_size()
+
+
 def _all_reduce(tensor: torch.Tensor, what: str, op=None) -> torch.Tensor:
+    _count(tensor)
     try:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
     except Exception as error:  # gloo raises RuntimeError / DistBackendError subclasses
@@ -311,6 +362,7 @@ def gather_units(x: torch.Tensor, what: str = "per-unit state") -> torch.Tensor:
     padded = x.new_zeros((width,) + tuple(x.shape[1:]))
     padded[: x.shape[0]] = x
     pieces = [torch.empty_like(padded) for _ in range(K)]
+    _count(padded)
     try:
         dist.all_gather(pieces, padded.contiguous())
     except Exception as error:
@@ -332,6 +384,7 @@ def broadcast(x: torch.Tensor, what: str) -> torch.Tensor:
     if not is_sharded():
         return x
     y = x.detach().clone().contiguous()
+    _count(y)
     try:
         dist.broadcast(y, src=0)
     except Exception as error:

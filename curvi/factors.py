@@ -26,6 +26,7 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.runtime import Message
 
+from . import distributed
 from .model import ModelView, _trace_prototype
 
 __all__ = ["FactorView", "unit_plates"]
@@ -90,6 +91,11 @@ class FactorView:
         names = unit_plates(unit_plate)
         if names is None:
             raise ValueError(f"FactorView needs two or more unit plates, got {unit_plate!r}")
+        if distributed.world_size() > 1:
+            raise ValueError(
+                "several grouping factors are integrated jointly through one sparse Hessian, which "
+                "curvi does not share among processes; under torch.distributed use one unit plate"
+            )
         self.unit_plate = names
         self.base = ModelView(
             model, *args, unit_plate=None, init_loc_fn=init_loc_fn, check_structure=False, **kwargs

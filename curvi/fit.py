@@ -713,7 +713,7 @@ def _restore(state, svi, modules, args, kwargs, path):
 
 def _used_params(svi, args, kwargs):
     """Set up lazy guides (one blocked loss evaluation); the params it uses."""
-    with poutine.block(), poutine.trace(param_only=True) as capture:
+    with poutine.block(), poutine.trace(param_only=True) as capture, distributed.evaluating_shares():
         svi.guide(*args, **kwargs)
         svi.loss(svi.model, svi.guide, *args, **kwargs)
     store = dict(pyro.get_param_store().named_parameters())

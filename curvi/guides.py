@@ -306,6 +306,7 @@ class LaplaceGuideBase(AutoGuide):
 
         :return: a dict from site name to its sampled (constrained) value.
         """
+        distributed.check_guide_call(type(self).__name__)
         # the mode solve and the Hessian run on autograd: keep it on for them
         # even under torch.no_grad (e.g. a first call from Predictive)
         with torch.enable_grad():

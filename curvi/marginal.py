@@ -446,6 +446,11 @@ class LaplaceMarginal:
         self._modes = None
 
     def _view(self, args, kwargs):
+        if distributed.world_size() > 1:
+            raise ValueError(
+                "LaplaceMarginal is a model for MCMC in one process; under torch.distributed fit "
+                "the units shared among processes with AmortizedLaplaceGuide or laplace_mle"
+            )
         if self.view is None and unit_plates(self.unit_plate) is not None:
             if self.quadrature is not None:
                 raise ValueError(
