@@ -137,6 +137,30 @@ def unsharded():
     curvi.AmortizedLaplaceGuide(model, unit_plate="units")(x, y)
 
 
+def refusals(out):
+    """What does not sum over processes is refused by name; the messages saved."""
+    x, y = data()
+    messages = {}
+    attempts = {
+        "pyro_svi": lambda guide: SVI(
+            model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO()
+        ).step(x, y),
+        "fit_adam": lambda guide: curvi.fit(model, guide, x, y, optim=pyro.optim.Adam({"lr": 0.01}), steps=2),
+        "laplace_guide": lambda guide: curvi.fit(
+            model, curvi.LaplaceGuide(model, unit_plate="units"), x, y, steps=2, progress=False
+        ),
+        "marginal_nuts": lambda guide: curvi.LaplaceMarginal(model, unit_plate="units")(x, y),
+    }
+    for name, attempt in attempts.items():
+        pyro.clear_param_store()
+        try:
+            attempt(curvi.AmortizedLaplaceGuide(model, unit_plate="units"))
+            messages[name] = None
+        except ValueError as error:
+            messages[name] = str(error)
+    return messages
+
+
 def fail(how):
     x, y = data()
     pyro.clear_param_store()
@@ -153,6 +177,8 @@ def main():
         results = agree(os.path.dirname(out))
         results["world_size"] = distributed.world_size()
         torch.save(results, out)
+    elif task == "refusals":
+        torch.save(refusals(out), out)
     elif task == "unsharded":
         unsharded()
     else:

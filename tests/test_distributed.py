@@ -150,6 +150,16 @@ def test_processes_that_did_not_take_local_units_are_refused(tmp_path):
         assert "did not take its units from curvi.local_units" in log
 
 
+def test_what_does_not_sum_over_processes_is_refused_by_name(tmp_path):
+    codes, logs, _ = _launch("refusals", tmp_path, 2)
+    assert codes == [0, 0], "\n".join(logs)
+    messages = torch.load(tmp_path / "out0.pt", weights_only=False)
+    assert "outside curvi's losses" in messages["pyro_svi"]
+    assert "needs an optimiser that sums its evaluations" in messages["fit_adam"]
+    assert "under torch.distributed use AmortizedLaplaceGuide" in messages["laplace_guide"]
+    assert "LaplaceMarginal is a model for MCMC in one process" in messages["marginal_nuts"]
+
+
 # ---------------------------------------------------------------------------
 # in one process
 
