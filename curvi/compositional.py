@@ -138,7 +138,7 @@ from .tensor_ops import symmetrize
 __all__ = ["CompositionalNG", "latent_curvature", "unit_curvature_blocks"]
 
 _MODES = ("staged", "pushforward", "empirical")
-_CURVATURES = ("ggn", "hessian")
+_CURVATURES = ("ggn", "hessian", "fisher")
 
 
 class CompositionalNG:
@@ -228,6 +228,12 @@ class CompositionalNG:
             raise TypeError(f"guide must be callable, got {guide!r}")
         _check_choice("mode", mode, _MODES)
         _check_choice("curvature", curvature, _CURVATURES)
+        if curvature == "fisher" and (mode != "pushforward" or curvature_samples is None):
+            raise ValueError(
+                "curvature='fisher' (pseudo-observation scores) is sampled and gives no blocks: it needs "
+                f"mode='pushforward' and an integer curvature_samples, got mode={mode!r}, "
+                f"curvature_samples={curvature_samples!r}"
+            )
         check_positive("lr", lr)
         check_positive("damping", damping, allow_zero=True)
         if not isinstance(stick_the_landing, bool):
@@ -359,7 +365,8 @@ class CompositionalNG:
         for name, site in latents.items():
             log_q = log_q + _site_log_prob(site, site["value"])
             with torch.enable_grad():
-                (grad_q[name],) = _grads(_site_log_prob(site, leaves[name]), [leaves[name]])
+                (g,) = _grads(_site_log_prob(site, leaves[name]), [leaves[name]])
+            grad_q[name] = g if g is not None else torch.zeros_like(leaves[name])  # a Delta site
         grad_z = {name: (grad_p[name] + grad_q[name]).detach() for name in leaves}
         loss = float(loss_p.detach() + log_q.detach()) if leaves else float(loss_p.detach())
 
@@ -376,7 +383,9 @@ class CompositionalNG:
         units = sum(_units(site)[0] for site in latents.values())
         out = {"loss": loss, "units": units, "plain": plain, "kfac": {}, "A": {}, "G": {}}
 
-        need_blocks = self.mode == "staged" or (self.mode == "pushforward" and update_factors)
+        need_blocks = self.mode == "staged" or (
+            self.mode == "pushforward" and update_factors and self.curvature != "fisher"
+        )
         chol = None
         if self.mode == "staged":
             parts = {name: _normal_parts(name, site) for name, site in latents.items()}
@@ -416,7 +425,7 @@ class CompositionalNG:
             elif self.mode == "pushforward":
                 output_grads = [
                     _grads(_pairing(latents, vs), outputs, retain_graph=True)
-                    for vs in self._pushforward_vectors(latents, chol)
+                    for vs in self._pushforward_vectors(latents, chol, model_trace, leaves)
                 ]
             else:
                 output_grads = [
@@ -454,10 +463,14 @@ class CompositionalNG:
         return trace
 
     # ------------------------------------------------------------ vectors v
-    def _pushforward_vectors(self, latents, chol):
+    def _pushforward_vectors(self, latents, chol, model_trace, leaves):
         """Lists of ``{site: v}`` with E[v vᵀ] = H_z per unit (``v = L ξ``), or
-        the columns of L (exact expectation when summed)."""
-        if self.curvature_samples is None:
+        the columns of L (exact expectation when summed), or (``curvature=
+        "fisher"``) pseudo-observation scores."""
+        if self.curvature == "fisher":
+            for _ in range(self.curvature_samples):
+                yield pseudo_observation_scores(model_trace, leaves)
+        elif self.curvature_samples is None:
             width = max(_units(site)[1] for site in latents.values())
             for col in range(width):
                 yield {
@@ -574,6 +587,39 @@ class CompositionalNG:
 
 
 # ---------------------------------------------------------------- H_z
+def pseudo_observation_scores(trace, leaves: dict) -> dict[str, torch.Tensor]:
+    """Vectors v with E[v vᵀ] = the model's Fisher in its latents, jointly
+    over sites: every sample site's value is redrawn from its own
+    distribution given the actual latents, x̃_s ~ p_s(· | parents), and
+    v = ∇ Σ_s √c_s log p_s(x̃_s | parents) (c_s the site's scale), each
+    latent differentiated both as a parent and as its own redrawn value.
+    Scores of different sites are uncorrelated, and E[∇ log p ∇ log pᵀ] =
+    E[−∇² log p] for each, so E[v vᵀ] is the likelihood's Fisher pulled back
+    to z plus the priors' expected curvature (their Fisher in their
+    parameters pulled back to the parents), the couplings between sites
+    included. One backward pass per draw; no blocks."""
+    total, own = 0.0, {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        fn = site["fn"]
+        with torch.no_grad():
+            value = fn.sample()
+        if name in leaves:
+            value = value.detach().requires_grad_(True)
+            own[name] = value
+        scale = site["scale"] ** 0.5
+        total = total + scale_and_mask(fn.log_prob(value), scale, site["mask"]).sum()
+    names = list(leaves)
+    inputs = [leaves[n] for n in names] + [own.get(n, leaves[n]) for n in names]
+    grads = _grads(total, inputs, retain_graph=True)
+    vectors = {}
+    for i, name in enumerate(names):
+        parts = [g for g in (grads[i], grads[len(names) + i] if name in own else None) if g is not None]
+        vectors[name] = sum(parts) if parts else torch.zeros_like(leaves[name])
+    return vectors
+
+
 def latent_curvature(
     model: Callable, values: dict, *args, curvature: str = "ggn", **kwargs
 ) -> dict[str, torch.Tensor]:
@@ -603,7 +649,7 @@ def latent_curvature(
     :raises ValueError: for an unknown ``curvature``, or (``"ggn"``) a
         likelihood whose Fisher is not known, naming the site.
     """
-    _check_choice("curvature", curvature, _CURVATURES)
+    _check_choice("curvature", curvature, ("ggn", "hessian"))
     leaves = {name: value.detach().clone().requires_grad_(True) for name, value in values.items()}
     with torch.enable_grad():
         trace = poutine.trace(poutine.condition(model, data=leaves)).get_trace(*args, **kwargs)
@@ -774,14 +820,26 @@ def _cholesky(block, *, absolute):
     positive definite gets its eigenvalues floored (made positive by
     absolute value first when ``absolute``)."""
     block = symmetrize(block)
+    if not torch.isfinite(block).all():
+        raise ValueError(
+            "CompositionalNG: the model's curvature in z is not finite at the guide's draw (a draw far "
+            "in the tails, or steps too large): lower lr or kl_clip"
+        )
     L, info = torch.linalg.cholesky_ex(block)
     if bool((info == 0).all()):
         return L
     e, Q = torch.linalg.eigh(block)
     e = e.abs() if absolute else e
-    floor = (1e-8 * e.abs().amax(-1, keepdim=True)).clamp_min(torch.finfo(e.dtype).tiny ** 0.5)
+    finfo = torch.finfo(e.dtype)
+    floor = (finfo.eps**0.5 * e.abs().amax(-1, keepdim=True)).clamp_min(finfo.tiny**0.5)
     fixed = (Q * e.clamp_min(floor).unsqueeze(-2)) @ Q.transpose(-1, -2)
-    return torch.linalg.cholesky(symmetrize(fixed))
+    L, info = torch.linalg.cholesky_ex(symmetrize(fixed))
+    if bool((info == 0).all()):
+        return L
+    # rounding left a block indefinite: a diagonal shift by the floor settles it
+    return torch.linalg.cholesky(
+        symmetrize(fixed) + floor.unsqueeze(-1) * torch.eye(e.shape[-1], dtype=e.dtype)
+    )
 
 
 def _normal_parts(name, site):
