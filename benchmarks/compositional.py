@@ -501,10 +501,14 @@ class Summary:
     iters_to_target: float = math.inf
     seconds_to_target: float = math.inf
     reached: int = 0
+    #: at each level (best Adam's median ELBO at an earlier checkpoint k, keyed by k):
+    #: median iterations to reach it and the seeds that did
+    to_levels: dict = field(default_factory=dict)
 
 
-def summarise(runs_by_method: dict[Method, list[Run]]):
-    """Per-method summaries, best Adam, and the target T."""
+def summarise(runs_by_method: dict[Method, list[Run]], level_points=()):
+    """Per-method summaries, best Adam, and the target T; and, for each checkpoint
+    k of ``level_points``, the iterations to best Adam's median ELBO at k."""
     summaries = {}
     for method, runs in runs_by_method.items():
         summaries[method] = Summary(
@@ -523,6 +527,11 @@ def summarise(runs_by_method: dict[Method, list[Run]]):
             s.reached = sum(math.isfinite(v) for v in its)
             s.iters_to_target = median_reached(its, len(s.runs))
             s.seconds_to_target = median_reached([seconds_to(r, target) for r in s.runs], len(s.runs))
+        for k in level_points:
+            level = median([value_at(r, r.elbo, k) for r in best.runs])
+            for s in summaries.values():
+                its = [iterations_to(r, level) for r in s.runs]
+                s.to_levels[k] = (level, median_reached(its, len(s.runs)), sum(map(math.isfinite, its)))
     return summaries, best, target
 
 
@@ -577,6 +586,29 @@ def problem_section(problem, budget, points, summaries, best, target, seeds, not
             f"{'never' if s.seconds_to_target == math.inf else f'{s.seconds_to_target:.1f}'} | "
             f"{fmt_ms(s.ms_per_step)} | {cost} | {clipping(runs)} | {'; '.join(fails) or 'none'} |"
         )
+    if best is not None and best.to_levels:
+        ks = sorted(best.to_levels)
+        lines += [
+            "",
+            "Iterations to the ELBO best Adam reaches (median) at an earlier checkpoint k, and at the end "
+            "(T): median over seeds (seeds reaching it), and best Adam's iterations / these:",
+            "",
+            "| method | "
+            + " | ".join(f"to {best.to_levels[k][0]:.2f} (best Adam at it {k})" for k in ks)
+            + f" | to T = {target:.2f} |",
+            "|---|" + "---:|" * (len(ks) + 1),
+        ]
+        for s in summaries.values():
+            cells = []
+            for k in ks:
+                _, n, reached = s.to_levels[k]
+                ref = best.to_levels[k][1]
+                ratio = f", {ref / n:.2f}×" if math.isfinite(n) and n and math.isfinite(ref) else ""
+                cells.append(f"{fmt_count(n)} ({reached}/{len(s.runs)}){ratio}")
+            n, ref = s.iters_to_target, best.iters_to_target
+            ratio = f", {ref / n:.2f}×" if math.isfinite(n) and n and math.isfinite(ref) else ""
+            cells.append(f"{fmt_count(n)} ({s.reached}/{len(s.runs)}){ratio}")
+            lines.append(f"| {label[s.method]} | " + " | ".join(cells) + " |")
     shown = [p for p in points if p in _display_points(points)]
     for metric, getter in ((problem.metric, "elbo"), (problem.iwae_metric, "iwae")):
         lines += [
@@ -641,6 +673,14 @@ def verdict(problem, summaries, best, target):
             speed = f"{speedup:.2f}× fewer iterations to T ({'meets' if speedup >= 3 else 'misses'} ≥ 3×)"
         else:
             speed = f"never reaches T in most seeds ({s.reached}/{len(s.runs)}): misses ≥ 3×"
+        early = []
+        for k, (level, n, _) in sorted(s.to_levels.items()):
+            ref = best.to_levels[k][1]
+            if math.isfinite(n) and n and math.isfinite(ref):
+                early.append(f"{ref / n:.2f}× to {level:.2f} (best Adam's at it {k})")
+            else:
+                early.append(f"never to {level:.2f} (best Adam's at it {k})")
+        speed += f" [earlier levels: {', '.join(early)}]" if early else ""
         out.append(
             f"- {problem.name}, {s.method.label}: {speed}; cost per iteration {cost:.2f}× best Adam's "
             f"({'meets' if cost <= 2 else 'misses'} ≤ 2×); final {problem.metric} "
@@ -697,7 +737,8 @@ def run_problem(name, args, log=print):
                 f"{fmt_ms(1e3 * run.step_seconds):>6} ms/it  {run.failure or ''}",
                 flush=True,
             )
-    summaries, best, target = summarise(runs)
+    level_points = sorted({min(points, key=lambda p: abs(p - budget / f)) for f in (10, 3)})
+    summaries, best, target = summarise(runs, level_points)
     minutes = (time.perf_counter() - started) / 60
     notes = [f"Load average (1/5/15 min) {load_before} before, {load_average()} after ({minutes:.1f} min)."]
     unavailable = compositional_available()
@@ -716,7 +757,7 @@ def run_problem(name, args, log=print):
     return section, verdict(problem, summaries, best, target)
 
 
-def header(args, total_minutes):
+def header(args, total_minutes, revision):
     threads = torch.get_num_threads()
     command = "python benchmarks/compositional.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     peak = max(LOADS, default=float("nan"))
@@ -726,7 +767,8 @@ def header(args, total_minutes):
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
         f"torch {torch.__version__} ({threads} thread{'s' if threads > 1 else ''}; "
         f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}), pyro {pyro.__version__}; "
-        f"{curvi_revision()}; {datetime.date.today().isoformat()}; float32. Command: `{command}` "
+        f"{revision} (at the start of the run); {datetime.date.today().isoformat()}; float32. "
+        f"Command: `{command}` "
         f"({total_minutes:.1f} min). The machine is shared: the 1-minute load average peaked at "
         f"{peak:.2f} on {os.cpu_count()} cores during the run"
         + (
@@ -779,13 +821,15 @@ def main(argv=None):
     args.decoder_lr = args.decoder_lr or None
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
-    started = time.perf_counter()
+    started, revision = time.perf_counter(), curvi_revision()
     sections, verdicts = {}, {}
     for name in args.problems:
         sections[name], verdicts[name] = run_problem(name, args)
         print("\n" + sections[name] + "\n\n" + "\n".join(verdicts[name]) + "\n", flush=True)
         if not args.quick:  # written after every problem, so a long run leaves its finished parts
-            text = assemble(args.out, sections, verdicts, header(args, (time.perf_counter() - started) / 60))
+            text = assemble(
+                args.out, sections, verdicts, header(args, (time.perf_counter() - started) / 60, revision)
+            )
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text)
             print(f"written to {args.out}", flush=True)
