@@ -34,7 +34,7 @@ def tiny_args(**changes):
     return argparse.Namespace(**args)
 
 
-@pytest.mark.parametrize("problem", ["vae2", "flow"])
+@pytest.mark.parametrize("problem", ["vae2", "flow", "flowjoint"])
 def test_tiny_run_writes_a_table(bench, problem):
     torch.set_default_dtype(torch.float32)
     lines = []
