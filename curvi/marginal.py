@@ -142,7 +142,9 @@ class LaplaceMode(NamedTuple):
     :ivar modes: the units' conditional modes there (a ModeResult).
     :ivar grad_norm: max-norm of the gradient at ``theta``.
     :ivar num_evaluations: function and gradient evaluations used.
-    :ivar converged: whether ``grad_norm`` fell below the tolerance.
+    :ivar converged: whether ``grad_norm`` fell below the tolerance, or the
+        quasi-Newton step left is below :data:`STEP_SDS` posterior sds in
+        every coordinate (what decides on large data).
     """
 
     theta: torch.Tensor
@@ -186,12 +188,14 @@ def laplace_mode(
     :param ModelView view: the model (its whole unit plate is evaluated).
     :param theta0: starting point ``(p,)``.
     :param y_start: starting modes ``(N, k)``; default ``view.init_y``.
-    :param float gtol: gradient tolerance (max-norm); default ``eps^(1/3)``
+    :param float gtol: gradient tolerance (max-norm; the mode is also accepted
+        where the quasi-Newton step left is below :data:`STEP_SDS` posterior
+        sds); default ``eps^(1/3)``
         of the dtype times ``max(1, |log p̃|)^(1/2)``.
     :param int max_eval: cap on evaluations of the log marginal.
     """
     theta = theta0.detach().clone().requires_grad_(True)
-    y, nfev, _ = maximise_laplace(view, [theta], lambda: theta, y_start=y_start, max_eval=max_eval)
+    y, nfev, _, inverse_hessian = _maximise(view, [theta], lambda: theta, y_start=y_start, max_eval=max_eval)
     value, result = laplace_log_marginal(view, theta, y)
     (grad,) = torch.autograd.grad(value, theta)
     grad = distributed.sum_tensor(grad, what="the Laplace marginal's gradient")
@@ -200,7 +204,30 @@ def laplace_mode(
         gtol = torch.finfo(theta.dtype).eps ** (1 / 3) * max(1.0, abs(value.item())) ** 0.5
     grad_norm = grad.abs().max().item()
     warn_unconverged(result)
-    return LaplaceMode(theta.detach(), value.detach(), result, grad_norm, nfev + 1, grad_norm <= gtol)
+    converged = grad_norm <= gtol or _step_in_sds(inverse_hessian, grad) <= STEP_SDS
+    return LaplaceMode(theta.detach(), value.detach(), result, grad_norm, nfev + 1, converged)
+
+
+#: :func:`laplace_mode` has converged where the Newton step left is below this
+#: many posterior sds in every coordinate (or the gradient is below ``gtol``)
+STEP_SDS = 1e-3
+
+
+def _step_in_sds(inverse_hessian, grad):
+    """The largest coordinate of the quasi-Newton step ``H⁻¹g`` in posterior
+    sds ``sqrt(diag H⁻¹)``, H L-BFGS's curvature of −log p̃ (no extra
+    evaluation); ``inf`` without one. A gradient tolerance alone misjudges
+    large data: at 10⁵ units the gradient L-BFGS leaves at the optimum, to
+    rounding, is above an absolute tolerance while the step it asks for is a
+    ten-thousandth of a posterior sd. (The joint Schur complement will not do
+    here: it can be indefinite at the marginal's mode, design.md §4.6.)"""
+    if inverse_hessian is None:
+        return math.inf
+    eye = torch.eye(grad.numel(), dtype=grad.dtype, device=grad.device)
+    variances = torch.stack([inverse_hessian(e)[i] for i, e in enumerate(eye)])
+    if not (variances > 0).all():
+        return math.inf
+    return float((inverse_hessian(grad).abs() / variances.sqrt()).max())
 
 
 def central_hessian(
@@ -290,6 +317,21 @@ def maximise_laplace(
 
     :returns: ``(modes, evaluations, iterations)``; ``params`` hold the optimum.
     """
+    y, evaluations, iterations, _ = _maximise(
+        view,
+        params,
+        theta_fn,
+        y_start=y_start,
+        max_eval=max_eval,
+        create_graph=create_graph,
+        quadrature=quadrature,
+    )
+    return y, evaluations, iterations
+
+
+def _maximise(view, params, theta_fn, *, y_start=None, max_eval=200, create_graph=None, quadrature=None):
+    """:func:`maximise_laplace`, also returning L-BFGS's inverse curvature
+    ``v ↦ H⁻¹v`` at the end (None without history)."""
     xtol = torch.finfo(params[0].dtype).eps ** (1 / 3)
     predictor = _ModePredictor(view.init_y if y_start is None else y_start)
     state = {"n": 0, "best": (math.inf, None)}  # the best point evaluated
@@ -335,8 +377,31 @@ def maximise_laplace(
         # strong-Wolfe search can end on t = NaN: go back to the best point
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(best, params)
-    iterations = optimizer.state[optimizer._params[0]].get("n_iter", 0)
-    return predictor.last, state["n"], iterations
+    lbfgs = optimizer.state[optimizer._params[0]]
+    iterations = lbfgs.get("n_iter", 0)
+    return predictor.last, state["n"], iterations, _inverse_curvature(lbfgs)
+
+
+def _inverse_curvature(lbfgs):
+    """``v ↦ H⁻¹v`` from an L-BFGS state's history (torch's two-loop
+    recursion), or None when it has none."""
+    dirs, steps, ro = lbfgs.get("old_dirs"), lbfgs.get("old_stps"), lbfgs.get("ro")
+    if not dirs or lbfgs.get("H_diag") is None:
+        return None
+    h_diag, ro = lbfgs["H_diag"], ro[: len(dirs)]
+
+    def apply(v):
+        q, alphas = v.clone(), []
+        for y, s, r in zip(reversed(dirs), reversed(steps), reversed(ro)):
+            a = s.dot(q) * r
+            q = q - a * y
+            alphas.append(a)
+        q = q * h_diag
+        for y, s, r, a in zip(dirs, steps, ro, reversed(alphas)):
+            q = q + (a - y.dot(q) * r) * s
+        return q
+
+    return apply
 
 
 class _ModePredictor:

@@ -55,6 +55,28 @@ def test_laplace_mode_on_the_gaussian_is_the_marginal_posterior_mode():
     torch.testing.assert_close(mode.theta[0], expected, rtol=1e-7, atol=1e-8)
 
 
+def test_laplace_mode_judges_convergence_in_posterior_sds_where_a_gradient_tolerance_cannot():
+    # on large data the gradient L-BFGS leaves at the optimum, to rounding, is
+    # above any absolute tolerance: here none can be met (gtol = 1e-300), and
+    # the mode is accepted because the step left is a sliver of a posterior sd
+    model, args, plate = make_gaussian()
+    view = ModelView(model, *args, unit_plate=plate)
+    exact = laplace_mode(view, torch.tensor([5.0])).theta
+    mode = laplace_mode(view, torch.tensor([5.0]), gtol=1e-300)
+    assert mode.converged and mode.grad_norm > 1e-300
+    torch.testing.assert_close(mode.theta, exact, rtol=1e-7, atol=1e-8)
+
+    # and on an unbounded density, whose curvature has the wrong sign, it is not
+    def bowl():
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.factor("up", mu**2)
+        with pyro.plate("groups", 3):
+            pyro.sample("u", dist.Normal(mu, 1.0))
+
+    view = ModelView(bowl, unit_plate="groups")
+    assert not laplace_mode(view, torch.tensor([0.5]), max_eval=20).converged
+
+
 def test_no_laplace_approximation_at_a_non_concave_unit():
     """Started exactly at u = 0, where the gradient vanishes but log p is
     convex (a local minimum between two modes), Newton cannot move."""
