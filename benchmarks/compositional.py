@@ -40,7 +40,10 @@ Methods, each from the same initial weights at a given seed:
   (1e-2): CompositionalNG steps the decoder (a model parameter, outside the
   guide's layers) by its own Adam at ``adam_lr`` (default 1e-3), while the
   best Adam moves the decoder at its own, larger, rate -- this row separates
-  the encoder's preconditioning from the decoder's step size.
+  the encoder's preconditioning from the decoder's step size;
+* for ``flowjoint``, also pushforward with ``stick_the_landing=False``:
+  with STL (the default) the Delta sites' log-Jacobian terms (sigma's exp)
+  drop out of CompositionalNG's gradient, see the results file.
 
 One ELBO particle per step for every method.
 
@@ -307,6 +310,7 @@ class Method:
     mode: str | None = None
     lr: float | None = None
     adam_lr: float | None = None
+    stick_the_landing: bool | None = None
 
     @property
     def is_adam(self) -> bool:
@@ -329,15 +333,20 @@ def default_mode() -> str | None:
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
-def methods(adam_lrs, modes, decoder_lr=None) -> list[Method]:
+def methods(adam_lrs, modes, decoder_lr=None, full_gradient=False) -> list[Method]:
     """The Adam grid, each mode with its defaults, and (``decoder_lr``) the
-    default mode with its Adam for the model's parameters at that step size."""
+    default mode with its Adam for the model's parameters at that step size,
+    and (``full_gradient``) pushforward without sticking the landing."""
     out = [Method(f"Adam lr={lr:g}", lr=lr) for lr in adam_lrs]
     if modes and compositional_available() is None:
         default = default_mode()
         out += [Method(f"{mode}{' (default)' if mode == default else ''}", mode=mode) for mode in modes]
         if decoder_lr is not None and default in modes:
             out.append(Method(f"{default}, adam_lr={decoder_lr:g}", mode=default, adam_lr=decoder_lr))
+        if full_gradient and "pushforward" in modes:
+            out.append(
+                Method("pushforward, stick_the_landing=False", mode="pushforward", stick_the_landing=False)
+            )
     return out
 
 
@@ -356,6 +365,8 @@ def optimiser(method: Method, model, guide):
     from curvi.compositional import CompositionalNG
 
     options = {} if method.adam_lr is None else {"adam_lr": method.adam_lr}
+    if method.stick_the_landing is not None:
+        options["stick_the_landing"] = method.stick_the_landing
     return CompositionalNG(model, guide, mode=method.mode, **options)
 
 
@@ -717,7 +728,7 @@ def run_problem(name, args, log=print):
     budget = args.iterations or (QUICK_BUDGET if args.quick else BUDGET)[name]
     points = checkpoints(budget)
     decoder_lr = args.decoder_lr if name.startswith("vae") else None
-    chosen = methods(args.adam_lrs, args.modes, decoder_lr)
+    chosen = methods(args.adam_lrs, args.modes, decoder_lr, full_gradient=name == "flowjoint")
     runs = {m: [] for m in chosen}
     load_before = load_average()
     started = time.perf_counter()
