@@ -241,7 +241,8 @@ def evaluating_shares():
 
 
 def check_guide_call(name: str) -> None:
-    """Refuse a guide call outside curvi's losses when the units are shared."""
+    """Refuse a recorded guide call (an ELBO's, Predictive's) outside curvi's
+    losses when the units are shared."""
     if is_sharded() and not _inside["depth"]:
         raise ValueError(
             f"{name} is run outside curvi's losses while {world_size()} processes share the units: "

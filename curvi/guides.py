@@ -306,7 +306,8 @@ class LaplaceGuideBase(AutoGuide):
 
         :return: a dict from site name to its sampled (constrained) value.
         """
-        distributed.check_guide_call(type(self).__name__)
+        if any(isinstance(m, TraceMessenger) for m in _PYRO_STACK):  # an ELBO or Predictive records it
+            distributed.check_guide_call(type(self).__name__)
         # the mode solve and the Hessian run on autograd: keep it on for them
         # even under torch.no_grad (e.g. a first call from Predictive)
         with torch.enable_grad():

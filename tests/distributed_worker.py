@@ -101,6 +101,23 @@ def agree(out_dir):
     svi.step(x, y)  # the first Newton step
     results["theta_after_step"] = guide.loc_global.detach().clone()
 
+    # the collapsed ELBO of quadrature (the units' log marginals by 5 nodes per
+    # dimension) and q(θ) from the marginal's curvature: one evaluation each
+    for name, options in {
+        "quadrature": {"quadrature": 5},
+        "marginal": {"global_precision": "marginal"},
+    }.items():
+        pyro.clear_param_store()
+        guide = curvi.AmortizedLaplaceGuide(model, unit_plate="units", init_loc_fn=START, **options)
+        optim = curvi.LaplaceNewton()
+        guide(x, y)  # set up, then move to the common point
+        with torch.no_grad():
+            guide.loc_global_unconstrained.copy_(THETA)
+        optim.loss.loss_and_grads(model, guide, x, y)
+        last = optim.loss.last
+        results[f"{name}_elbo"], results[f"{name}_grad"] = last.value, last.grad
+        results[f"{name}_precision"] = last.precision
+
     pyro.clear_param_store()
     guide = _fit_guide()
     path = os.path.join(out_dir, "fit.pt")

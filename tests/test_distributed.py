@@ -86,6 +86,11 @@ def test_two_processes_compute_the_single_process_elbo_gradient_and_newton_step(
     assert _close(r0["grad"], one["grad"])
     assert _close(r0["precision"], one["precision"])  # S, all-reduced from the two halves
     assert _close(r0["theta_after_step"], one["theta_after_step"])
+    # the collapsed ELBO of quadrature=5, and q(θ) from the marginal's curvature
+    for key in ("quadrature", "marginal"):
+        assert _close(r0[f"{key}_elbo"], one[f"{key}_elbo"])
+        assert _close(r0[f"{key}_grad"], one[f"{key}_grad"])
+        assert _close(r0[f"{key}_precision"], one[f"{key}_precision"], 1e-8)  # central differences
     # every process holds the same numbers, bitwise
     for key in ("elbo", "grad", "precision", "theta_after_step"):
         assert torch.equal(torch.as_tensor(r0[key]), torch.as_tensor(r1[key])), key
