@@ -695,13 +695,14 @@ def unit_curvature_blocks(trace, leaves: dict, sizes: dict, *, curvature: str) -
     names = list(leaves)
     leaf_list = [leaves[n] for n in names]
     blocks = {name: leaves[name].new_zeros(sizes[name] + sizes[name][1:]) for name in names}
-    terms = [
-        site["log_prob_sum"]
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and not site_is_subsample(site)
-        and (curvature == "hessian" or name in leaves)
-    ]
+    terms = []
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if curvature == "ggn" and name in leaves and _add_constant_normal_prior(site, blocks[name]):
+            continue  # a root Normal prior: diag(1/scale²), no products needed
+        if curvature == "hessian" or name in leaves:
+            terms.append(site["log_prob_sum"])
     grads = _grads(-sum(terms), leaf_list, create_graph=True) if terms else [None] * len(names)
     for name, g, leaf in zip(names, grads, leaf_list, strict=True):
         n_units, k = sizes[name]
@@ -715,6 +716,21 @@ def unit_curvature_blocks(trace, leaves: dict, sizes: dict, *, curvature: str) -
     if curvature == "ggn":
         _add_likelihood_fisher(trace, leaves, sizes, blocks)
     return {name: symmetrize(block) for name, block in blocks.items()}
+
+
+def _add_constant_normal_prior(site, block):
+    """Add the curvature diag(c/scale²) of a latent site's Normal prior to
+    its unit blocks ``(units, k, k)`` when loc and scale are constants (a
+    root site, such as a VAE's N(0, I)); ``False`` (nothing added) otherwise."""
+    fn, value = site["fn"], site["value"]
+    while isinstance(fn, Independent) or type(fn).__name__ == "ExpandedDistribution":
+        fn = fn.base_dist
+    if type(fn) not in (Normal, pyro.distributions.Normal) or fn.loc.requires_grad or fn.scale.requires_grad:
+        return False
+    precision = scale_and_mask(fn.scale.expand(value.shape) ** -2, site["scale"], site["mask"])
+    diagonal = precision.reshape(block.shape[:-1]).to(block.dtype)
+    block += torch.diag_embed(diagonal)
+    return True
 
 
 def _add_likelihood_fisher(trace, leaves, sizes, blocks):
