@@ -300,6 +300,13 @@ class CompositionalNG:
             particle = self._particle(args, kwargs, update_factors)
             totals = particle if totals is None else _add(totals, particle)
         totals = _scale(totals, 1.0 / self.num_particles)
+        bad = [n for n, g in totals["plain"].items() if g is not None and not torch.isfinite(g).all()]
+        if bad:
+            raise ValueError(
+                f"CompositionalNG: the ELBO gradient of {bad} is not finite at this step's draws (loss "
+                f"{totals['loss']:.4g}): q has reached a region where the model's density is not finite; "
+                "lower lr or kl_clip, or raise damping"
+            )
         self._register(totals)
         layer_updates = self._kfac_updates(totals, update_factors)
         with torch.no_grad():
@@ -591,6 +598,12 @@ class CompositionalNG:
             if block._eig is None or self.num_steps % self.inverse_interval == 0:
                 block.update_inverse()
             preconditioned[name] = block.precondition(totals["kfac"][name], damping=self.damping)
+        bad = [name for name, U in preconditioned.items() if not torch.isfinite(U).all()]
+        if bad:
+            raise ValueError(
+                f"CompositionalNG: the preconditioned step of layer(s) {bad} is not finite (their K-FAC "
+                "factors are not); raise damping"
+            )
         nu = 1.0
         if self.kl_clip is not None and preconditioned:
             vg = sum(float((U * totals["kfac"][n]).sum()) for n, U in preconditioned.items())

@@ -437,3 +437,50 @@ def test_checkpoint_round_trip_is_bitwise():
     assert first == second
     for name, value in pyro.get_param_store().items():
         assert torch.equal(value.detach(), params_first[name]), name
+
+
+def test_factor_and_inverse_intervals():
+    model, guide, x = small_vae()
+    opt = CompositionalNG(model, guide, factor_interval=3, inverse_interval=2)
+    factors, inverses = [], []
+    for _ in range(7):
+        opt.step(x)
+        layer = opt.layers["encoder$$$0.weight"]
+        factors.append(layer.G.clone())  # (A is constant: the same batch every step)
+        inverses.append(layer.get_state()["eig"][2].clone())
+    changed = [not torch.equal(a, b) for a, b in zip(factors, factors[1:], strict=False)]
+    assert changed == [False, False, True, False, False, True]  # steps 3 and 6 update
+    # inverses recomputed on steps 0, 2, 4, 6, from the factors of steps 0, 0, 3, 6
+    changed = [not torch.equal(a, b) for a, b in zip(inverses, inverses[1:], strict=False)]
+    assert changed == [False, False, False, True, False, True]
+
+
+def test_subsampled_plate_scales_the_curvature():
+    # a plate of 40 data seen 10 at a time: each datum stands for 4
+    decoder = torch.tensor([[1.0, -0.5, 0.3]])
+    x = torch.bernoulli(torch.full((40, 3), 0.5), generator=torch.Generator().manual_seed(0))
+
+    def model(x, index):
+        with pyro.plate("data", 40, subsample=index):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=z @ decoder).to_event(1), obs=x[index])
+
+    index = torch.arange(10)
+    z = torch.randn(10, 1)
+    scaled = latent_curvature(model, {"z": z}, x, index)["z"]
+    p = torch.sigmoid(z @ decoder)
+    dense = 4 * (1 + (p * (1 - p) * decoder**2).sum(-1))
+    torch.testing.assert_close(scaled[:, 0, 0], dense)
+
+    encoder = nn.Linear(3, 2)
+
+    def guide(x, index):
+        pyro.module("encoder", encoder)
+        loc, s = encoder(x[index]).chunk(2, -1)
+        with pyro.plate("data", 40, subsample=index):
+            pyro.sample("z", dist.Normal(loc, s.exp()).to_event(1))
+
+    for mode in ("pushforward", "staged"):
+        opt = CompositionalNG(model, guide, mode=mode)
+        losses = [opt.step(x, torch.randperm(40)[:10]) for _ in range(5)]
+        assert all(math.isfinite(v) for v in losses)
