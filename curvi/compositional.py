@@ -209,7 +209,13 @@ class CompositionalNG:
     :param float damping: Tikhonov damping of each K-FAC block, relative to
         its mean eigenvalue (0: none).
     :param bool stick_the_landing: drop q's score path (Roeder et al., 2017).
-    :param int num_particles: draws of the guide per step.
+    :param int num_particles: draws of the guide per step. A guide over a
+        few global latents (a flow over one unit) sees one row per layer and
+        draw, so its factors and gradient from one draw are noisy: on a
+        coupling-flow guide for a hierarchical model (20 groups) one draw per
+        step lost to Adam (−ELBO 232–436 against 111 after 200 steps) and
+        four reached Adam's 200-step ELBO in 100 steps (with
+        ``kl_clip=1e-3``).
     :param str curvature: ``"ggn"`` (known likelihood families, default) or
         ``"hessian"`` (the exact per-unit Hessian of −log p, any model).
     :param curvature_samples: vectors v per unit and step for the G factors;
