@@ -133,12 +133,13 @@ def test_many_data_through_a_nonlinearity_is_an_approximation():
     net = nn.Sequential(first, nn.Tanh(), second)
     x, H = 2 * torch.randn(20, 3), spd(2, 3)
     A, G = kfac_factors(net, [first, second], x, H)
-    exact = blocks_of(dense_ggn(net, [first, second], x, H), [16, 10])[0]
-    approx = torch.kron(G[first], A[first])
-    error = (approx - exact).norm() / exact.norm()
-    # measured 0.2-0.4: the first layer's inputs and output gradients are
-    # correlated through tanh'; the traces still match to that order
-    assert 1e-3 < error < 0.8
+    exact_first, exact_second = blocks_of(dense_ggn(net, [first, second], x, H), [16, 10])
+    # the last layer maps straight to z: every datum's G_n is H, so exact
+    torch.testing.assert_close(torch.kron(G[second], A[second]), exact_second, rtol=1e-10, atol=1e-12)
+    # the first layer's inputs and output gradients are correlated through
+    # tanh': an approximation (relative Frobenius error measured 0.43)
+    error = (torch.kron(G[first], A[first]) - exact_first).norm() / exact_first.norm()
+    assert 0.05 < error < 0.8
 
 
 def test_sampled_output_vectors_are_unbiased_for_g():
