@@ -216,8 +216,9 @@ class CompositionalNG:
         step lost to Adam (−ELBO 232–436 against 111 after 200 steps) and
         four reached Adam's 200-step ELBO in 100 steps (with
         ``kl_clip=1e-3``).
-    :param str curvature: ``"ggn"`` (known likelihood families, default) or
-        ``"hessian"`` (the exact per-unit Hessian of −log p, any model).
+    :param str curvature: ``"ggn"`` (known likelihood families, default),
+        ``"hessian"`` (the exact per-unit Hessian of −log p, any model) or
+        ``"fisher"`` (pushforward only: v as pseudo-observation scores).
     :param curvature_samples: vectors v per unit and step for the G factors;
         ``None`` for the exact expectation (one backward pass per latent
         coordinate, or two per coordinate in staged mode).
@@ -332,8 +333,11 @@ class CompositionalNG:
 
     def get_state(self) -> dict:
         """The optimiser's state (K-FAC factors and eigendecompositions,
-        Adam's moments, the step counter), cloned; the parameters themselves
-        live in Pyro's param store (save ``pyro.get_param_store().get_state()``)."""
+        Adam's moments, the step counter), cloned. The parameters themselves
+        live in Pyro's param store: save their values too, and restore them
+        in place (a module's ``load_state_dict``, or ``copy_`` into the
+        store's tensors), as replacing the store's tensors would cut them off
+        from the modules that use them."""
         return {
             "num_steps": self.num_steps,
             "last_clip": self.last_clip,
@@ -601,7 +605,7 @@ class CompositionalNG:
                 continue  # a layer first seen between factor updates waits for the next one
             if update_factors:
                 block.update_factors(totals["A"][name], totals["G"][name], decay=self.factor_decay)
-            if block._eig is None or self.num_steps % self.inverse_interval == 0:
+            if not block.has_inverse or self.num_steps % self.inverse_interval == 0:
                 block.update_inverse()
             preconditioned[name] = block.precondition(totals["kfac"][name], damping=self.damping)
         bad = [name for name, U in preconditioned.items() if not torch.isfinite(U).all()]

@@ -118,6 +118,11 @@ class KroneckerLayer:
         self._eig: tuple[torch.Tensor, ...] | None = None  # (e_A, Q_A, e_G, Q_G)
 
     @property
+    def has_inverse(self) -> bool:
+        """Whether :meth:`update_inverse` has run (so :meth:`precondition` can)."""
+        return self._eig is not None
+
+    @property
     def parameters(self) -> list[torch.Tensor]:
         """The weight, and the bias if there is one."""
         return [self.module.weight] + ([self.module.bias] if self.has_bias else [])

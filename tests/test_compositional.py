@@ -484,3 +484,22 @@ def test_subsampled_plate_scales_the_curvature():
         opt = CompositionalNG(model, guide, mode=mode)
         losses = [opt.step(x, torch.randperm(40)[:10]) for _ in range(5)]
         assert all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize("mode", ["pushforward", "staged"])
+def test_the_optimisers_factors_are_the_gauss_newton_block(mode):
+    # a linear encoder for the mean (σ fixed): z_n = W a_n + b + σ ε, so the
+    # ELBO's Gauss–Newton block in [W b] is Σ_n ã_n ã_nᵀ ⊗ M with ã = [a; 1]
+    # and M = H_z = P (pushforward) or q's Fisher diag(1/σ²) (staged); K-FAC
+    # is exact here (every datum has the same M), A = mean ã ãᵀ, G = N M
+    model, x, _, posterior_sd, _ = linear_gaussian()
+    sigma = torch.tensor([0.4, 0.9])
+    encoder, guide = linear_guide(4, 2, sigma)
+    opt = CompositionalNG(model, guide, mode=mode, **EXACT)
+    opt.step(x)
+    layer = opt.layers["encoder$$$weight"]
+    a = torch.cat([x, torch.ones(len(x), 1)], 1)
+    P = torch.diag(posterior_sd**-2)  # H_z: the posterior precision (diagonal here)
+    M = P if mode == "pushforward" else torch.diag(sigma**-2)
+    torch.testing.assert_close(layer.A, a.T @ a / len(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.G, len(x) * M, rtol=1e-10, atol=1e-10)
