@@ -36,14 +36,17 @@ Methods, each from the same initial weights at a given seed:
 * ``CompositionalNG`` with no options but ``mode`` ("empirical" K-FAC,
   "pushforward", "staged") -- what a user gets; the constructor's default
   mode is marked "(default)";
-* for the VAEs, also the default mode with ``adam_lr`` = ``DECODER_LR``
-  (1e-2): CompositionalNG steps the decoder (a model parameter, outside the
-  guide's layers) by its own Adam at ``adam_lr`` (default 1e-3), while the
-  best Adam moves the decoder at its own, larger, rate -- this row separates
-  the encoder's preconditioning from the decoder's step size;
-* for ``flowjoint``, also pushforward with ``stick_the_landing=False``:
-  with STL (the default) the Delta sites' log-Jacobian terms (sigma's exp)
-  drop out of CompositionalNG's gradient, see the results file.
+* a few configurations beyond the defaults (``EXTRAS``): for the VAEs the
+  default mode with ``adam_lr`` = ``DECODER_LR`` (1e-2) -- CompositionalNG
+  steps the decoder (a model parameter, outside the guide's layers) by its
+  own Adam at ``adam_lr`` (default 1e-3), while the best Adam moves it at
+  its own, larger, rate, so this row separates the encoder's
+  preconditioning from the decoder's step size; for the flows, pushforward
+  with ``num_particles=4, kl_clip=1e-3``, the setting curvi's docs
+  recommend for flows over global latents; for ``flowjoint`` also
+  pushforward with ``stick_the_landing=False``: with STL (the default) the
+  Delta sites' log-Jacobian terms (sigma's exp) drop out of
+  CompositionalNG's gradient (see the results file).
 
 One ELBO particle per step for every method.
 
@@ -129,7 +132,7 @@ EVAL_SEED = 12345
 #: both VAEs in a check before the run (seed 0, 1 500 iterations; 3e-2 was worse).
 DECODER_LR = 1e-2
 #: Iterations and checkpoints of each problem (the same for every method).
-BUDGET = {"vae2": 1200, "vae10": 1200, "flow": 600, "flowjoint": 600}
+BUDGET = {"vae2": 1200, "vae10": 1200, "flow": 450, "flowjoint": 450}
 QUICK_BUDGET = {"vae2": 150, "vae10": 150, "flow": 60, "flowjoint": 60}
 
 
@@ -303,14 +306,12 @@ def make_problem(name: str, quick: bool = False):
 @dataclass(frozen=True)
 class Method:
     """Adam at ``lr`` (``mode`` None), or CompositionalNG in ``mode`` with its
-    defaults but ``adam_lr`` when given (its Adam for parameters outside the
-    guide's layers: the VAE's decoder)."""
+    defaults but ``options`` ((keyword, value) pairs)."""
 
     label: str
     mode: str | None = None
     lr: float | None = None
-    adam_lr: float | None = None
-    stick_the_landing: bool | None = None
+    options: tuple = ()
 
     @property
     def is_adam(self) -> bool:
@@ -333,20 +334,37 @@ def default_mode() -> str | None:
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
-def methods(adam_lrs, modes, decoder_lr=None, full_gradient=False) -> list[Method]:
-    """The Adam grid, each mode with its defaults, and (``decoder_lr``) the
-    default mode with its Adam for the model's parameters at that step size,
-    and (``full_gradient``) pushforward without sticking the landing."""
+#: Configurations beyond each mode's defaults, by problem: ``"default"`` stands
+#: for the constructor's default mode. VAEs: the decoder (stepped by
+#: CompositionalNG's own Adam at ``adam_lr``, default 1e-3) at best Adam's rate.
+#: Flows: the setting curvi's docs recommend for flows over global latents
+#: (``num_particles=4``, ``kl_clip=1e-3``); flowjoint: without sticking the
+#: landing too (see the module docstring).
+EXTRAS = {
+    "vae2": [("default", (("adam_lr", DECODER_LR),))],
+    "vae10": [("default", (("adam_lr", DECODER_LR),))],
+    "flow": [("pushforward", (("num_particles", 4), ("kl_clip", 1e-3)))],
+    "flowjoint": [
+        ("pushforward", (("num_particles", 4), ("kl_clip", 1e-3))),
+        ("pushforward", (("stick_the_landing", False),)),
+    ],
+}
+
+
+def methods(adam_lrs, modes, extras=()) -> list[Method]:
+    """The Adam grid, each mode with its defaults, and the ``extras``
+    (mode, options) of :data:`EXTRAS`."""
     out = [Method(f"Adam lr={lr:g}", lr=lr) for lr in adam_lrs]
     if modes and compositional_available() is None:
         default = default_mode()
         out += [Method(f"{mode}{' (default)' if mode == default else ''}", mode=mode) for mode in modes]
-        if decoder_lr is not None and default in modes:
-            out.append(Method(f"{default}, adam_lr={decoder_lr:g}", mode=default, adam_lr=decoder_lr))
-        if full_gradient and "pushforward" in modes:
-            out.append(
-                Method("pushforward, stick_the_landing=False", mode="pushforward", stick_the_landing=False)
-            )
+        for mode, options in extras:
+            mode = default if mode == "default" else mode
+            if mode in modes:
+                label = f"{mode}, " + ", ".join(
+                    f"{k}={v:g}" if not isinstance(v, bool) else f"{k}={v}" for k, v in options
+                )
+                out.append(Method(label, mode=mode, options=options))
     return out
 
 
@@ -364,10 +382,7 @@ def optimiser(method: Method, model, guide):
         return SVI(model, guide, pyro.optim.Adam({"lr": method.lr}), Trace_ELBO())
     from curvi.compositional import CompositionalNG
 
-    options = {} if method.adam_lr is None else {"adam_lr": method.adam_lr}
-    if method.stick_the_landing is not None:
-        options["stick_the_landing"] = method.stick_the_landing
-    return CompositionalNG(model, guide, mode=method.mode, **options)
+    return CompositionalNG(model, guide, mode=method.mode, **dict(method.options))
 
 
 # ---------------------------------------------------------------------- runs
@@ -727,8 +742,7 @@ def run_problem(name, args, log=print):
     problem = make_problem(name, args.quick)
     budget = args.iterations or (QUICK_BUDGET if args.quick else BUDGET)[name]
     points = checkpoints(budget)
-    decoder_lr = args.decoder_lr if name.startswith("vae") else None
-    chosen = methods(args.adam_lrs, args.modes, decoder_lr, full_gradient=name == "flowjoint")
+    chosen = methods(args.adam_lrs, args.modes, EXTRAS.get(name, ()) if args.extras else ())
     runs = {m: [] for m in chosen}
     load_before = load_average()
     started = time.perf_counter()
@@ -804,22 +818,17 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds 0..n-1 (default {SEEDS}; quick 2)")
     parser.add_argument("--adam-lrs", type=float, nargs="*", default=list(ADAM_LRS))
     parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
-    parser.add_argument(
-        "--decoder-lr",
-        type=float,
-        default=DECODER_LR,
-        help="VAEs: also run the default mode with this adam_lr (its step for the decoder); 0: not",
-    )
+    parser.add_argument("--no-extras", dest="extras", action="store_false", help="only the modes' defaults")
+    parser.add_argument("--revision", help="what to record as curvi's revision (run from an exported tree)")
     parser.add_argument("--iterations", type=int, default=None, help="budget of every problem")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, short runs; nothing written")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else SEEDS)
-    args.decoder_lr = args.decoder_lr or None
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
-    started, revision = time.perf_counter(), curvi_revision()
+    started, revision = time.perf_counter(), args.revision or curvi_revision()
     sections, verdicts = {}, {}
     for name in args.problems:
         sections[name], verdicts[name] = run_problem(name, args)

@@ -27,9 +27,7 @@ def bench():
 
 
 def tiny_args(**changes):
-    args = dict(
-        quick=True, iterations=4, seeds=1, adam_lrs=[1e-3], modes=["staged"], decoder_lr=None, out=None
-    )
+    args = dict(quick=True, iterations=2, seeds=1, adam_lrs=[1e-3], modes=["staged"], extras=False, out=None)
     args.update(changes)
     return argparse.Namespace(**args)
 
