@@ -150,7 +150,7 @@ from .checks import check_count, check_positive
 from .kfac import KroneckerLayer, LayerRecorder, input_factor, output_factor
 from .tensor_ops import symmetrize
 
-__all__ = ["CompositionalNG", "latent_curvature", "unit_curvature_blocks"]
+__all__ = ["CompositionalNG", "latent_curvature", "pseudo_observation_scores", "unit_curvature_blocks"]
 
 _MODES = ("staged", "pushforward", "empirical")
 _CURVATURES = ("ggn", "hessian", "fisher")
