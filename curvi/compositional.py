@@ -400,12 +400,8 @@ class CompositionalNG:
             name: g if g is not None else torch.zeros_like(leaf)
             for (name, leaf), g in zip(leaves.items(), grad_p, strict=True)
         }
-        log_q, grad_q = 0.0, {}
-        for name, site in latents.items():
-            log_q = log_q + _site_log_prob(site, site["value"])
-            with torch.enable_grad():
-                (g,) = _grads(_site_log_prob(site, leaves[name]), [leaves[name]])
-            grad_q[name] = g if g is not None else torch.zeros_like(leaves[name])  # a Delta site
+        log_q = sum(_site_log_prob(site, site["value"]) for site in latents.values())
+        grad_q = self._log_q_gradient(guide_trace, leaves, args, kwargs)
         grad_z = {name: (grad_p[name] + grad_q[name]).detach() for name in leaves}
         loss = float(loss_p.detach() + log_q.detach()) if leaves else float(loss_p.detach())
 
@@ -503,6 +499,24 @@ class CompositionalNG:
             trace = poutine.trace(poutine.replay(self.model, trace=replay)).get_trace(*args, **kwargs)
             trace.compute_log_prob()
         return trace
+
+    def _log_q_gradient(self, guide_trace, leaves, args, kwargs):
+        """∇_z log q(z) with q's parameters held fixed, jointly in all latent
+        sites: the guide replayed on the draws as leaves, so that a site
+        whose distribution depends on an earlier latent (a structured guide;
+        the log-Jacobian that AutoNormalizingFlow's Delta sites carry) passes
+        that dependence on to the earlier latent."""
+        replay = guide_trace.copy()
+        for name, leaf in leaves.items():
+            replay.nodes[name] = dict(replay.nodes[name], value=leaf)
+        with torch.enable_grad():
+            trace = poutine.trace(poutine.replay(self.guide, trace=replay)).get_trace(*args, **kwargs)
+            total = sum(_site_log_prob(trace.nodes[name], trace.nodes[name]["value"]) for name in leaves)
+        grads = _grads(total, list(leaves.values()))
+        return {
+            name: g.detach() if g is not None else torch.zeros_like(leaf)
+            for (name, leaf), g in zip(leaves.items(), grads, strict=True)
+        }
 
     # ------------------------------------------------------------ vectors v
     def _pushforward_vectors(self, latents, chol, model_trace, leaves):
