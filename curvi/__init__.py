@@ -2,6 +2,7 @@
 
 from .arrowhead import ArrowheadCholesky, ArrowheadPrecision, PrecisionCholeskyNormal, RepairReport
 from .arviz import to_inference_data
+from .compositional import CompositionalNG, latent_curvature
 from .diagnostics import GradientVariance, compare_gradient_variance, gradient_variance, surrogate_terms
 from .distributed import local_units
 from .eigen import EigenResult, coordinate_names, eigen
@@ -50,6 +51,7 @@ __all__ = [
     "ArrowheadNormal",
     "ArrowheadPrecision",
     "Clip",
+    "CompositionalNG",
     "CollapsedELBO",
     "EigenResult",
     "FactorView",
@@ -100,6 +102,7 @@ __all__ = [
     "laplace_gaussian",
     "laplace_log_marginal",
     "laplace_mle",
+    "latent_curvature",
     "local_units",
     "laplace_mode",
     "local_hessian",
