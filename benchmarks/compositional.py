@@ -93,6 +93,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import inspect  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -100,7 +101,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pyro  # noqa: E402
@@ -417,7 +418,7 @@ def run_one(problem, method: Method, seed: int, budget: int, points: list[int]) 
     try:
         opt = optimiser(method, model, guide)
     except Exception as e:  # noqa: BLE001 - a method that cannot be set up is a result
-        run.failure = f"set-up: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        run.failure = f"set-up: {type(e).__name__}: {str(e).splitlines()[0]}"
         return run
     spent, done, steady = 0.0, 0, [0.0, 0]  # steady: seconds and steps after budget / 10
     for point in points:
@@ -432,7 +433,7 @@ def run_one(problem, method: Method, seed: int, budget: int, points: list[int]) 
                 done += 1
         except Exception as e:  # noqa: BLE001 - divergence or a crash is a result
             spent += time.perf_counter() - start
-            message = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
             run.failure = f"{type(e).__name__} at iteration {done + 1}: {message}"
             break
         elapsed = time.perf_counter() - start
@@ -443,7 +444,12 @@ def run_one(problem, method: Method, seed: int, budget: int, points: list[int]) 
         if not finite_params():
             run.failure = f"non-finite parameters by iteration {done}"
             break
-        elbo, iwae = problem.evaluate(guide)
+        try:
+            elbo, iwae = problem.evaluate(guide)
+        except Exception as e:  # noqa: BLE001 - e.g. a guide whose sigma draws underflow to 0
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            run.failure = f"evaluation raised {type(e).__name__} at iteration {done}: {message}"
+            break
         if not (math.isfinite(elbo) and math.isfinite(iwae)):
             run.failure = f"non-finite test bound at iteration {done}"
             break
@@ -555,6 +561,25 @@ def summarise(runs_by_method: dict[Method, list[Run]], level_points=()):
     return summaries, best, target
 
 
+def failures(runs):
+    """The failed runs, grouped by what went wrong: 'seeds 0 (it 2), 3 (it 5):
+    ValueError at iteration ·: message'; 'none'."""
+    groups = {}
+    for r in runs:
+        if r.failure:
+            found = re.search(r"(?:at|by) iteration (\d+)", r.failure)
+            key = re.sub(r"((?:at|by) iteration )\d+", r"\1·", r.failure)
+            groups.setdefault(key, []).append(f"{r.seed}" + (f" (it {found.group(1)})" if found else ""))
+    if not groups:
+        return "none"
+    parts = []
+    for message, seeds in groups.items():
+        if len(message) > 170:
+            message = message[:170].rsplit(" ", 1)[0] + " …"
+        parts.append(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}: {message.replace('|', '/')}")
+    return "; ".join(parts)
+
+
 def clipping(runs):
     """The share of CompositionalNG's steps whose KL clip bound (ν < 1), and the
     median ν over all steps of all seeds; '–' for Adam."""
@@ -592,7 +617,6 @@ def problem_section(problem, budget, points, summaries, best, target, seeds, not
     ]
     for s in summaries.values():
         runs = s.runs
-        fails = [f"seed {r.seed}: {r.failure}" for r in runs if r.failure]
         speedup = cost = "–"
         if best is not None:
             if math.isfinite(s.iters_to_target) and math.isfinite(best.iters_to_target) and s.iters_to_target:
@@ -604,7 +628,7 @@ def problem_section(problem, budget, points, summaries, best, target, seeds, not
             f"{spread([r.final(r.iwae) for r in runs])} | {fmt_count(s.iters_to_target)} "
             f"({s.reached}/{len(runs)}) | {speedup} | "
             f"{'never' if s.seconds_to_target == math.inf else f'{s.seconds_to_target:.1f}'} | "
-            f"{fmt_ms(s.ms_per_step)} | {cost} | {clipping(runs)} | {'; '.join(fails) or 'none'} |"
+            f"{fmt_ms(s.ms_per_step)} | {cost} | {clipping(runs)} | {failures(runs)} |"
         )
     if best is not None and best.to_levels:
         ks = sorted(best.to_levels)
@@ -766,6 +790,11 @@ def run_problem(name, args, log=print):
     if name.startswith("vae"):
         notes.append(f"Decoder: {DECODER_NOTE}")
     section = problem_section(problem, budget, points, summaries, best, target, args.seeds, notes)
+    if getattr(args, "runs_json", None):  # every run's evaluations, for a later look
+        path = Path(args.runs_json)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[name] = [asdict(r) for rs in runs.values() for r in rs]
+        path.write_text(json.dumps(data))
     return section, verdict(problem, summaries, best, target)
 
 
@@ -824,6 +853,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, short runs; nothing written")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--runs-json", type=Path, help="also write every run's evaluations here (JSON)")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else SEEDS)
     torch.set_num_threads(args.threads)
