@@ -48,6 +48,7 @@ MODULES = [
     "curvi.arviz",
     "curvi.plots",
     "curvi.compositional",
+    "curvi.model_curvature",
     "curvi.distributed",
 ]
 
