@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import distributed
 from .hessian import gradient, local_hessian
 from .model import ModelView
 
@@ -244,10 +245,12 @@ def warn_unconverged(result: ModeResult, *, units: torch.Tensor | None = None, s
         return
     if units is not None:
         bad = units[bad]
+    bad = bad + distributed.unit_offset()  # global indices when processes share the units
     shown = ", ".join(str(i) for i in bad[:_MAX_LISTED_UNITS].tolist())
     more = ", ..." if bad.numel() > _MAX_LISTED_UNITS else ""
+    where = f" on rank {distributed.rank()}" if distributed.is_sharded() else ""
     warnings.warn(
-        f"{bad.numel()} of {result.y.shape[0]} units did not reach their conditional "
+        f"{bad.numel()} of {result.y.shape[0]} units{where} did not reach their conditional "
         f"mode in {result.num_iterations} Newton iterations (units {shown}{more}); "
         "their Gaussian approximation is centred at the last iterate",
         ModeConvergenceWarning,
