@@ -100,6 +100,7 @@ _DEFAULT_TIMEOUT = 300.0
 
 # the units this process was given by local_units: (num_units, start, stop)
 _shard: dict[str, int] = {}
+_started = {"by_curvi": False}  # whether curvi made the process group (with its timeout)
 
 
 class RankFailure(RuntimeError):
@@ -127,6 +128,12 @@ def _timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+def _timeout_text() -> str:
+    if _started["by_curvi"]:
+        return f"{_timeout().total_seconds():g} s, CURVI_TIMEOUT"
+    return "the process group's own, set by the script that started it"
+
+
 def initialize() -> None:
     """Join the process group the launcher describes (gloo; NCCL when every
     process has a GPU), with curvi's timeout. Does nothing when the group is
@@ -134,8 +141,13 @@ def initialize() -> None:
     not launched as one of several."""
     if not dist.is_available() or dist.is_initialized() or not _launched():
         return
-    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    # gloo for CPU tensors (curvi's sums of floats), NCCL for CUDA tensors where there are GPUs
+    backend = "gloo"
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=_timeout())
+    _started["by_curvi"] = True
     atexit.register(_leave)  # curvi joined the group: it leaves it at exit, cleanly
 
 
@@ -273,7 +285,7 @@ def _all_reduce(tensor: torch.Tensor, what: str, op=None) -> torch.Tensor:
         raise RankFailure(
             f"rank {rank()} of {world_size()}: summing {what} over the processes failed: another "
             f"process raised and ended, was killed, or did not arrive within the timeout "
-            f"({_timeout().total_seconds():g} s, CURVI_TIMEOUT); its own error says why ({error})"
+            f"({_timeout_text()}); its own error says why ({error})"
         ) from error
     return tensor
 
@@ -325,24 +337,27 @@ def sum_tensor(x: torch.Tensor, what: str = "the objective") -> torch.Tensor:
 
 def sum_gradients(params: Iterable[torch.Tensor], what: str = "the gradient") -> None:
     """Sum the ``.grad`` of ``params`` over processes in place (one
-    collective; a missing gradient counts as zero and stays missing on no
-    process)."""
+    collective). A parameter with no gradient on some process counts as zero
+    there; one with no gradient on any process keeps none."""
     if not is_sharded():
         return
     params = list(params)
-    flat = [p.grad.reshape(-1) if p.grad is not None else p.detach().new_zeros(p.numel()) for p in params]
-    if not flat:
+    if not params:
         return
-    total = _all_reduce(torch.cat(flat), what)
+    flat = [p.grad.reshape(-1) if p.grad is not None else p.detach().new_zeros(p.numel()) for p in params]
+    present = params[0].detach().new_tensor([float(p.grad is not None) for p in params])
+    total = _all_reduce(torch.cat(flat + [present.to(flat[0].dtype)]), what)
     offset = 0
-    for p in params:
+    for i, p in enumerate(params):
         n = p.numel()
         piece = total[offset : offset + n].reshape(p.shape)
+        offset += n
+        if total[-len(params) + i] == 0:
+            continue  # no process has a gradient for it
         if p.grad is None:
             p.grad = piece.clone()
         else:
             p.grad.copy_(piece)
-        offset += n
 
 
 def any_rank(flag: bool, what: str) -> bool:
@@ -393,6 +408,21 @@ def broadcast(x: torch.Tensor, what: str) -> torch.Tensor:
             f"rank {rank()} of {world_size()}: receiving {what} from rank 0 failed ({error})"
         ) from error
     return y
+
+
+def broadcast_object(obj, what: str):
+    """Rank 0's picklable ``obj`` on every process (``obj`` when not
+    sharded): a checkpoint read where only rank 0 may see the file."""
+    if not is_sharded():
+        return obj
+    box = [obj if rank() == 0 else None]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except Exception as error:
+        raise RankFailure(
+            f"rank {rank()} of {world_size()}: receiving {what} from rank 0 failed ({error})"
+        ) from error
+    return box[0]
 
 
 def barrier(what: str) -> None:

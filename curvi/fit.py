@@ -341,7 +341,9 @@ def fit(
     decides = hasattr(optim, "outcome")  # the optimiser stops the fit itself
 
     elbo, resumed = [], ""
-    if checkpoint is not None and resume and os.path.exists(checkpoint):
+    # processes sharing the units resume from rank 0's file (they may not see it)
+    exists = checkpoint is not None and resume and os.path.exists(checkpoint)
+    if distributed.broadcast_object(exists, "whether to resume"):
         elbo = _resume(checkpoint, steps, svi, modules, args, kwargs)
         resumed = f" (resumed from {os.fspath(checkpoint)} at step {len(elbo)})"
 
@@ -385,7 +387,10 @@ def fit(
             if progress:
                 bar.set_postfix(elbo=f"{statistics.fmean(elbo[-window:]):.6g}", refresh=False)
                 bar.update(1)
-            if callback is not None and callback(len(elbo), value):
+            # processes sharing the units stop together when a callback asks any of them to
+            if distributed.any_rank(
+                callback is not None and bool(callback(len(elbo), value)), "the callback"
+            ):
                 reason = "callback"
             else:
                 reason = _stop_reason(optim, watch, elbo, decides)
@@ -679,7 +684,8 @@ def _read_checkpoint(path):
 
 def _resume(path, steps, svi, modules, args, kwargs):
     """Restore the checkpoint at ``path``; the ELBO trace so far."""
-    state = _read_checkpoint(path)
+    state = _read_checkpoint(path) if distributed.rank() == 0 else None
+    state = distributed.broadcast_object(state, "the checkpoint")
     if state["step"] > steps:
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} already holds {state['step']} steps, "

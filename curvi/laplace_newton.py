@@ -42,7 +42,7 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
 
 from .checks import check_count, check_positive
-from .distributed import sum_gradients, sum_tensor, sum_values, unit_normal
+from .distributed import evaluating_shares, sum_gradients, sum_tensor, sum_values, unit_normal
 from .fit import FitOutcome, FitResult, fit
 from .particles import particle_elbos, particle_values
 from .posterior import UNITS_KEY, laplace_gaussian
@@ -433,7 +433,8 @@ class NewtonELBO(Trace_ELBO):
             self.max_plate_nesting = _plate_nesting(guide) + int(self.num_particles > 1)
 
     def _values(self, model, guide, args, kwargs, seed):
-        with FixedNoise(seed, antithetic=self.optim.antithetic):
+        # evaluating_shares: this loss sums its shares over processes sharing the units
+        with FixedNoise(seed, antithetic=self.optim.antithetic), evaluating_shares():
             return particle_values(self, model, guide, args, kwargs)
 
     def _final_estimate(self, model, guide, args, kwargs):
@@ -654,7 +655,10 @@ class LaplaceNewton(pyro.optim.PyroOptim):
         if self.phase == "done":
             raise ValueError("LaplaceNewton has finished; make a new one to fit again")
         param = record.param
-        rest = [p for p in params if p is not param and p.grad is not None]
+        params = [p for p in params if p is not param]
+        # processes sharing the units: the others' gradients are shares too (θ̂'s was summed by the loss)
+        sum_gradients(params, what="the other parameters' gradients")
+        rest = [p for p in params if p.grad is not None]
         if rest:
             if not self.has_others:
                 store = pyro.get_param_store()

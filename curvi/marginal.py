@@ -194,9 +194,16 @@ def laplace_mode(
         of the dtype times ``max(1, |log p̃|)^(1/2)``.
     :param int max_eval: cap on evaluations of the log marginal.
     """
-    theta = theta0.detach().clone().requires_grad_(True)
+    # processes sharing the units start from rank 0's point
+    theta = distributed.broadcast(theta0.detach(), "the starting point").clone().requires_grad_(True)
     y, nfev, _, inverse_hessian = _maximise(view, [theta], lambda: theta, y_start=y_start, max_eval=max_eval)
-    value, result = laplace_log_marginal(view, theta, y)
+    try:
+        value, result = laplace_log_marginal(view, theta, y)
+        failure = None
+    except NoLaplaceApproximation as error:
+        failure = error
+    if distributed.any_rank(failure is not None, "the Laplace marginal's existence"):
+        raise failure or NoLaplaceApproximation("the Laplace approximation does not exist on another process")
     (grad,) = torch.autograd.grad(value, theta)
     grad = distributed.sum_tensor(grad, what="the Laplace marginal's gradient")
     value = value.new_tensor(distributed.sum_values(value, what="the Laplace marginal")[0])

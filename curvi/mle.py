@@ -289,7 +289,14 @@ def _rule(nodes):
 
 def _value_and_gradient(view, theta, y, params, quadrature=None):
     """The Laplace log likelihood and its gradient in the unconstrained params."""
-    value, result = laplace_log_marginal(view, theta, y, create_graph=True, quadrature=quadrature)
+    try:
+        value, result = laplace_log_marginal(view, theta, y, create_graph=True, quadrature=quadrature)
+        failure = None
+    except NoLaplaceApproximation as error:
+        failure = error
+    # processes sharing the units fail together, before their sums
+    if distributed.any_rank(failure is not None, "the Laplace marginal's existence"):
+        raise failure or NoLaplaceApproximation("the Laplace approximation does not exist on another process")
     grads = torch.autograd.grad(value, params, allow_unused=True, materialize_grads=True)
     gradient = torch.cat([g.reshape(-1) for g in grads])
     # processes sharing the units: their shares summed

@@ -196,6 +196,11 @@ class ModelView:
         owned = frozenset(s["name"] for s in latent)
         #: latent sites hidden from the view by poutine.block: summed out or conditioned on
         self.hidden = HiddenSites.of(full_trace, owned)
+        if self.hidden.enumerated and distributed.world_size() > 1:
+            raise ValueError(
+                f"sites {list(self.hidden.enumerated)} are summed out by enumeration, which curvi "
+                "does not share among processes"
+            )
         if self.hidden.enumerated and self.unit_indices is not None:
             raise ValueError(
                 f"sites {list(self.hidden.enumerated)} are summed out by enumeration, which curvi "

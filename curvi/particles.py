@@ -84,11 +84,6 @@ def particle_values(
         elbo = Trace_ELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=0)
         values, guide_trace = particle_values(elbo, model, guide, (), {})   # values: (5,)
     """
-    with distributed.evaluating_shares():
-        return _particle_values(elbo, model, guide, args, kwargs)
-
-
-def _particle_values(elbo, model, guide, args, kwargs):
     # a Laplace guide's default_loss sets it up (so that collapsed_nodes is known on the first call)
     preferred = guide.default_loss(*args, **kwargs) if hasattr(guide, "default_loss") else None
     if getattr(guide, "collapsed_nodes", None) is not None:

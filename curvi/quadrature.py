@@ -29,7 +29,14 @@ from . import distributed
 from .checks import check_count
 from .hessian import local_hessian
 from .model import ModelView
-from .modes import ModeResult, implicit_modes, mode_cholesky, solve_modes, warn_unconverged
+from .modes import (
+    ModeResult,
+    NoLaplaceApproximation,
+    implicit_modes,
+    mode_cholesky,
+    solve_modes,
+    warn_unconverged,
+)
 
 __all__ = [
     "AUTO_NODES",
@@ -321,7 +328,15 @@ def laplace_bias(
     for nodes in (1, num_nodes):
         t = theta.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            found = quadrature_log_marginal(view, t, y_start, num_nodes=nodes)
+            try:
+                found, failure = quadrature_log_marginal(view, t, y_start, num_nodes=nodes), None
+            except NoLaplaceApproximation as error:
+                failure = error
+            # processes sharing the units fail together, before their sums
+            if distributed.any_rank(failure is not None, "the marginal's existence"):
+                raise failure or NoLaplaceApproximation(
+                    "the Laplace approximation does not exist on another process"
+                )
             (g,) = torch.autograd.grad(found.value, t)
         warn_unconverged(found.modes)
         # processes sharing the units: their shares summed

@@ -61,6 +61,16 @@ def model(x, y, fail_at=None):
             pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
 
 
+def mixture(x, y):
+    """A discrete site per unit, summed out by enumeration."""
+    mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=torch.float64), 2.0).to_event(1))
+    with pyro.plate("units", x.shape[0], dim=-2):
+        u = pyro.sample("u", dist.Normal(mu, 1.0).to_event(1))
+        c = pyro.sample("c", dist.Bernoulli(torch.tensor(0.3, dtype=torch.float64)))
+        with pyro.plate("obs", x.shape[1], dim=-1):
+            pyro.sample("y", dist.Bernoulli(logits=u[..., 0] + c + u[..., 1] * x), obs=y)
+
+
 def ml_model(x, y):
     """Maximum likelihood: the globals are pyro.params."""
     mu = pyro.param("mu", torch.zeros(2, dtype=torch.float64))
@@ -167,6 +177,15 @@ def refusals(out):
             model, curvi.LaplaceGuide(model, unit_plate="units"), x, y, steps=2, progress=False
         ),
         "marginal_nuts": lambda guide: curvi.LaplaceMarginal(model, unit_plate="units")(x, y),
+        "collapsed_svi": lambda guide: SVI(
+            model,
+            curvi.AmortizedLaplaceGuide(model, unit_plate="units", quadrature=3),
+            pyro.optim.Adam({"lr": 0.01}),
+            curvi.CollapsedELBO(num_particles=2),
+        ).step(x, y),
+        "enumerated": lambda guide: curvi.AmortizedLaplaceGuide(
+            pyro.poutine.block(mixture, hide=["c"]), unit_plate="units"
+        )(x, y),
     }
     for name, attempt in attempts.items():
         pyro.clear_param_store()

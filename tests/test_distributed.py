@@ -163,6 +163,8 @@ def test_what_does_not_sum_over_processes_is_refused_by_name(tmp_path):
     assert "needs an optimiser that sums its evaluations" in messages["fit_adam"]
     assert "under torch.distributed use AmortizedLaplaceGuide" in messages["laplace_guide"]
     assert "LaplaceMarginal is a model for MCMC in one process" in messages["marginal_nuts"]
+    assert "outside curvi's losses" in messages["collapsed_svi"]
+    assert "summed out by enumeration, which curvi does not share" in messages["enumerated"]
 
 
 # ---------------------------------------------------------------------------
