@@ -138,3 +138,9 @@ def test_weighted_reference_multiplies_log_likelihood_terms_by_weights():
             + b**2 / (2 * a)
         )
     assert total == pytest.approx(ref["logLik"], abs=1e-8)
+
+
+def test_the_headerless_digits_file_reads_every_image():
+    frame = load_frame("digits")
+    assert frame.shape == (1797, 65) and frame.columns[-1] == "label"
+    assert frame["label"].between(0, 9).all() and frame.iloc[:, :64].to_numpy().max() == 16

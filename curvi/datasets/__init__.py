@@ -430,8 +430,13 @@ def load_frame(name: str) -> pandas.DataFrame:
     if stem not in files:
         raise ValueError(f"no bundled data set {name!r}; available: {', '.join(sorted(files))}")
     factors = _FRAME_FACTORS.get(stem, ())
+    header = {"header": None, "names": _HEADERLESS[stem]} if stem in _HEADERLESS else {}
     with resources.as_file(resources.files(__package__).joinpath(files[stem])) as path:
-        return pandas.read_csv(path, dtype={column: str for column in factors})
+        return pandas.read_csv(path, dtype={column: str for column in factors}, **header)
+
+
+#: column names of the bundled files that have no header row (scikit-learn's digits)
+_HEADERLESS = {"digits": [f"pixel{i}" for i in range(64)] + ["label"]}
 
 
 def glmm_references() -> list[dict]:
