@@ -72,7 +72,6 @@ def worker(num_units, evaluations, out):
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    rank = distributed.rank() if distributed.world_size() > 1 else 0
 
     def log(text):
         if rank == 0:
@@ -84,7 +83,8 @@ def worker(num_units, evaluations, out):
     def sent(before):
         return {k: distributed.traffic[k] - before[k] for k in before}
 
-    units = curvi.local_units(num_units)
+    units = curvi.local_units(num_units)  # joins the process group under torchrun
+    rank = distributed.rank()
     x, y = (torch.tensor(a)[units] for a in simulate(num_units, seed=0)[:2])
     result = {"processes": distributed.world_size(), "local_units": len(units)}
 
@@ -169,12 +169,13 @@ def table(results, num_units):
     rows = [
         "| processes | units / process | set-up s | s / Newton evaluation | fit s (evaluations) "
         "| MLE s (evaluations) | speed-up: evaluation, fit, MLE | bytes sent / evaluation (collectives) "
-        "| bytes sent / MLE | max |Δθ̂| vs 1 | max |Δ MLE| vs 1 | peak MB / process |",
-        "|---:|---:|---:|---:|---|---|---|---|---:|---:|---:|---:|",
+        "| bytes sent / MLE (with every unit's modes gathered) | max |Δθ̂| vs 1 | max |Δ MLE| vs 1 "
+        "| peak MB / process | load before |",
+        "|---:|---:|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "failed" in r:
-            rows.append(f"| {r['processes']} | failed: {r['failed']} |" + " |" * 10)
+            rows.append(f"| {r['processes']} | failed: {r['failed']} |" + " |" * 11)
             continue
         speed = "–"
         d_theta = d_mle = "–"
@@ -186,7 +187,7 @@ def table(results, num_units):
             f"| {r['processes']} | {r['local_units']:,} | {r['setup_s']:.1f} | {r['eval_s']:.2f} "
             f"| {r['fit_s']:.1f} ({r['fit_evaluations']}) | {r['mle_s']:.1f} ({r['mle_evaluations']}) "
             f"| {speed} | {r['eval_bytes']:.0f} ({r['eval_calls']:.0f}) | {r['mle_bytes']:,} "
-            f"| {d_theta} | {d_mle} | {r['peak_mb']:,.0f} |"
+            f"| {d_theta} | {d_mle} | {r['peak_mb']:,.0f} | {r.get('load_before', float('nan')):.2f} |"
         )
     return "\n".join(rows)
 
@@ -207,8 +208,13 @@ def estimate(results, num_units):
         f"{bytes_eval:.0f} bytes in {calls:.0f} collectives per process, whatever N: the 4 × 4 Schur "
         f"complement, its gradient on the way back, the value and θ̂'s gradient. The time beyond a perfect "
         f"split ({one['eval_s']:.2f} s / {r['processes']}) is {overhead:+.2f} s per evaluation "
-        f"({100 * overhead / r['eval_s']:.0f} % of it); the bytes are too few to account for it, so it is "
-        "latency, load imbalance and the cores' shared memory bandwidth (not separated here).",
+        f"({100 * overhead / r['eval_s']:.0f} % of it); "
+        + (
+            "negative: a process with half the data runs faster per unit (caches, most likely; not measured)."
+            if overhead < 0
+            else "the bytes are too few to account for it, so it is latency, load imbalance and the "
+            "cores' shared memory bandwidth (not separated here)."
+        ),
         "",
         "*Estimate for 8–64 GPUs (not measured: no GPU on this machine).* Per evaluation "
         "T(K) ≈ c·N/K + m·(α + b/B), with c the per-unit compute, m the collectives per evaluation "
@@ -248,16 +254,37 @@ def main():
     parser.add_argument("--evaluations", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--output", default=str(HERE / "results" / "distributed.md"))
+    parser.add_argument(
+        "--reuse",
+        type=int,
+        nargs="*",
+        default=[],
+        help="process counts whose results to take from the raw results file (RESULTS.json) of an earlier "
+        "run with the same --units instead of running them again",
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(int(args.worker[0]), int(args.worker[1]), args.worker[2])
         return
-    load = os.getloadavg()
+    raw = Path(args.output).with_suffix(".json")
+    earlier = {}
+    if args.reuse:
+        kept = json.loads(raw.read_text())
+        earlier = {r["processes"]: r for r in kept["results"] if kept["units"] == args.units}
+        missing = sorted(set(args.reuse) - set(earlier))
+        if missing:
+            raise SystemExit(f"{raw} holds no result for {missing} process(es) at {args.units} units")
     results = []
     for k in args.processes:
+        if k in args.reuse:
+            print(f"{k} process(es): the earlier run's result from {raw}", flush=True)
+            results.append(dict(earlier[k], reused=True))
+            continue
         print(f"{k} process(es), {args.units:,} units", flush=True)
-        results.append(run(k, args.units, args.evaluations, args.timeout))
+        before = os.getloadavg()[0]
+        results.append(dict(run(k, args.units, args.evaluations, args.timeout), load_before=before))
+    raw.write_text(json.dumps({"units": args.units, "results": results}, indent=1))
     import torch
 
     text = "\n".join(
@@ -266,11 +293,17 @@ def main():
             "",
             f"`python benchmarks/distributed.py --units {args.units}`: "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-            f"{torch.__version__}, one torch and one OpenBLAS thread per process; load average before "
-            f"the run {load[0]:.2f} (other work on the machine makes the timings noisy). Model: "
+            f"{torch.__version__}, one torch and one OpenBLAS thread per process; the 1-minute load "
+            "average before each run is in the table (other work on the machine makes timings noisy). Model: "
             "`benchmarks/common.py` (4 globals, 2 latents per unit, 10 Bernoulli observations per unit), "
             f"N = {args.units:,}, float64. Times measured inside the processes (rank 0); the default path "
-            "(`AmortizedLaplaceGuide` + `curvi.fit` with no options, `laplace_mle`).",
+            "(`AmortizedLaplaceGuide` + `curvi.fit` with no options, `laplace_mle`). Every process's raw "
+            f"result is in `{raw.name}`"
+            + (
+                f"; the rows for {args.reuse} process(es) come from an earlier run kept there (`--reuse`)."
+                if args.reuse
+                else "."
+            ),
             "",
             table(results, args.units),
             "",
