@@ -81,3 +81,26 @@ def numpyro_model_noncentred(x, y):
         eta = beta[..., 0] + u[..., 0] + (beta[..., 1] + u[..., 1]) * x
         with numpyro.plate("obs", x.shape[1], dim=-1):
             numpyro.sample("y", dist.Bernoulli(logits=eta), obs=y)
+
+
+def curvi_revision():
+    """HEAD's short hash and the files under curvi/ that differ from it (a
+    benchmark imports the work tree), for the results' header."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "curvi"], cwd=root, capture_output=True, text=True
+        ).stdout.splitlines()
+    except OSError:
+        return "curvi revision unknown"
+    changed = [line[3:] for line in dirty if line.strip()]
+    text = f"curvi at {head or '?'}"
+    if changed:
+        text += f" with uncommitted changes in {', '.join(changed)}"
+    return text

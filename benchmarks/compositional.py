@@ -98,7 +98,6 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -115,7 +114,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import simulate, torch_model  # noqa: E402
+from common import curvi_revision, simulate, torch_model  # noqa: E402
 
 from curvi.datasets import load_digits, split_digits  # noqa: E402
 
@@ -741,23 +740,6 @@ def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     LOADS.append(one)
     return f"{one:.2f}/{five:.2f}/{fifteen:.2f}"
-
-
-def curvi_revision() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "curvi"], cwd=root, capture_output=True, text=True
-        ).stdout.splitlines()
-    except OSError:
-        return "curvi revision unknown"
-    changed = [line[3:] for line in dirty if line.strip()]
-    return f"curvi at {head or '?'}" + (
-        f" with uncommitted changes in {', '.join(changed)}" if changed else ""
-    )
 
 
 def run_problem(name, args, log=print):

@@ -76,6 +76,9 @@ import curvi
 import curvi.marginal as marginal_module
 from curvi.datasets import glmm_references, load_frame
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import curvi_revision  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "glmm.md"
 DATA_DIR = Path(curvi.datasets.__file__).resolve().parent
 BAYES_CASES = ("cbpp_binomial", "sleepstudy_correlated")
@@ -109,25 +112,6 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def curvi_revision():
-    """HEAD's short hash and the files under curvi/ that differ from it (the run imports the work tree)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "curvi"], cwd=root, capture_output=True, text=True
-        ).stdout.split("\n")
-    except OSError:
-        return "curvi revision unknown"
-    changed = [line[3:] for line in dirty if line.strip()]
-    text = f"curvi at commit {head or '?'}"
-    if changed:
-        text += f" with uncommitted changes in {', '.join(changed)}"
-    return text
 
 
 def stem(dataset):

@@ -394,6 +394,17 @@ def local_rows(x: torch.Tensor) -> torch.Tensor:
     return x[_shard["start"] : _shard["stop"]]
 
 
+@contextlib.contextmanager
+def _from_rank_zero(what: str):
+    """A failed receive from rank 0 as a :class:`RankFailure` naming it."""
+    try:
+        yield
+    except Exception as error:  # gloo raises RuntimeError / DistBackendError subclasses
+        raise RankFailure(
+            f"rank {rank()} of {world_size()}: receiving {what} from rank 0 failed ({error})"
+        ) from error
+
+
 def broadcast(x: torch.Tensor, what: str) -> torch.Tensor:
     """Rank 0's ``x`` on every process (a copy; ``x`` itself when not sharded):
     for starting points that processes must share."""
@@ -401,12 +412,8 @@ def broadcast(x: torch.Tensor, what: str) -> torch.Tensor:
         return x
     y = x.detach().clone().contiguous()
     _count(y)
-    try:
+    with _from_rank_zero(what):
         dist.broadcast(y, src=0)
-    except Exception as error:
-        raise RankFailure(
-            f"rank {rank()} of {world_size()}: receiving {what} from rank 0 failed ({error})"
-        ) from error
     return y
 
 
@@ -416,12 +423,8 @@ def broadcast_object(obj, what: str):
     if not is_sharded():
         return obj
     box = [obj if rank() == 0 else None]
-    try:
+    with _from_rank_zero(what):
         dist.broadcast_object_list(box, src=0)
-    except Exception as error:
-        raise RankFailure(
-            f"rank {rank()} of {world_size()}: receiving {what} from rank 0 failed ({error})"
-        ) from error
     return box[0]
 
 
