@@ -104,3 +104,55 @@ def curvi_revision():
     if changed:
         text += f" with uncommitted changes in {', '.join(changed)}"
     return text
+
+
+def r_probe():
+    """R's version and which of glmmTMB and lme4 load: (version text,
+    {package: None or why it is missing}); a missing peer is skipped with
+    that message, not faked."""
+    import shutil
+    import subprocess
+
+    if shutil.which("Rscript") is None:
+        reason = "Rscript not found on PATH (apt-get install r-base r-cran-glmmtmb r-cran-lme4)"
+        return None, {"glmmTMB": reason, "lme4": reason}
+    code = (
+        'cat("VERSION R ", R.version$major, ".", R.version$minor, "\\n", sep = "")\n'
+        'for (p in c("glmmTMB", "lme4")) {\n'
+        "  ok <- suppressWarnings(suppressPackageStartupMessages(requireNamespace(p, quietly = TRUE)))\n"
+        '  cat("PKG", p, if (ok) format(packageVersion(p)) else "missing", "\\n")\n'
+        "}\n"
+    )
+    try:
+        out = subprocess.run(["Rscript", "-e", code], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        reason = f"Rscript failed: {error}"
+        return None, {"glmmTMB": reason, "lme4": reason}
+    version, missing, versions = "R ?", {}, {}
+    for parts in (line.split() for line in out.splitlines()):
+        if len(parts) == 3 and parts[0] == "VERSION":
+            version = f"{parts[1]} {parts[2]}"
+        if len(parts) == 3 and parts[0] == "PKG":
+            if parts[2] == "missing":
+                missing[parts[1]] = (
+                    f"R package {parts[1]} not installed (apt-get install r-cran-{parts[1].lower()})"
+                )
+            else:
+                missing[parts[1]], versions[parts[1]] = None, parts[2]
+    for p in ("glmmTMB", "lme4"):
+        missing.setdefault(p, f"R package {p} not found")
+    return version + "".join(f", {p} {v}" for p, v in versions.items()), missing
+
+
+def cpu_name():
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import cpu_name  # noqa: E402
 
 
 # ------------------------------------------------------------------ worker
@@ -292,7 +292,7 @@ def main():
             "# Units shared among processes (curvi.distributed)",
             "",
             f"`python benchmarks/distributed.py --units {args.units}`: "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+            f"{cpu_name()}, {os.cpu_count()} cores, torch "
             f"{torch.__version__}, one torch and one OpenBLAS thread per process; the 1-minute load "
             "average before each run is in the table (other work on the machine makes timings noisy). Model: "
             "`benchmarks/common.py` (4 globals, 2 latents per unit, 10 Bernoulli observations per unit), "

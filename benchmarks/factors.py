@@ -39,7 +39,6 @@ import datetime
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +71,9 @@ from curvi.marginal import laplace_log_marginal
 from curvi.sparse_cholesky import sparse_inverse_subset
 from curvi.sparse_hessian import hessian_pattern, sparse_hessian
 from curvi.sparse_laplace import solve_joint_modes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, r_probe  # noqa: E402
 
 sparse_hessian_module = sys.modules["curvi.sparse_hessian"]
 
@@ -395,44 +397,6 @@ def run_r(code, timeout):
     return results, errors
 
 
-def r_probe():
-    """R's version and which of glmmTMB and lme4 load: (version text, {pkg: None or reason})."""
-    if shutil.which("Rscript") is None:
-        reason = "Rscript not found on PATH"
-        print(reason)
-        return None, {"glmmTMB": reason, "lme4": reason}
-    code = (
-        'cat("VERSION R ", R.version$major, ".", R.version$minor, "\\n", sep = "")\n'
-        'for (p in c("glmmTMB", "lme4")) {\n'
-        "  ok <- suppressWarnings(suppressPackageStartupMessages(requireNamespace(p, quietly = TRUE)))\n"
-        '  cat("PKG", p, if (ok) format(packageVersion(p)) else "missing", "\\n")\n'
-        "}\n"
-    )
-    try:
-        out = subprocess.run(["Rscript", "-e", code], capture_output=True, text=True, timeout=120).stdout
-    except Exception as error:  # noqa: BLE001
-        reason = f"Rscript failed: {error}"
-        print(reason)
-        return None, {"glmmTMB": reason, "lme4": reason}
-    version, missing, versions = None, {}, {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == "VERSION":
-            version = f"{parts[1]} {parts[2]}"
-        if len(parts) == 3 and parts[0] == "PKG":
-            if parts[2] == "missing":
-                missing[parts[1]] = f"R package {parts[1]} not installed"
-                print(missing[parts[1]])
-            else:
-                missing[parts[1]] = None
-                versions[parts[1]] = parts[2]
-    for p in ("glmmTMB", "lme4"):
-        missing.setdefault(p, f"R package {p} not found")
-    text = (version or "R ?") + "".join(f", {p} {v}" for p, v in versions.items())
-    return text, missing
-
-
-# ------------------------------------------------------------------ curvi side
 def timed_mle(model, args, kwargs, plates):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)  # init_to_median draws from the prior: the same start in every run
@@ -627,17 +591,6 @@ def load_average():
         return "?"
 
 
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# ------------------------------------------------------------------ part 1
 def real_data(names, repeats, r_missing, r_timeout, costs):
     rows, hessian_rows, summary = [], [], {}
     make = cases()

@@ -51,7 +51,6 @@ import os
 import platform
 import pstats
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -77,7 +76,7 @@ import curvi.marginal as marginal_module
 from curvi.datasets import glmm_references, load_frame
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import curvi_revision  # noqa: E402
+from common import cpu_name, curvi_revision, r_probe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "glmm.md"
 DATA_DIR = Path(curvi.datasets.__file__).resolve().parent
@@ -102,16 +101,6 @@ def load_average():
     one, five, fifteen = os.getloadavg()
     LOAD_SEEN.append(one)
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def stem(dataset):
@@ -201,39 +190,6 @@ def r_script(refs, methods):
         if "lme4" in methods and call is not None:
             lines.append(f'run("{ref["name"]}", "lme4", function() suppressMessages({call}), fixef, l4_note)')
     return "\n".join(lines) + "\n"
-
-
-def r_probe():
-    """(version text, {package: None or why it is missing})."""
-    if shutil.which("Rscript") is None:
-        reason = "Rscript not found on PATH (apt-get install r-base r-cran-glmmtmb r-cran-lme4)"
-        return None, {"glmmTMB": reason, "lme4": reason}
-    code = (
-        'cat("VERSION R ", R.version$major, ".", R.version$minor, "\\n", sep = "")\n'
-        'for (p in c("glmmTMB", "lme4")) {\n'
-        "  ok <- suppressWarnings(suppressPackageStartupMessages(requireNamespace(p, quietly = TRUE)))\n"
-        '  cat("PKG", p, if (ok) format(packageVersion(p)) else "missing", "\\n")\n'
-        "}\n"
-    )
-    try:
-        out = subprocess.run(["Rscript", "-e", code], capture_output=True, text=True, timeout=120).stdout
-    except (OSError, subprocess.SubprocessError) as error:
-        reason = f"Rscript failed: {error}"
-        return None, {"glmmTMB": reason, "lme4": reason}
-    version, missing, versions = "R ?", {}, {}
-    for parts in (line.split() for line in out.splitlines()):
-        if len(parts) == 3 and parts[0] == "VERSION":
-            version = f"{parts[1]} {parts[2]}"
-        if len(parts) == 3 and parts[0] == "PKG":
-            if parts[2] == "missing":
-                missing[parts[1]] = (
-                    f"R package {parts[1]} not installed (apt-get install r-cran-{parts[1].lower()})"
-                )
-            else:
-                missing[parts[1]], versions[parts[1]] = None, parts[2]
-    for p in ("glmmTMB", "lme4"):
-        missing.setdefault(p, f"R package {p} not found")
-    return version + "".join(f", {p} {v}" for p, v in versions.items()), missing
 
 
 def run_r(refs, methods, repeats, timeout):
