@@ -85,14 +85,13 @@ __all__ = [
     "is_sharded",
     "local_units",
     "rank",
-    "replicated_weight",
-    "sum_gradients",
-    "sum_over_ranks",
-    "sum_values",
+    "traffic",
     "unit_normal",
-    "unit_offset",
     "world_size",
 ]
+# the collectives below (sum_over_ranks, sum_values, sum_gradients, any_rank,
+# broadcast, gather_units, ...) are curvi's own: identities in one process,
+# checked against one process by tests/test_distributed.py
 
 #: units per block of :func:`unit_normal`'s keyed generators
 NOISE_BLOCK = 1024
@@ -454,7 +453,16 @@ def unit_normal(
         assert torch.equal(a[:, 5:], b)
     """
     shape = torch.Size(shape)
+    if not -len(shape) <= unit_axis < len(shape):
+        raise ValueError(f"unit_axis {unit_axis} is not an axis of shape {tuple(shape)}")
     unit_axis = unit_axis % len(shape)
+    if units.dim() != 1 or units.numel() != shape[unit_axis]:
+        raise ValueError(
+            f"units must be a 1-d tensor of the {shape[unit_axis]} global indices along axis {unit_axis} "
+            f"of shape {tuple(shape)}, got shape {tuple(units.shape)}"
+        )
+    if units.numel() and int(units.min()) < 0:
+        raise ValueError("units must be non-negative global unit indices")
     rest = shape[:unit_axis] + shape[unit_axis + 1 :]
     units = units.to("cpu")
     out = torch.empty((units.numel(),) + rest, dtype=dtype, device=device)

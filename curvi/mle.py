@@ -247,10 +247,10 @@ def laplace_mle(
             nfev, nit = nfev + more_evaluations + 1, nit + more_iterations
     value, gradient, result = _value_and_gradient(view, theta, y, params, _rule(nodes))
     covariance = _covariance(view, theta, result.y, params, _rule(nodes))
-    value, gradient, result = _newton_polish(
-        view, theta, params, covariance, value, gradient, result, _rule(nodes)
-    )
-    nfev += 1  # the polishing step
+    polished = _newton_polish(view, theta, params, covariance, value, gradient, result, _rule(nodes))
+    skipped = polished is None
+    value, gradient, result = (value, gradient, result) if skipped else polished
+    nfev += int(bool(torch.isfinite(covariance).all()))  # the polishing step, where one was tried
     warn_unconverged(result)
     if gtol is None:
         gtol = 1e-6 * max(1.0, abs(value))
@@ -261,6 +261,8 @@ def laplace_mle(
         if converged
         else f"not converged: max |gradient| {grad_norm:.2g} > {gtol:.2g} after {nit} iterations"
     )
+    if skipped:
+        message += " (the final Newton step was not taken: it did not raise log L and lower the gradient)"
     constraints = {name: store._constraints[name] for name in names}
     estimates, std_errors = _delta_method(names, params, constraints, covariance)
     # every unit's modes, as one process holds them (gathered from the processes sharing them)
@@ -318,10 +320,10 @@ def _newton_polish(view, theta, params, covariance, value, gradient, result, qua
     precise as the gradient, not only as the stopping tolerance, so runs
     that stop at different points (another start, units summed in another
     order or over processes) agree. Kept only where it raises log L (to
-    rounding) and lowers the gradient; the params are left at the point
-    returned."""
+    rounding) and lowers the gradient: ``(value, gradient, modes)`` there,
+    else None with the params put back."""
     if not torch.isfinite(covariance).all():
-        return value, gradient, result
+        return None
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     _set_params(params, flat + covariance @ gradient)
     try:
@@ -333,7 +335,7 @@ def _newton_polish(view, theta, params, covariance, value, gradient, result, qua
         polished[0] >= value - slack and polished[1].abs().max() <= gradient.abs().max()
     ):
         _set_params(params, flat)
-        return value, gradient, result
+        return None
     return polished
 
 

@@ -188,3 +188,7 @@ def test_unit_noise_depends_only_on_the_global_unit_index():
         assert torch.equal(part, whole[:, lo:hi])
     assert not torch.equal(unit_normal(6, torch.arange(n), (4, n, 1, 2), 1, **kw), whole)
     assert abs(whole.mean().item()) < 0.05 and abs(whole.std().item() - 1) < 0.05
+    with pytest.raises(ValueError, match="1-d tensor of the 7 global indices"):
+        unit_normal(5, torch.arange(6), (4, 7, 2), 1, **kw)
+    with pytest.raises(ValueError, match="not an axis"):
+        unit_normal(5, torch.arange(7), (4, 7, 2), 3, **kw)
